@@ -1,0 +1,1 @@
+"""Every side effect of the email workflow: audit, render, send."""

@@ -1,0 +1,106 @@
+"""Send activity: one delivery attempt through the configured driver."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from mailqueue.contracts import (
+    PERMANENT_DELIVERY_ERROR,
+    TRANSIENT_DELIVERY_ERROR,
+    AuditEntry,
+    EmailStatus,
+    EventType,
+    SendRequest,
+    SendResult,
+)
+from mailqueue.drivers import Driver
+from mailqueue.errors import PermanentDeliveryError, TransientDeliveryError
+from mailqueue.message import build_message, envelope
+from mailqueue.store import apply_audit
+
+log = logging.getLogger("mailqueue.activities.send")
+
+
+def _event_id(run_id: str, attempt: int, event: EventType) -> str:
+    # Deterministic, so a repeated write of the same attempt's event is a no-op.
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"mailqueue:{run_id}:{attempt}:{event.value}"))
+
+
+class SendActivities:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], driver: Driver) -> None:
+        self._sessions = sessions
+        self._driver = driver
+
+    @activity.defn(name="send_email")
+    async def send(self, req: SendRequest) -> SendResult:
+        info = activity.info()
+        attempt = info.attempt
+        spec = req.spec
+        await self._audit(
+            AuditEntry(
+                email_id=spec.email_id,
+                event_id=_event_id(info.workflow_run_id, attempt, EventType.SENDING),
+                event=EventType.SENDING,
+                at=datetime.now(UTC),
+                status=EmailStatus.SENDING,
+                attempt=attempt,
+                detail=f"attempt {attempt} of {spec.retry.max_attempts} via {self._driver.name}",
+            )
+        )
+        message = build_message(spec, req.content)
+        sender, recipients = envelope(spec)
+        try:
+            delivery = await self._driver.send(message, sender, recipients)
+        except PermanentDeliveryError as exc:
+            raise ApplicationError(
+                exc.reason, {"attempt": attempt}, type=PERMANENT_DELIVERY_ERROR, non_retryable=True
+            ) from None
+        except TransientDeliveryError as exc:
+            if attempt < spec.retry.max_attempts:
+                await self._audit(self._retrying(req, attempt, exc.reason, info.workflow_run_id))
+            raise ApplicationError(exc.reason, {"attempt": attempt}, type=TRANSIENT_DELIVERY_ERROR) from None
+        return SendResult(
+            provider=self._driver.name,
+            provider_message_id=delivery.provider_message_id,
+            attempt=attempt,
+            accepted_at=datetime.now(UTC),
+            refused_recipients=delivery.refused_recipients,
+        )
+
+    def _retrying(self, req: SendRequest, attempt: int, reason: str, run_id: str) -> AuditEntry:
+        retry = req.spec.retry
+        delay = min(
+            retry.initial_interval_seconds * retry.backoff_coefficient ** (attempt - 1),
+            retry.maximum_interval_seconds,
+        )
+        now = datetime.now(UTC)
+        return AuditEntry(
+            email_id=req.spec.email_id,
+            event_id=_event_id(run_id, attempt, EventType.RETRYING),
+            event=EventType.RETRYING,
+            at=now,
+            status=EmailStatus.RETRYING,
+            attempt=attempt,
+            last_error=reason,
+            detail=f"attempt {attempt} failed, next attempt in about {delay:.0f}s: {reason}",
+            next_attempt_at=now + timedelta(seconds=delay),
+        )
+
+    async def _audit(self, entry: AuditEntry) -> None:
+        """Best effort: a database outage must not stop or repeat a send; the workflow's
+        final audit step records the outcome once the database is back."""
+        try:
+            async with self._sessions() as session:
+                await apply_audit(session, entry)
+        except Exception as exc:  # noqa: BLE001 - recorded, never silently dropped
+            log.warning(
+                "could not record %s event for email %s: %s: %s",
+                entry.event.value, entry.email_id, type(exc).__name__, exc,
+            )

@@ -1,0 +1,79 @@
+"""Settings for every mailqueue process, read once from MAILQUEUE_* variables (or .env)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DATA_DIR = Path(".mailqueue")
+
+
+class SmtpSecurity(StrEnum):
+    NONE = "none"
+    STARTTLS = "starttls"
+    TLS = "tls"
+
+
+class DriverName(StrEnum):
+    SMTP = "smtp"
+    LOG = "log"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MAILQUEUE_", env_file=".env", extra="ignore")
+
+    database_url: str = Field(
+        default=f"sqlite:///{DATA_DIR / 'mailqueue.db'}",
+        description="sqlite:///path or postgresql://user@host/db",
+    )
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    task_queue: str = "mailqueue"
+
+    driver: DriverName = DriverName.SMTP
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 1025
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_security: SmtpSecurity = SmtpSecurity.NONE
+    smtp_timeout_seconds: float = 30.0
+    smtp_validate_certs: bool = True
+
+    default_from: str = "mailqueue <noreply@example.com>"
+    message_id_domain: str | None = Field(
+        default=None, description="Domain of generated Message-IDs; defaults to the sender's domain."
+    )
+    bootstrap_api_key: SecretStr | None = None
+
+    # Retry policy for the send step (Temporal retry policy).
+    default_max_attempts: int = Field(default=3, ge=1, le=20)
+    retry_initial_interval_seconds: float = Field(default=2.0, gt=0)
+    retry_backoff_coefficient: float = Field(default=2.0, ge=1)
+    retry_maximum_interval_seconds: float = Field(default=600.0, gt=0)
+    send_timeout_seconds: float = Field(default=60.0, gt=0)
+
+    # Limits at the door.
+    max_recipients: int = 50
+    max_body_bytes: int = 1_000_000
+    max_template_data_bytes: int = 1_000_000
+    max_request_bytes: int = 4_000_000
+    send_at_grace_seconds: float = 60.0
+    send_at_max_days: int = 366
+
+    log_level: str = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        if not value.startswith(("sqlite", "postgresql", "postgres://")):
+            raise ValueError("database_url must be a sqlite:/// or postgresql:// URL")
+        return value
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,180 @@
+"""Typed inputs and outputs of the email workflow and its activities.
+
+Pure data with no I/O: the workflow sandbox imports this module, and every field here
+ends up in workflow histories, so nothing secret may ever be added to these types.
+Add fields with defaults only: recorded histories must keep decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+WORKFLOW_ID_PREFIX = "email-"
+
+
+def workflow_id_for(email_id: str) -> str:
+    return f"{WORKFLOW_ID_PREFIX}{email_id}"
+
+
+class EmailStatus(StrEnum):
+    QUEUED = "queued"
+    SCHEDULED = "scheduled"
+    SENDING = "sending"
+    RETRYING = "retrying"
+    SENT = "sent"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED)
+
+    @property
+    def is_cancellable(self) -> bool:
+        return self in (EmailStatus.QUEUED, EmailStatus.SCHEDULED)
+
+
+class EventType(StrEnum):
+    QUEUED = "queued"
+    SCHEDULED = "scheduled"
+    RESCHEDULED = "rescheduled"
+    SENDING = "sending"
+    RETRYING = "retrying"
+    SENT = "sent"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    CANCEL_REJECTED = "cancel_rejected"
+
+
+@dataclass
+class RetrySettings:
+    """The send step's Temporal retry policy, fixed when the email is accepted."""
+
+    max_attempts: int = 3
+    initial_interval_seconds: float = 2.0
+    backoff_coefficient: float = 2.0
+    maximum_interval_seconds: float = 600.0
+    send_timeout_seconds: float = 60.0
+
+
+@dataclass
+class Content:
+    subject: str
+    html: str | None = None
+    text: str | None = None
+
+
+@dataclass
+class TemplateRef:
+    name: str
+    version: int
+    locale: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EmailSpec:
+    """Everything needed to deliver one email: the workflow's input."""
+
+    email_id: str
+    message_id: str
+    from_address: str
+    to: list[str]
+    cc: list[str] = field(default_factory=list)
+    bcc: list[str] = field(default_factory=list)
+    reply_to: str | None = None
+    content: Content | None = None
+    template: TemplateRef | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    send_at: datetime | None = None
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    priority: str = "normal"
+    tags: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    related_entity_type: str | None = None
+    related_entity_id: str | None = None
+    sender_type: str = "system"
+    sender_id: str | None = None
+
+
+@dataclass
+class CancelRequest:
+    reason: str | None = None
+
+
+@dataclass
+class RescheduleRequest:
+    send_at: datetime
+
+
+@dataclass
+class EmailState:
+    """What the workflow knows now: the answer of the `status` query and of updates."""
+
+    email_id: str
+    status: EmailStatus
+    send_at: datetime | None = None
+    attempts: int = 0
+    last_error: str | None = None
+    provider_message_id: str | None = None
+
+
+# --- activity inputs and outputs -------------------------------------------------
+
+
+@dataclass
+class AuditEntry:
+    """One audit step: an event row plus the record fields that change with it."""
+
+    email_id: str
+    event_id: str
+    event: EventType
+    at: datetime
+    status: EmailStatus | None = None
+    attempt: int | None = None
+    detail: str | None = None
+    scheduled_for: datetime | None = None
+    sent_at: datetime | None = None
+    provider: str | None = None
+    provider_message_id: str | None = None
+    last_error: str | None = None
+    next_attempt_at: datetime | None = None
+    # Set on the first step only, so a workflow started without the API still gets a record.
+    spec: EmailSpec | None = None
+
+
+@dataclass
+class RenderRequest:
+    email_id: str
+    template: TemplateRef
+
+
+@dataclass
+class SendRequest:
+    spec: EmailSpec
+    content: Content
+
+
+@dataclass
+class SendResult:
+    provider: str
+    provider_message_id: str
+    attempt: int
+    accepted_at: datetime
+    refused_recipients: dict[str, str] = field(default_factory=dict)
+
+
+# Error types carried in Temporal failures (ApplicationError.type).
+PERMANENT_DELIVERY_ERROR = "PermanentDeliveryError"
+TRANSIENT_DELIVERY_ERROR = "TransientDeliveryError"
+TEMPLATE_ERROR = "TemplateRenderError"
+EMAIL_FAILED = "EmailDeliveryFailed"
+
+# Names shared by the workflow and its callers (the API starts and updates by name).
+SEND_EMAIL_WORKFLOW = "SendEmailWorkflow"
+CANCEL_UPDATE = "cancel"
+RESCHEDULE_UPDATE = "reschedule"
+STATUS_QUERY = "status"

@@ -1,0 +1,144 @@
+"""SQL tables: the records people query. Schema changes go through Alembic migrations."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+
+class UTCDateTime(sa.types.TypeDecorator):
+    """Timezone-aware UTC datetimes on every backend (SQLite keeps no zone)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ts(**kw: Any) -> Any:
+    return Field(sa_type=UTCDateTime, **kw)
+
+
+def _json(**kw: Any) -> Any:
+    return Field(sa_type=JSONType, **kw)
+
+
+class Email(SQLModel, table=True):
+    __tablename__ = "emails"
+    __table_args__ = (
+        sa.Index("ix_emails_related_entity", "related_entity_type", "related_entity_id"),
+        sa.Index("ix_emails_status_created", "status", "created_at"),
+        sa.Index("ix_emails_sender_idempotency", "sender_type", "sender_id", "idempotency_key"),
+    )
+
+    id: str = Field(primary_key=True, max_length=36)
+    workflow_id: str = Field(max_length=64)
+    sender_type: str = Field(default="system", max_length=16)
+    sender_id: str | None = Field(default=None, max_length=64)
+    from_address: str = Field(max_length=512)
+    reply_to: str | None = Field(default=None, max_length=512)
+    to: list[str] = _json(default_factory=list)
+    cc: list[str] = _json(default_factory=list)
+    bcc: list[str] = _json(default_factory=list)
+    subject: str | None = Field(default=None, sa_type=sa.Text)
+    html: str | None = Field(default=None, sa_type=sa.Text)
+    text: str | None = Field(default=None, sa_type=sa.Text)
+    template_name: str | None = Field(default=None, max_length=200, index=True)
+    template_version: int | None = None
+    template_data: dict[str, Any] | None = _json(default=None)
+    locale: str | None = Field(default=None, max_length=35)
+    headers: dict[str, str] = _json(default_factory=dict)
+    priority: str = Field(default="normal", max_length=16)
+    status: str = Field(default="queued", max_length=16)
+    attempts: int = 0
+    max_attempts: int = 3
+    next_attempt_at: datetime | None = _ts(default=None)
+    last_error: str | None = Field(default=None, sa_type=sa.Text)
+    scheduled_for: datetime | None = _ts(default=None)
+    sent_at: datetime | None = _ts(default=None)
+    provider: str | None = Field(default=None, max_length=32)
+    provider_message_id: str | None = Field(default=None, max_length=512)
+    message_id: str = Field(max_length=512)
+    related_entity_type: str | None = Field(default=None, max_length=100)
+    related_entity_id: str | None = Field(default=None, max_length=200)
+    tags: list[str] = _json(default_factory=list)
+    # "metadata" is reserved by SQLAlchemy's declarative base, hence the attribute name.
+    extra_metadata: dict[str, Any] = Field(
+        default_factory=dict, sa_column=sa.Column("metadata", JSONType, nullable=False)
+    )
+    idempotency_key: str | None = Field(default=None, max_length=255)
+    request_hash: str | None = Field(default=None, max_length=64)
+    created_at: datetime = _ts(default_factory=utcnow, index=True)
+    updated_at: datetime = _ts(default_factory=utcnow)
+
+
+class EmailRecipient(SQLModel, table=True):
+    """One row per address of an email, so "all mail to X" is an indexed lookup."""
+
+    __tablename__ = "email_recipients"
+
+    email_id: str = Field(
+        primary_key=True, max_length=36, sa_type=sa.String(36),
+        foreign_key="emails.id", ondelete="CASCADE",
+    )
+    kind: str = Field(primary_key=True, max_length=3)
+    address: str = Field(primary_key=True, max_length=320, index=True)
+
+
+class EmailEvent(SQLModel, table=True):
+    """The audit trail: one row per thing that happened to an email."""
+
+    __tablename__ = "email_events"
+    __table_args__ = (sa.Index("ix_email_events_email_time", "email_id", "created_at"),)
+
+    id: str = Field(primary_key=True, max_length=36)
+    email_id: str = Field(foreign_key="emails.id", ondelete="CASCADE", max_length=36)
+    event: str = Field(max_length=32, index=True)
+    status: str | None = Field(default=None, max_length=16)
+    attempt: int | None = None
+    detail: str | None = Field(default=None, sa_type=sa.Text)
+    created_at: datetime = _ts(default_factory=utcnow)
+
+
+class EmailTemplate(SQLModel, table=True):
+    """A named template; every change adds a version and emails pin the one they used."""
+
+    __tablename__ = "email_templates"
+    __table_args__ = (sa.UniqueConstraint("name", "locale", "version", name="uq_email_templates_version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=200, index=True)
+    locale: str = Field(default="", max_length=35)
+    version: int = 1
+    subject: str = Field(sa_type=sa.Text)
+    html: str | None = Field(default=None, sa_type=sa.Text)
+    text: str | None = Field(default=None, sa_type=sa.Text)
+    default_from: str | None = Field(default=None, max_length=512)
+    description: str | None = Field(default=None, sa_type=sa.Text)
+    sample_data: dict[str, Any] | None = _json(default=None)
+    is_active: bool = True
+    is_current: bool = True
+    created_by: str | None = Field(default=None, max_length=64)
+    created_at: datetime = _ts(default_factory=utcnow)

@@ -1,0 +1,126 @@
+"""Shared fixtures: a real Temporal dev server, a real database, a real SMTP server.
+
+The database is PostgreSQL at 127.0.0.1:5432 (a throw-away database per test session)
+whenever it is reachable, and always in CI; elsewhere the suite falls back to SQLite.
+MAILQUEUE_TEST_DATABASE=postgres|sqlite forces one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from temporalio.client import Client
+
+from mailqueue.config import Settings
+from mailqueue.db import create_engine, migrate, sessionmaker
+from mailqueue.devserver import TemporalDevServer
+from mailqueue.net import free_port
+from tests.helpers import SmtpSink
+from worker import build_worker
+
+PG_ADMIN = os.environ.get("MAILQUEUE_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _postgres_reachable() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _database_kind() -> str:
+    kind = os.environ.get("MAILQUEUE_TEST_DATABASE", "auto")
+    if kind == "auto":
+        if os.environ.get("CI"):
+            return "postgres"  # CI must prove the PostgreSQL path; failing loudly beats a silent fallback
+        return "postgres" if _postgres_reachable() else "sqlite"
+    return kind
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if _database_kind() == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'mailqueue.db'}"
+        migrate(url)
+        yield url
+        return
+    name = f"mailqueue_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        migrate(url)
+        yield url
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def temporal_server() -> Iterator[TemporalDevServer]:
+    with TemporalDevServer(free_port()) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+async def client(temporal_server: TemporalDevServer) -> Client:
+    for _ in range(100):
+        try:
+            return await Client.connect(temporal_server.address)
+        except RuntimeError:
+            await asyncio.sleep(0.2)
+    raise RuntimeError("Temporal dev server did not come up")
+
+
+@pytest.fixture(scope="session")
+def sessions(database_url: str):  # type: ignore[no-untyped-def]
+    return sessionmaker(create_engine(database_url))
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    with SmtpSink() as s:
+        yield s
+
+
+@pytest.fixture
+def task_queue() -> str:
+    return f"test-{uuid.uuid4()}"
+
+
+@pytest.fixture
+def settings(database_url: str, temporal_server: TemporalDevServer, sink: SmtpSink, task_queue: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        temporal_address=temporal_server.address,
+        task_queue=task_queue,
+        smtp_host="127.0.0.1",
+        smtp_port=sink.port,
+        smtp_timeout_seconds=5,
+        retry_initial_interval_seconds=0.2,
+        retry_maximum_interval_seconds=1,
+        send_timeout_seconds=10,
+        bootstrap_api_key="test-admin-key",
+        _env_file=None,  # type: ignore[call-arg]
+    )
+
+
+@pytest.fixture
+async def worker(client: Client, settings: Settings) -> AsyncIterator[None]:
+    async with build_worker(client, settings):
+        yield
+
+
+@pytest.fixture
+def histories_dir() -> Path:
+    return Path(__file__).parent / "histories"
+
+

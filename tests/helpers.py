@@ -1,0 +1,96 @@
+"""Test helpers: a scriptable SMTP server and email spec builders."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from datetime import datetime
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+from mailqueue.catcher import CatchingHandler, CaughtMessage
+from mailqueue.contracts import Content, EmailSpec, RetrySettings
+from mailqueue.ids import message_id_for, new_email_id
+from mailqueue.net import free_port
+
+
+class ScriptedHandler(CatchingHandler):
+    """Catches mail like the dev catcher, but can answer DATA with scripted replies first."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.data_replies: deque[str] = deque()
+        self.rejected_recipients: dict[str, str] = {}
+        self.data_calls = 0
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        if address in self.rejected_recipients:
+            return self.rejected_recipients[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.data_calls += 1
+        if self.data_replies:
+            return self.data_replies.popleft()
+        return await super().handle_DATA(server, session, envelope)
+
+
+class SmtpSink:
+    """A real SMTP server (aiosmtpd) on a free port."""
+
+    def __init__(self) -> None:
+        self.handler = ScriptedHandler()
+        self.port = free_port()
+        self._controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
+
+    @property
+    def messages(self) -> list[CaughtMessage]:
+        return self.handler.messages
+
+    def by_message_id(self, message_id: str) -> list[CaughtMessage]:
+        return [m for m in self.messages if m.message["Message-ID"] == message_id]
+
+    async def wait_for(self, count: int, timeout: float = 20.0) -> list[CaughtMessage]:
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected {count} messages, got {len(self.messages)} after {timeout}s")
+            await asyncio.sleep(0.05)
+        return self.messages
+
+    def __enter__(self) -> SmtpSink:
+        self._controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._controller.stop()
+
+
+def make_spec(
+    *,
+    to: list[str] | None = None,
+    send_at: datetime | None = None,
+    max_attempts: int = 3,
+    subject: str = "Hello",
+    **kw: Any,
+) -> EmailSpec:
+    email_id = new_email_id()
+    return EmailSpec(
+        email_id=email_id,
+        message_id=message_id_for(email_id, "example.com"),
+        from_address="Sender <sender@example.com>",
+        to=to or ["Ann <ann@example.com>"],
+        content=Content(subject=subject, html="<p>Hi</p>", text="Hi"),
+        send_at=send_at,
+        retry=RetrySettings(
+            max_attempts=max_attempts,
+            initial_interval_seconds=0.2,
+            backoff_coefficient=2.0,
+            maximum_interval_seconds=1.0,
+            send_timeout_seconds=10.0,
+        ),
+        **kw,
+    )

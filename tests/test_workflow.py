@@ -1,0 +1,277 @@
+"""SendEmailWorkflow on a real dev server, with a real worker, database and SMTP server."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowUpdateFailedError
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.service import RPCError
+
+from mailqueue.contracts import (
+    CancelRequest,
+    EmailSpec,
+    EmailState,
+    EmailStatus,
+    RescheduleRequest,
+    TemplateRef,
+    workflow_id_for,
+)
+from mailqueue.models import Email, EmailTemplate
+from mailqueue.store import events_of, save_template_version
+from tests.helpers import SmtpSink, make_spec
+from workflows.send_email import SendEmailWorkflow
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+async def start(client: Client, spec: EmailSpec, task_queue: str, **kw):  # type: ignore[no-untyped-def]
+    return await client.start_workflow(
+        SendEmailWorkflow.run, spec, id=workflow_id_for(spec.email_id), task_queue=task_queue, **kw
+    )
+
+
+async def record(sessions, email_id: str) -> tuple[Email, list[str]]:  # type: ignore[no-untyped-def]
+    async with sessions() as s:
+        email = await s.get(Email, email_id)
+        assert email is not None, "the workflow must create the record"
+        return email, [e.event for e in await events_of(s, email_id)]
+
+
+async def wait_status(handle, status: EmailStatus, timeout: float = 10.0) -> EmailState:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        state = await handle.query(SendEmailWorkflow.status)
+        if state.status is status:
+            return state
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"status stayed {state.status}, expected {status}")
+        await asyncio.sleep(0.05)
+
+
+async def test_email_is_sent_and_audited(client, task_queue, sink: SmtpSink, sessions) -> None:
+    spec = make_spec()
+    handle = await start(client, spec, task_queue)
+    state = await handle.result()
+
+    assert state.status is EmailStatus.SENT and state.attempts == 1
+    [caught] = await sink.wait_for(1)
+    assert caught.message["Message-ID"] == spec.message_id
+    assert caught.rcpt_tos == ["ann@example.com"]
+    email, events = await record(sessions, spec.email_id)
+    assert email.status == "sent" and email.attempts == 1 and email.sent_at is not None
+    assert email.provider == "smtp" and email.provider_message_id
+    assert events == ["queued", "sending", "sent"]
+
+
+async def test_scheduled_email_is_sent_on_time_not_early(client, task_queue, sink: SmtpSink, sessions) -> None:
+    send_at = datetime.now(UTC) + timedelta(seconds=3)
+    spec = make_spec(send_at=send_at)
+    handle = await start(client, spec, task_queue)
+
+    await wait_status(handle, EmailStatus.SCHEDULED)
+    email, _ = await record(sessions, spec.email_id)
+    assert email.status == "scheduled" and email.scheduled_for == send_at
+    assert sink.messages == []
+
+    await handle.result()
+    [caught] = await sink.wait_for(1)
+    lateness = caught.received_at - send_at.timestamp()
+    assert 0 <= lateness < 1.5, f"sent {lateness:+.3f}s from its time"
+
+
+async def test_cancel_while_scheduled_never_sends(client, task_queue, sink: SmtpSink, sessions) -> None:
+    spec = make_spec(send_at=datetime.now(UTC) + timedelta(seconds=2))
+    handle = await start(client, spec, task_queue)
+    await wait_status(handle, EmailStatus.SCHEDULED)
+
+    state = await handle.execute_update(SendEmailWorkflow.cancel, CancelRequest(reason="customer withdrew"))
+    assert state.status is EmailStatus.CANCELLED
+    assert (await handle.result()).status is EmailStatus.CANCELLED
+
+    await asyncio.sleep(2.5)  # past the original time
+    assert sink.messages == []
+    email, events = await record(sessions, spec.email_id)
+    assert email.status == "cancelled"
+    assert events == ["queued", "scheduled", "cancelled"]
+
+
+async def test_cancel_from_temporal_ui_while_scheduled_never_sends(client, task_queue, sink: SmtpSink, sessions) -> None:
+    spec = make_spec(send_at=datetime.now(UTC) + timedelta(seconds=2))
+    handle = await start(client, spec, task_queue)
+    await wait_status(handle, EmailStatus.SCHEDULED)
+
+    await handle.cancel()  # what the UI's and CLI's "cancel" do
+    with pytest.raises(WorkflowFailureError):
+        await handle.result()
+    assert (await handle.describe()).status is WorkflowExecutionStatus.CANCELED
+    await asyncio.sleep(2.5)
+    assert sink.messages == []
+    email, events = await record(sessions, spec.email_id)
+    assert email.status == "cancelled" and events[-1] == "cancelled"
+
+
+async def test_cancel_after_sent_is_rejected(client, task_queue, sink: SmtpSink) -> None:
+    spec = make_spec()
+    handle = await start(client, spec, task_queue)
+    await handle.result()
+    with pytest.raises(RPCError, match="already completed"):
+        await handle.execute_update(SendEmailWorkflow.cancel, CancelRequest())
+    assert len(sink.messages) == 1
+
+
+async def test_cancel_while_sending_is_rejected_and_send_completes(client, task_queue, sink: SmtpSink, sessions) -> None:
+    sink.handler.data_replies.extend(["451 4.3.0 busy"] * 3)
+    spec = make_spec(max_attempts=5)
+    handle = await start(client, spec, task_queue)
+    await wait_status(handle, EmailStatus.SENDING)
+
+    with pytest.raises(WorkflowUpdateFailedError) as exc:
+        await handle.execute_update(SendEmailWorkflow.cancel, CancelRequest())
+    assert "already sending" in str(exc.value.cause)
+    assert (await handle.result()).status is EmailStatus.SENT
+    assert len(sink.messages) == 1
+    email, _ = await record(sessions, spec.email_id)
+    assert email.status == "sent" and email.attempts == 4
+
+
+async def test_cancel_from_temporal_while_sending_records_the_true_outcome(client, task_queue, sink: SmtpSink, sessions) -> None:
+    sink.handler.data_replies.extend(["451 4.3.0 busy"] * 2)
+    spec = make_spec(max_attempts=5)
+    handle = await start(client, spec, task_queue)
+    await wait_status(handle, EmailStatus.SENDING)
+
+    await handle.cancel()
+    assert (await handle.result()).status is EmailStatus.SENT
+    assert len(sink.messages) == 1
+    email, events = await record(sessions, spec.email_id)
+    assert email.status == "sent"
+    assert "cancel_rejected" in events and events[-1] == "sent"
+
+
+async def test_transient_failure_then_success(client, task_queue, sink: SmtpSink, sessions) -> None:
+    sink.handler.data_replies.append("451 4.3.0 Try again later")
+    spec = make_spec()
+    state = await (await start(client, spec, task_queue)).result()
+
+    assert state.status is EmailStatus.SENT and state.attempts == 2
+    assert sink.handler.data_calls == 2 and len(sink.messages) == 1
+    email, events = await record(sessions, spec.email_id)
+    assert email.attempts == 2 and email.status == "sent"
+    assert events == ["queued", "sending", "retrying", "sending", "sent"]
+
+
+async def test_permanent_failure_fails_at_once(client, task_queue, sink: SmtpSink, sessions) -> None:
+    sink.handler.data_replies.append("550 5.7.1 Message rejected as spam")
+    spec = make_spec(max_attempts=5)
+    handle = await start(client, spec, task_queue)
+
+    with pytest.raises(WorkflowFailureError) as exc:
+        await handle.result()
+    assert "550" in str(exc.value.cause)
+    assert sink.handler.data_calls == 1 and sink.messages == []
+    email, events = await record(sessions, spec.email_id)
+    assert email.status == "failed" and email.attempts == 1
+    assert "550 5.7.1 Message rejected as spam" in (email.last_error or "")
+    assert events == ["queued", "sending", "failed"]
+
+
+async def test_invalid_recipient_is_permanent(client, task_queue, sink: SmtpSink, sessions) -> None:
+    sink.handler.rejected_recipients["nobody@example.com"] = "550 5.1.1 No such user"
+    spec = make_spec(to=["nobody@example.com"])
+    with pytest.raises(WorkflowFailureError):
+        await (await start(client, spec, task_queue)).result()
+    email, _ = await record(sessions, spec.email_id)
+    assert email.status == "failed" and email.attempts == 1
+    assert "nobody@example.com: 550" in (email.last_error or "")
+
+
+async def test_exhausted_retries_fail_with_every_attempt_recorded(client, task_queue, sink: SmtpSink, sessions) -> None:
+    sink.handler.data_replies.extend(["421 4.4.2 Timeout"] * 3)
+    spec = make_spec(max_attempts=3)
+    with pytest.raises(WorkflowFailureError):
+        await (await start(client, spec, task_queue)).result()
+    email, events = await record(sessions, spec.email_id)
+    assert email.status == "failed" and email.attempts == 3
+    assert events == ["queued", "sending", "retrying", "sending", "retrying", "sending", "failed"]
+
+
+async def test_retry_of_failed_email_is_a_new_run_with_same_id(client, task_queue, sink: SmtpSink, sessions) -> None:
+    sink.handler.data_replies.append("554 5.0.0 Transaction failed")
+    spec = make_spec()
+    first = await start(client, spec, task_queue)
+    with pytest.raises(WorkflowFailureError):
+        await first.result()
+
+    second = await start(client, spec, task_queue, id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY)
+    assert second.id == first.id and second.result_run_id != first.result_run_id
+    assert (await second.result()).status is EmailStatus.SENT
+    [caught] = await sink.wait_for(1)
+    assert caught.message["Message-ID"] == spec.message_id
+    email, events = await record(sessions, spec.email_id)
+    assert email.status == "sent"
+    assert events == ["queued", "sending", "failed", "queued", "sending", "sent"]
+
+
+async def test_reschedule_moves_the_send_time(client, task_queue, sink: SmtpSink, sessions) -> None:
+    spec = make_spec(send_at=datetime.now(UTC) + timedelta(hours=1))
+    handle = await start(client, spec, task_queue)
+    await wait_status(handle, EmailStatus.SCHEDULED)
+
+    new_time = datetime.now(UTC) + timedelta(seconds=2)
+    state = await handle.execute_update(SendEmailWorkflow.reschedule, RescheduleRequest(send_at=new_time))
+    assert state.send_at == new_time
+    await handle.result()
+    [caught] = await sink.wait_for(1)
+    assert 0 <= caught.received_at - new_time.timestamp() < 1.5
+    email, events = await record(sessions, spec.email_id)
+    assert events == ["queued", "scheduled", "rescheduled", "sending", "sent"]
+
+
+async def test_reschedule_of_sent_email_is_rejected(client, task_queue, sink: SmtpSink) -> None:
+    spec = make_spec(send_at=datetime.now(UTC) + timedelta(hours=1))
+    handle = await start(client, spec, task_queue)
+    await wait_status(handle, EmailStatus.SCHEDULED)
+    await handle.execute_update(SendEmailWorkflow.cancel, CancelRequest())
+    with pytest.raises((WorkflowUpdateFailedError, RPCError)):
+        await handle.execute_update(
+            SendEmailWorkflow.reschedule, RescheduleRequest(send_at=datetime.now(UTC) + timedelta(seconds=5))
+        )
+
+
+async def test_templated_email_renders_pinned_version(client, task_queue, sink: SmtpSink, sessions) -> None:
+    name = f"welcome-{task_queue[-8:]}"
+    async with sessions() as s:
+        v1 = await save_template_version(
+            s, EmailTemplate(name=name, subject="Welcome {{ name }}", html="<p>Hi {{ name }}</p>", text="Hi {{ name }}")
+        )
+    spec = make_spec(send_at=datetime.now(UTC) + timedelta(seconds=2))
+    spec.content = None
+    spec.template = TemplateRef(name=name, version=v1.version, data={"name": "<Ann>"})
+    handle = await start(client, spec, task_queue)
+    await wait_status(handle, EmailStatus.SCHEDULED)
+    async with sessions() as s:  # an edit while the email waits must not change it
+        await save_template_version(s, EmailTemplate(name=name, subject="CHANGED", html="x", text="x"))
+
+    await handle.result()
+    [caught] = await sink.wait_for(1)
+    msg = caught.message
+    assert msg["Subject"] == "Welcome <Ann>"
+    html = msg.get_body(("html",)).get_content()
+    assert "&lt;Ann&gt;" in html and "<Ann>" not in html
+
+
+async def test_template_error_fails_permanently(client, task_queue, sink: SmtpSink, sessions) -> None:
+    name = f"broken-{task_queue[-8:]}"
+    async with sessions() as s:
+        v1 = await save_template_version(s, EmailTemplate(name=name, subject="{{ who }}", html="<p>{{ who }}</p>"))
+    spec = make_spec()
+    spec.content = None
+    spec.template = TemplateRef(name=name, version=v1.version, data={})
+    with pytest.raises(WorkflowFailureError):
+        await (await start(client, spec, task_queue)).result()
+    email, events = await record(sessions, spec.email_id)
+    assert email.status == "failed" and "'who' is undefined" in (email.last_error or "")
+    assert sink.messages == []

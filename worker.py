@@ -1,0 +1,61 @@
+"""Run a mailqueue worker: `python worker.py` (settings from MAILQUEUE_* variables)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.audit import AuditActivities
+from activities.render import RenderActivities
+from activities.send import SendActivities
+from mailqueue.config import Settings, get_settings
+from mailqueue.db import create_engine, sessionmaker
+from mailqueue.drivers import Driver, driver_from_settings
+from mailqueue.logs import configure_logging
+from mailqueue.templating import TemplateEngine
+from workflows.send_email import SendEmailWorkflow
+
+log = logging.getLogger("mailqueue.worker")
+
+
+def build_worker(client: Client, settings: Settings, *, driver: Driver | None = None, task_queue: str | None = None) -> Worker:
+    """The worker with its activities wired to their dependencies (DB, driver, templates)."""
+    sessions = sessionmaker(create_engine(settings.database_url))
+    audit = AuditActivities(sessions)
+    render = RenderActivities(sessions, TemplateEngine())
+    send = SendActivities(sessions, driver or driver_from_settings(settings))
+    return Worker(
+        client,
+        task_queue=task_queue or settings.task_queue,
+        workflows=[SendEmailWorkflow],
+        activities=[audit.record, render.render, send.send],
+        max_concurrent_activities=200,
+        max_concurrent_local_activities=200,
+        max_concurrent_workflow_tasks=200,
+    )
+
+
+async def connect(settings: Settings) -> Client:
+    return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+
+
+async def main() -> None:
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    client = await connect(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with build_worker(client, settings):
+        log.info("worker running on task queue %s at %s", settings.task_queue, settings.temporal_address)
+        await stop.wait()
+        log.info("worker stopping: finishing tasks in flight")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,1 @@
+"""Deterministic orchestration: one SendEmailWorkflow per email."""

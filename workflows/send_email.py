@@ -1,0 +1,244 @@
+"""SendEmailWorkflow: the life of one email, from accepted to sent, failed or cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import NoReturn
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError as TemporalTimeoutError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.audit import AuditActivities
+    from activities.render import RenderActivities
+    from activities.send import SendActivities
+    from mailqueue.contracts import (
+        CANCEL_UPDATE,
+        EMAIL_FAILED,
+        PERMANENT_DELIVERY_ERROR,
+        RESCHEDULE_UPDATE,
+        SEND_EMAIL_WORKFLOW,
+        STATUS_QUERY,
+        TEMPLATE_ERROR,
+        AuditEntry,
+        CancelRequest,
+        Content,
+        EmailSpec,
+        EmailState,
+        EmailStatus,
+        EventType,
+        RenderRequest,
+        RescheduleRequest,
+        SendRequest,
+        SendResult,
+    )
+
+    from workflows.timer import UpdatableTimer
+
+# Audit and render are local activities: they run inside the workflow task, so they add
+# no server round trips. They retry without limit: a database outage delays, never loses.
+_RECORD = dict(
+    start_to_close_timeout=timedelta(seconds=15),
+    retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=30)),
+)
+_RENDER = dict(
+    start_to_close_timeout=timedelta(seconds=30),
+    retry_policy=RetryPolicy(
+        initial_interval=timedelta(milliseconds=200),
+        maximum_interval=timedelta(seconds=30),
+        non_retryable_error_types=[TEMPLATE_ERROR],
+    ),
+)
+
+
+@workflow.defn(name=SEND_EMAIL_WORKFLOW)
+class SendEmailWorkflow:
+    @workflow.init
+    def __init__(self, spec: EmailSpec) -> None:
+        self._spec = spec
+        self._status = EmailStatus.QUEUED
+        self._timer = UpdatableTimer(spec.send_at)
+        self._cancel_reason: str | None = None
+        self._attempts = 0
+        self._last_error: str | None = None
+        self._provider_message_id: str | None = None
+
+    @workflow.run
+    async def run(self, spec: EmailSpec) -> EmailState:
+        try:
+            await self._record(EventType.QUEUED, EmailStatus.QUEUED, attempt=0, spec=spec)
+            if spec.send_at is not None and spec.send_at > workflow.now():
+                self._status = EmailStatus.SCHEDULED
+                await self._record(
+                    EventType.SCHEDULED, EmailStatus.SCHEDULED,
+                    scheduled_for=spec.send_at, detail=f"due {spec.send_at.isoformat()}",
+                )
+            due = await self._timer.sleep()
+            content = await self._render() if due and self._cancel_reason is None else None
+        except asyncio.CancelledError:
+            # Cancelled from the Temporal UI/CLI before sending began: record it, end Canceled.
+            self._cancel_reason = self._cancel_reason or "cancelled in Temporal"
+            await self._finish_cancelled()
+            raise
+        if content is None or self._cancel_reason is not None:
+            return await self._finish_cancelled()
+        self._status = EmailStatus.SENDING  # from here on, cancel is refused
+        result = await self._send(content)
+        self._status = EmailStatus.SENT
+        self._attempts = result.attempt
+        self._provider_message_id = result.provider_message_id
+        refused = "; ".join(f"{addr}: {why}" for addr, why in result.refused_recipients.items())
+        try:
+            await self._record(
+                EventType.SENT, EmailStatus.SENT,
+                attempt=result.attempt, sent_at=result.accepted_at, provider=result.provider,
+                provider_message_id=result.provider_message_id,
+                detail=f"accepted by {result.provider}" + (f"; refused: {refused}" if refused else ""),
+            )
+        except asyncio.CancelledError:
+            pass  # too late to cancel: the email is sent, and _record has written that down
+        return await self._finish()
+
+    # --- steps ----------------------------------------------------------------------
+
+    async def _render(self) -> Content:
+        if self._spec.template is None:
+            assert self._spec.content is not None
+            return self._spec.content
+        try:
+            return await workflow.execute_local_activity_method(
+                RenderActivities.render, RenderRequest(self._spec.email_id, self._spec.template), **_RENDER
+            )
+        except (ActivityError, ApplicationError) as err:  # a local activity's failure arrives unwrapped
+            await self._fail(_reason(err), attempt=0)
+
+    async def _send(self, content: Content) -> SendResult:
+        retry = self._spec.retry
+        handle = workflow.start_activity_method(
+            SendActivities.send,
+            SendRequest(self._spec, content),
+            start_to_close_timeout=timedelta(seconds=retry.send_timeout_seconds),
+            retry_policy=RetryPolicy(
+                initial_interval=timedelta(seconds=retry.initial_interval_seconds),
+                backoff_coefficient=retry.backoff_coefficient,
+                maximum_interval=timedelta(seconds=retry.maximum_interval_seconds),
+                maximum_attempts=retry.max_attempts,
+                non_retryable_error_types=[PERMANENT_DELIVERY_ERROR],
+            ),
+        )
+        try:
+            try:
+                # A send in flight is never abandoned: its outcome must be recorded truthfully.
+                return await asyncio.shield(handle)
+            except asyncio.CancelledError:
+                await self._record(
+                    EventType.CANCEL_REJECTED, detail="cancel requested while sending; the send's outcome stands"
+                )
+                return await handle
+        except ActivityError as err:
+            await self._fail(_reason(err), attempt=_attempt(err, retry.max_attempts))
+
+    async def _fail(self, reason: str, *, attempt: int) -> NoReturn:
+        self._status = EmailStatus.FAILED
+        self._attempts, self._last_error = attempt, reason
+        try:
+            await self._record(EventType.FAILED, EmailStatus.FAILED, attempt=attempt, last_error=reason, detail=reason)
+        except asyncio.CancelledError:
+            pass  # the failure is recorded either way; the run still ends as Failed
+        await self._finish()
+        # Failing the run makes Temporal's own status say Failed, and lets /retry start a new run.
+        raise ApplicationError(f"email not delivered: {reason}", type=EMAIL_FAILED, non_retryable=True)
+
+    async def _finish_cancelled(self) -> EmailState:
+        reason = self._cancel_reason or "cancelled"
+        await self._record(EventType.CANCELLED, EmailStatus.CANCELLED, detail=reason)
+        self._status = EmailStatus.CANCELLED
+        return await self._finish()
+
+    async def _finish(self) -> EmailState:
+        try:
+            await workflow.wait_condition(workflow.all_handlers_finished)
+        except asyncio.CancelledError:
+            pass  # the email's fate is settled and recorded; nothing is left to cancel
+        return self._state()
+
+    async def _record(self, event: EventType, status: EmailStatus | None = None, **fields) -> None:  # type: ignore[no-untyped-def]
+        entry = AuditEntry(
+            email_id=self._spec.email_id,
+            event_id=str(workflow.uuid4()),
+            event=event,
+            at=workflow.now(),
+            status=status,
+            **fields,
+        )
+        write = workflow.start_local_activity_method(AuditActivities.record, entry, **_RECORD)
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            await write  # a step that happened is always written down; then the cancellation goes on
+            raise
+
+    def _state(self) -> EmailState:
+        return EmailState(
+            email_id=self._spec.email_id,
+            status=self._status,
+            send_at=self._timer.deadline,
+            attempts=self._attempts,
+            last_error=self._last_error,
+            provider_message_id=self._provider_message_id,
+        )
+
+    # --- what callers can ask and change -------------------------------------------
+
+    @workflow.query(name=STATUS_QUERY)
+    def status(self) -> EmailState:
+        return self._state()
+
+    @workflow.update(name=CANCEL_UPDATE)
+    async def cancel(self, req: CancelRequest) -> EmailState:
+        self._cancel_reason = self._cancel_reason or (req.reason or "cancelled")
+        self._timer.stop()
+        # Usually ends cancelled; ends failed if, say, the template broke while this waited.
+        await workflow.wait_condition(lambda: self._status.is_final)
+        return self._state()
+
+    @cancel.validator
+    def _validate_cancel(self, req: CancelRequest) -> None:
+        if not self._status.is_cancellable:
+            raise ValueError(f"the email is already {self._status.value}; only queued or scheduled emails can be cancelled")
+
+    @workflow.update(name=RESCHEDULE_UPDATE)
+    async def reschedule(self, req: RescheduleRequest) -> EmailState:
+        self._timer.move(req.send_at)  # before any await: the timer must not fire on the old time
+        await self._record(
+            EventType.RESCHEDULED, scheduled_for=req.send_at, detail=f"due {req.send_at.isoformat()}"
+        )
+        return self._state()
+
+    @reschedule.validator
+    def _validate_reschedule(self, req: RescheduleRequest) -> None:
+        if self._status is not EmailStatus.SCHEDULED or self._cancel_reason is not None:
+            state = "being cancelled" if self._cancel_reason else self._status.value
+            raise ValueError(f"only a scheduled email can be rescheduled; this one is {state}")
+        if req.send_at.tzinfo is None:
+            raise ValueError("send_at needs a time zone")
+
+
+def _reason(err: ActivityError | ApplicationError) -> str:
+    cause = err.cause if isinstance(err, ActivityError) else err
+    if isinstance(cause, TemporalTimeoutError):
+        return f"send timed out ({cause.type.name.lower() if cause.type else 'timeout'})"
+    if isinstance(cause, ApplicationError):
+        return cause.message
+    return str(cause or err)
+
+
+def _attempt(err: ActivityError, max_attempts: int) -> int:
+    cause = err.cause
+    if isinstance(cause, ApplicationError) and cause.details:
+        detail = cause.details[0]
+        if isinstance(detail, dict) and isinstance(detail.get("attempt"), int):
+            return detail["attempt"]
+    return max_attempts
