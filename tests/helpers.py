@@ -94,3 +94,60 @@ def make_spec(
         ),
         **kw,
     )
+
+
+def settings_env(settings: Any) -> dict[str, str]:
+    """MAILQUEUE_* variables that give a child process exactly these settings."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[f"MAILQUEUE_{name.upper()}"] = str(value.value if hasattr(value, "value") else value)
+    return env
+
+
+class ApiProcess:
+    """`uvicorn api.app:app` in a child process, the way it runs in production."""
+
+    def __init__(self, settings: Any, log_path: Any) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._env = settings_env(settings)
+        self._log_path = log_path
+        self.process: Any = None
+
+    def __enter__(self) -> ApiProcess:
+        import os
+        import subprocess
+        import sys
+
+        import httpx
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MAILQUEUE_")} | self._env
+        self._log = open(self._log_path, "wb")  # noqa: SIM115 - closed in __exit__
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log"],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"API did not start; see {self._log_path}")
+            time.sleep(0.1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except Exception:  # noqa: BLE001
+                self.process.kill()
+        self._log.close()

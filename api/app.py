@@ -1,0 +1,94 @@
+"""The FastAPI application: `uvicorn api.app:app`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from starlette.types import ASGIApp, Receive, Scope, Send
+from temporalio.client import Client
+
+from api.routes import emails, health, templates
+from mailqueue.config import Settings, get_settings
+from mailqueue.db import create_engine, sessionmaker
+from mailqueue.logs import configure_logging
+from mailqueue.templating import TemplateEngine
+
+log = logging.getLogger("mailqueue.api")
+
+DESCRIPTION = """
+Queue emails and follow them to delivery. Every accepted email is a durable Temporal
+workflow (id `email-<id>`): watch it in the Temporal Web UI, or here.
+
+Authenticate with `Authorization: Bearer <API key>`.
+"""
+
+
+class BodySizeLimit:
+    """Refuse bodies over the configured size before anything reads them (413, not a crash)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.limit):
+                response = JSONResponse({"detail": f"request body larger than {self.limit} bytes"}, status_code=413)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(settings.log_level)
+        engine = create_engine(settings.database_url)
+        app.state.settings = settings
+        app.state.sessions = sessionmaker(engine)
+        app.state.templates = TemplateEngine()
+        # Lazy: the API starts (and /readyz reports) even while Temporal is still coming up.
+        app.state.temporal = await Client.connect(
+            settings.temporal_address, namespace=settings.temporal_namespace, lazy=True
+        )
+        if settings.bootstrap_api_key is None:
+            log.warning("MAILQUEUE_BOOTSTRAP_API_KEY is not set: every /v1 request will get 401")
+        yield
+        await engine.dispose()
+
+    app = FastAPI(title="mailqueue", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
+    app.include_router(health.router)
+    app.include_router(emails.router)
+    app.include_router(templates.router)
+
+    def unavailable(what: str) -> JSONResponse:
+        return JSONResponse({"detail": f"{what} is unavailable; nothing was changed, try again"}, status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(emails.TemporalUnavailable)
+    async def _temporal_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("temporal unavailable: %s", exc)
+        return unavailable("Temporal")
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return unavailable("the database")
+
+    @app.exception_handler(DataError)
+    async def _unstorable(request: Request, exc: Exception) -> JSONResponse:
+        # e.g. a NUL character, which PostgreSQL text cannot hold: the input's fault, not ours.
+        return JSONResponse({"detail": "a value in the request cannot be stored or searched (NUL or invalid characters?)"}, status_code=422)
+
+    return app
+
+
+app = create_app()

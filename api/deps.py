@@ -1,0 +1,70 @@
+"""FastAPI dependencies: settings, DB session, Temporal client, the calling principal."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.client import Client
+
+from mailqueue.config import Settings
+from mailqueue.templating import TemplateEngine
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling. Until users exist (a later issue), the bootstrap key is the admin."""
+
+    kind: str
+    id: str | None
+
+    @property
+    def sender(self) -> tuple[str, str | None]:
+        return ("system", None) if self.kind == "admin" else ("user", self.id)
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    async with request.app.state.sessions() as session:
+        yield session
+
+
+def get_temporal(request: Request) -> Client:
+    return request.app.state.temporal
+
+
+def get_templates(request: Request) -> TemplateEngine:
+    return request.app.state.templates
+
+
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+
+
+def get_principal(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    settings: Settings = request.app.state.settings
+    expected = settings.bootstrap_api_key.get_secret_value() if settings.bootstrap_api_key else None
+    if credentials is not None and expected and hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
+        return Principal(kind="admin", id=None)
+    raise HTTPException(
+        status.HTTP_401_UNAUTHORIZED,
+        "a valid API key is required: Authorization: Bearer <key>",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+TemporalDep = Annotated[Client, Depends(get_temporal)]
+TemplatesDep = Annotated[TemplateEngine, Depends(get_templates)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -1,0 +1,416 @@
+"""/v1/emails: queue, inspect, list, cancel, retry and reschedule emails."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Response, status
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.service import RPCError
+
+from api.deps import PrincipalDep, SessionDep, SettingsDep, TemplatesDep, TemporalDep
+from api.schemas import (
+    CancelBody,
+    EmailAccepted,
+    EmailDetail,
+    EmailPage,
+    EmailRequest,
+    EmailSummary,
+    EventOut,
+    RelatedEntity,
+    RescheduleBody,
+    TemplateUsed,
+    normalize_address,
+)
+from mailqueue.config import Settings
+from mailqueue.contracts import (
+    CANCEL_UPDATE,
+    RESCHEDULE_UPDATE,
+    SEND_EMAIL_WORKFLOW,
+    CancelRequest,
+    Content,
+    EmailSpec,
+    EmailState,
+    EmailStatus,
+    RescheduleRequest,
+    RetrySettings,
+    TemplateRef,
+    workflow_id_for,
+)
+from mailqueue.errors import TemplateError
+from mailqueue.ids import idempotent_email_id, message_id_for, new_email_id
+from mailqueue.message import bare_address, domain_of
+from mailqueue.models import Email, EmailRecipient
+from mailqueue.store import current_template, events_of, insert_email, record_from_spec, spec_from_record
+from mailqueue.templating import TemplateEngine, TemplateSource
+
+router = APIRouter(prefix="/v1/emails", tags=["emails"])
+
+RPC_TIMEOUT = timedelta(seconds=10)
+NOT_FOUND = {404: {"description": "No such email"}}
+CONFLICT = {409: {"description": "Not possible in the email's current state"}}
+
+
+class TemporalUnavailable(Exception):
+    """Temporal did not answer: the caller should try again later (HTTP 503)."""
+
+
+def invalid(field: tuple[str | int, ...], message: str, value: Any = None) -> RequestValidationError:
+    return RequestValidationError([{"type": "value_error", "loc": ("body", *field), "msg": message, "input": value}])
+
+
+def retry_settings(settings: Settings, max_attempts: int | None) -> RetrySettings:
+    return RetrySettings(
+        max_attempts=max_attempts or settings.default_max_attempts,
+        initial_interval_seconds=settings.retry_initial_interval_seconds,
+        backoff_coefficient=settings.retry_backoff_coefficient,
+        maximum_interval_seconds=settings.retry_maximum_interval_seconds,
+        send_timeout_seconds=settings.send_timeout_seconds,
+    )
+
+
+def check_send_at(send_at: datetime | None, settings: Settings, field: tuple[str, ...] = ("send_at",)) -> None:
+    if send_at is None:
+        return
+    now = datetime.now(UTC)
+    if send_at < now - timedelta(seconds=settings.send_at_grace_seconds):
+        raise invalid(field, f"send_at is in the past (now is {now.isoformat(timespec='seconds')})", send_at.isoformat())
+    if send_at > now + timedelta(days=settings.send_at_max_days):
+        raise invalid(field, f"send_at is more than {settings.send_at_max_days} days ahead", send_at.isoformat())
+
+
+def check_limits(req: EmailRequest, settings: Settings) -> None:
+    recipients = len(req.to) + len(req.cc) + len(req.bcc)
+    if recipients > settings.max_recipients:
+        raise invalid(("to",), f"{recipients} recipients; at most {settings.max_recipients} are allowed per email")
+    for part in ("html", "text"):
+        body = getattr(req, part)
+        if body is not None and len(body.encode()) > settings.max_body_bytes:
+            raise invalid((part,), f"{part} is larger than {settings.max_body_bytes} bytes")
+    if req.template_data is not None:
+        size = len(json.dumps(req.template_data).encode())
+        if size > settings.max_template_data_bytes:
+            raise invalid(("template_data",), f"template_data is {size} bytes; the limit is {settings.max_template_data_bytes}")
+    check_send_at(req.send_at, settings)
+
+
+async def resolve_template(req: EmailRequest, session: SessionDep, engine: TemplateEngine) -> tuple[TemplateRef, Content, str | None]:
+    """Pin the template version now and prove the data renders it (422 otherwise)."""
+    assert req.template is not None
+    row = await current_template(session, req.template, req.locale)
+    if row is None:
+        raise invalid(("template",), f"unknown or inactive template {req.template!r}", req.template)
+    data = req.template_data or {}
+    source = TemplateSource(row.name, row.version, row.subject, row.html, row.text, row.locale)
+    try:
+        content = engine.render(source, data)
+    except TemplateError as exc:
+        missing = sorted(engine.variables(source) - set(data))
+        if missing:
+            raise invalid(("template_data",), f"missing template variables: {', '.join(missing)}") from None
+        raise invalid(("template_data",), f"template {row.name!r} cannot be rendered with this data: {exc}") from None
+    ref = TemplateRef(name=row.name, version=row.version, locale=row.locale or None, data=data)
+    return ref, content, row.default_from
+
+
+def request_hash(req: EmailRequest) -> str:
+    canonical = json.dumps(req.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def start_delivery(temporal: Client, spec: EmailSpec, task_queue: str, reuse: WorkflowIDReusePolicy) -> None:
+    try:
+        await temporal.start_workflow(
+            SEND_EMAIL_WORKFLOW,
+            spec,
+            id=workflow_id_for(spec.email_id),
+            task_queue=task_queue,
+            id_reuse_policy=reuse,
+            rpc_timeout=RPC_TIMEOUT,
+        )
+    except WorkflowAlreadyStartedError:
+        raise
+    except (RPCError, RuntimeError) as exc:
+        raise TemporalUnavailable(str(exc)) from exc
+
+
+def accepted(email: Email, response: Response) -> EmailAccepted:
+    response.headers["Location"] = f"/v1/emails/{email.id}"
+    return EmailAccepted(id=email.id, status=email.status, workflow_id=email.workflow_id)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=EmailAccepted,
+    responses={409: {"description": "Idempotency-Key reused with a different body"}, 503: {"description": "Temporal unavailable; retry"}},
+    summary="Queue an email",
+)
+async def queue_email(
+    req: EmailRequest,
+    response: Response,
+    principal: PrincipalDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    temporal: TemporalDep,
+    engine: TemplatesDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
+               description="Same key and body: same answer, one email. Same key, other body: 409."),
+    ] = None,
+) -> EmailAccepted:
+    check_limits(req, settings)
+    template_ref = content = template_from = None
+    if req.template is not None:
+        template_ref, content, template_from = await resolve_template(req, session, engine)
+    from_address = req.from_ or template_from or normalize_address(settings.default_from)
+
+    sender_type, sender_id = principal.sender
+    email_id = idempotent_email_id(sender_type, sender_id, idempotency_key) if idempotency_key else new_email_id()
+    body_hash = request_hash(req)
+    related = req.related_entity
+    spec = EmailSpec(
+        email_id=email_id,
+        message_id=message_id_for(email_id, settings.message_id_domain or domain_of(from_address)),
+        from_address=from_address,
+        to=req.to,
+        cc=req.cc,
+        bcc=req.bcc,
+        reply_to=req.reply_to,
+        content=None if template_ref else Content(subject=req.subject or "", html=req.html, text=req.text),
+        template=template_ref,
+        headers=req.headers,
+        send_at=req.send_at,
+        retry=retry_settings(settings, req.max_attempts),
+        priority=str(req.priority),
+        tags=req.tags,
+        metadata=req.metadata,
+        related_entity_type=related.type if related else None,
+        related_entity_id=related.id if related else None,
+        sender_type=sender_type,
+        sender_id=sender_id,
+    )
+
+    email = await session.get(Email, email_id) if idempotency_key else None
+    created = email is None
+    if email is None:
+        email = record_from_spec(spec, idempotency_key=idempotency_key, request_hash=body_hash)
+        if content is not None:
+            email.subject = content.subject  # as rendered at acceptance, for people reading the record
+        if req.send_at is not None and req.send_at > datetime.now(UTC):
+            email.status = EmailStatus.SCHEDULED.value
+        try:
+            await insert_email(session, email)
+            await session.commit()
+        except IntegrityError:  # the same key, at the same moment, from another request
+            await session.rollback()
+            email = await session.get(Email, email_id)
+            created = False
+            if email is None:
+                raise
+    if not created and email.request_hash != body_hash:
+        raise HTTPException(status.HTTP_409_CONFLICT, "this Idempotency-Key was used with a different request body")
+
+    try:
+        await start_delivery(temporal, spec, settings.task_queue, WorkflowIDReusePolicy.REJECT_DUPLICATE)
+    except WorkflowAlreadyStartedError:
+        pass  # a repeated request: the first one started it
+    except TemporalUnavailable:
+        if created:  # not durably accepted: leave no record behind that nothing will ever send
+            await session.execute(sa.delete(Email).where(col(Email.id) == email_id))
+            await session.commit()
+        raise
+    return accepted(email, response)
+
+
+_EMAIL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+async def _email_or_404(session: SessionDep, email_id: str) -> Email:
+    email = await session.get(Email, email_id) if _EMAIL_ID.match(email_id) else None
+    if email is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no email with id {email_id!r}")
+    return email
+
+
+def summary(email: Email) -> dict[str, Any]:
+    return dict(
+        id=email.id,
+        workflow_id=email.workflow_id,
+        status=email.status,
+        from_=email.from_address,
+        to=email.to,
+        cc=email.cc,
+        bcc=email.bcc,
+        subject=email.subject,
+        template=TemplateUsed(name=email.template_name, version=email.template_version, locale=email.locale)
+        if email.template_name
+        else None,
+        priority=email.priority,
+        attempts=email.attempts,
+        max_attempts=email.max_attempts,
+        next_attempt_at=email.next_attempt_at,
+        last_error=email.last_error,
+        scheduled_for=email.scheduled_for,
+        sent_at=email.sent_at,
+        provider=email.provider,
+        provider_message_id=email.provider_message_id,
+        message_id=email.message_id,
+        related_entity=RelatedEntity(type=email.related_entity_type, id=email.related_entity_id)
+        if email.related_entity_type and email.related_entity_id
+        else None,
+        tags=email.tags,
+        created_at=email.created_at,
+        updated_at=email.updated_at,
+    )
+
+
+async def detail(session: SessionDep, email: Email) -> EmailDetail:
+    events = await events_of(session, email.id)
+    return EmailDetail(
+        **summary(email),
+        reply_to=email.reply_to,
+        html=email.html,
+        text=email.text,
+        template_data=email.template_data,
+        headers=email.headers,
+        metadata=email.extra_metadata,
+        events=[EventOut(event=e.event, status=e.status, attempt=e.attempt, detail=e.detail, at=e.created_at) for e in events],
+    )
+
+
+@router.get("/{email_id}", response_model=EmailDetail, response_model_by_alias=True, responses=NOT_FOUND, summary="An email with its events")
+async def get_email(email_id: str, principal: PrincipalDep, session: SessionDep) -> EmailDetail:
+    return await detail(session, await _email_or_404(session, email_id))
+
+
+@router.get("", response_model=EmailPage, response_model_by_alias=True, summary="List emails")
+async def list_emails(
+    principal: PrincipalDep,
+    session: SessionDep,
+    status_: Annotated[list[EmailStatus] | None, Query(alias="status", description="One or more statuses")] = None,
+    recipient: Annotated[str | None, Query(max_length=512, description="Any of to/cc/bcc")] = None,
+    template: Annotated[str | None, Query(max_length=200)] = None,
+    related_entity_type: Annotated[str | None, Query(max_length=100)] = None,
+    related_entity_id: Annotated[str | None, Query(max_length=200)] = None,
+    tag: Annotated[str | None, Query(max_length=64)] = None,
+    created_after: Annotated[datetime | None, Query(description="ISO 8601")] = None,
+    created_before: Annotated[datetime | None, Query(description="ISO 8601")] = None,
+    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
+    page_size: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> EmailPage:
+    filters: list[Any] = []
+    if status_:
+        filters.append(col(Email.status).in_([s.value for s in status_]))
+    if recipient:
+        try:
+            address = bare_address(normalize_address(recipient)).lower()
+        except ValueError as exc:
+            raise RequestValidationError([{"type": "value_error", "loc": ("query", "recipient"), "msg": str(exc), "input": recipient}]) from None
+        filters.append(
+            sa.exists().where(col(EmailRecipient.email_id) == col(Email.id), col(EmailRecipient.address) == address)
+        )
+    if template:
+        filters.append(col(Email.template_name) == template)
+    if related_entity_type:
+        filters.append(col(Email.related_entity_type) == related_entity_type)
+    if related_entity_id:
+        filters.append(col(Email.related_entity_id) == related_entity_id)
+    for name, bound in (("created_after", created_after), ("created_before", created_before)):
+        if bound is not None and bound.tzinfo is None:
+            raise RequestValidationError([{"type": "value_error", "loc": ("query", name), "msg": "needs a time zone", "input": str(bound)}])
+    if created_after:
+        filters.append(col(Email.created_at) >= created_after)
+    if created_before:
+        filters.append(col(Email.created_at) < created_before)
+    query = select(Email).where(*filters)
+    if tag:
+        rows = (await session.exec(query.order_by(col(Email.created_at).desc(), col(Email.id).desc()))).all()
+        matching = [e for e in rows if tag in e.tags]  # tags are JSON: filtered here, portable across databases
+        total, items = len(matching), matching[(page - 1) * page_size : page * page_size]
+    else:
+        total = (await session.exec(select(sa.func.count()).select_from(Email).where(*filters))).one()
+        items = (
+            await session.exec(
+                query.order_by(col(Email.created_at).desc(), col(Email.id).desc()).offset((page - 1) * page_size).limit(page_size)
+            )
+        ).all()
+    return EmailPage(items=[EmailSummary(**summary(e)) for e in items], page=page, page_size=page_size, total=total)
+
+
+async def _update(temporal: Client, email: Email, name: str, arg: Any) -> EmailState:
+    handle = temporal.get_workflow_handle(email.workflow_id)
+    try:
+        return await handle.execute_update(name, arg, result_type=EmailState, rpc_timeout=RPC_TIMEOUT)
+    except WorkflowUpdateFailedError as exc:  # the workflow's validator said no
+        cause = exc.cause
+        raise HTTPException(status.HTTP_409_CONFLICT, cause.message if isinstance(cause, ApplicationError) else str(cause)) from None
+    except RPCError as exc:
+        if "already completed" in exc.message or "not found" in exc.message.lower():
+            raise HTTPException(status.HTTP_409_CONFLICT, f"the email is already {email.status}") from None
+        raise TemporalUnavailable(exc.message) from exc
+    except RuntimeError as exc:
+        raise TemporalUnavailable(str(exc)) from exc
+
+
+@router.post("/{email_id}/cancel", response_model=EmailDetail, response_model_by_alias=True, responses={**NOT_FOUND, **CONFLICT}, summary="Cancel a queued or scheduled email")
+async def cancel_email(
+    email_id: str,
+    principal: PrincipalDep,
+    session: SessionDep,
+    temporal: TemporalDep,
+    body: Annotated[CancelBody | None, Body()] = None,
+) -> EmailDetail:
+    email = await _email_or_404(session, email_id)
+    if EmailStatus(email.status).is_final:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"the email is already {email.status}")
+    state = await _update(temporal, email, CANCEL_UPDATE, CancelRequest(reason=body.reason if body else None))
+    if state.status is not EmailStatus.CANCELLED:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"the email could not be cancelled: it is {state.status.value}")
+    await session.refresh(email)
+    return await detail(session, email)
+
+
+@router.post("/{email_id}/retry", status_code=status.HTTP_202_ACCEPTED, response_model=EmailAccepted, responses={**NOT_FOUND, **CONFLICT}, summary="Deliver a failed email again")
+async def retry_email(
+    email_id: str, response: Response, principal: PrincipalDep, session: SessionDep, settings: SettingsDep, temporal: TemporalDep
+) -> EmailAccepted:
+    email = await _email_or_404(session, email_id)
+    if email.status != EmailStatus.FAILED.value:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"only failed emails can be retried; this one is {email.status}")
+    spec = spec_from_record(email, retry_settings(settings, email.max_attempts))
+    email.status = EmailStatus.QUEUED.value  # before the new run starts: it must not overwrite the run's own steps
+    await session.commit()
+    try:
+        await start_delivery(temporal, spec, settings.task_queue, WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY)
+    except (WorkflowAlreadyStartedError, TemporalUnavailable) as exc:
+        email.status = EmailStatus.FAILED.value
+        await session.commit()
+        if isinstance(exc, WorkflowAlreadyStartedError):
+            raise HTTPException(status.HTTP_409_CONFLICT, "a delivery run of this email is still open; try again shortly") from None
+        raise
+    return accepted(email, response)
+
+
+@router.patch("/{email_id}", response_model=EmailDetail, response_model_by_alias=True, responses={**NOT_FOUND, **CONFLICT}, summary="Reschedule a scheduled email")
+async def reschedule_email(
+    email_id: str, body: RescheduleBody, principal: PrincipalDep, session: SessionDep, settings: SettingsDep, temporal: TemporalDep
+) -> EmailDetail:
+    check_send_at(body.send_at, settings)
+    email = await _email_or_404(session, email_id)
+    if email.status != EmailStatus.SCHEDULED.value:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"only scheduled emails can be rescheduled; this one is {email.status}")
+    await _update(temporal, email, RESCHEDULE_UPDATE, RescheduleRequest(send_at=body.send_at.astimezone(UTC)))
+    await session.refresh(email)
+    return await detail(session, email)
