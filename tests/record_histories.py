@@ -1,0 +1,160 @@
+"""Record the histories that tests/test_replay.py replays: one per shape of SendEmailWorkflow.
+
+    .venv/bin/python -m tests.record_histories [--out tests/histories] [--prefix v1]
+
+Run it after a workflow change has been released (with `workflow.patched` guarding the
+change), keep the new files next to the old ones, and commit both: every released shape
+must keep replaying.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import WorkflowIDReusePolicy
+
+from mailqueue.config import Settings
+from mailqueue.contracts import CancelRequest, EmailSpec, EmailStatus, RescheduleRequest, TemplateRef, workflow_id_for
+from mailqueue.db import create_engine, migrate, sessionmaker
+from mailqueue.devserver import TemporalDevServer
+from mailqueue.models import EmailTemplate
+from mailqueue.net import free_port
+from mailqueue.store import save_template_version
+from tests.helpers import SmtpSink, make_spec
+from worker import build_worker
+from workflows.send_email import SendEmailWorkflow
+
+Scenario = Callable[[Client, str, SmtpSink], Awaitable[WorkflowHandle]]
+
+
+async def _start(client: Client, spec: EmailSpec, tq: str, **kw) -> WorkflowHandle:  # type: ignore[no-untyped-def]
+    return await client.start_workflow(SendEmailWorkflow.run, spec, id=workflow_id_for(spec.email_id), task_queue=tq, **kw)
+
+
+async def _settle(handle: WorkflowHandle) -> WorkflowHandle:
+    try:
+        await handle.result()
+    except Exception:  # noqa: BLE001 - failed and cancelled runs are shapes too
+        pass
+    return handle
+
+
+async def _until(handle: WorkflowHandle, status: EmailStatus) -> None:
+    while (await handle.query(SendEmailWorkflow.status)).status is not status:
+        await asyncio.sleep(0.05)
+
+
+async def sent(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+    return await _settle(await _start(client, make_spec(), tq))
+
+
+async def scheduled_then_sent(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+    return await _settle(await _start(client, make_spec(send_at=datetime.now(UTC) + timedelta(seconds=1)), tq))
+
+
+async def cancelled_while_scheduled(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+    h = await _start(client, make_spec(send_at=datetime.now(UTC) + timedelta(hours=1)), tq)
+    await _until(h, EmailStatus.SCHEDULED)
+    await h.execute_update(SendEmailWorkflow.cancel, CancelRequest(reason="recorded"))
+    return await _settle(h)
+
+
+async def cancelled_from_temporal(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+    h = await _start(client, make_spec(send_at=datetime.now(UTC) + timedelta(hours=1)), tq)
+    await _until(h, EmailStatus.SCHEDULED)
+    await h.cancel()
+    return await _settle(h)
+
+
+async def rescheduled_then_sent(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+    h = await _start(client, make_spec(send_at=datetime.now(UTC) + timedelta(hours=1)), tq)
+    await _until(h, EmailStatus.SCHEDULED)
+    await h.execute_update(SendEmailWorkflow.reschedule, RescheduleRequest(send_at=datetime.now(UTC) + timedelta(seconds=1)))
+    return await _settle(h)
+
+
+async def transient_then_sent(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+    sink.handler.data_replies.append("451 4.3.0 try later")
+    return await _settle(await _start(client, make_spec(), tq))
+
+
+async def permanent_failure(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+    sink.handler.data_replies.append("550 5.7.1 rejected")
+    return await _settle(await _start(client, make_spec(), tq))
+
+
+async def retried_after_failure(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+    sink.handler.data_replies.append("550 5.7.1 rejected")
+    spec = make_spec()
+    await _settle(await _start(client, spec, tq))
+    return await _settle(await _start(client, spec, tq, id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY))
+
+
+async def cancel_rejected_while_sending(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+    sink.handler.data_replies.extend(["451 4.3.0 busy"] * 2)
+    h = await _start(client, make_spec(max_attempts=4), tq)
+    await _until(h, EmailStatus.SENDING)
+    await h.cancel()
+    return await _settle(h)
+
+
+def templated(sessions) -> Scenario:  # type: ignore[no-untyped-def]
+    async def run(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+        async with sessions() as s:
+            t = await save_template_version(s, EmailTemplate(name=f"rec-{uuid.uuid4().hex[:6]}", subject="Hi {{ n }}", html="<p>{{ n }}</p>"))
+        spec = make_spec()
+        spec.content, spec.template = None, TemplateRef(name=t.name, version=t.version, data={"n": "x"})
+        return await _settle(await _start(client, spec, tq))
+
+    return run
+
+
+async def record(out: Path, prefix: str) -> None:
+    tmp = Path(tempfile.mkdtemp())
+    url = f"sqlite:///{tmp / 'db.sqlite'}"
+    migrate(url)
+    sessions = sessionmaker(create_engine(url))
+    scenarios: dict[str, Scenario] = {
+        "sent": sent,
+        "scheduled_then_sent": scheduled_then_sent,
+        "cancelled_while_scheduled": cancelled_while_scheduled,
+        "cancelled_from_temporal": cancelled_from_temporal,
+        "rescheduled_then_sent": rescheduled_then_sent,
+        "transient_then_sent": transient_then_sent,
+        "permanent_failure": permanent_failure,
+        "retried_after_failure": retried_after_failure,
+        "cancel_rejected_while_sending": cancel_rejected_while_sending,
+        "templated": templated(sessions),
+    }
+    with TemporalDevServer(free_port()) as server, SmtpSink() as sink:
+        client = await Client.connect(server.address)
+        settings = Settings(database_url=url, smtp_port=sink.port, _env_file=None)  # type: ignore[call-arg]
+        tq = f"record-{uuid.uuid4()}"
+        async with build_worker(client, settings, task_queue=tq):
+            for name, scenario in scenarios.items():
+                handle = await scenario(client, tq, sink)
+                history = await client.get_workflow_handle(handle.id).fetch_history()
+                path = out / f"{prefix}_{name}.json"
+                path.write_text(json.dumps(json.loads(history.to_json()), indent=1) + "\n")
+                print(f"recorded {path} ({len(history.events)} events)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "histories")
+    parser.add_argument("--prefix", default="v1", help="the released shape these histories belong to")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    asyncio.run(record(args.out, args.prefix))
+
+
+if __name__ == "__main__":
+    main()
