@@ -52,6 +52,7 @@ class SendActivities:
                 status=EmailStatus.SENDING,
                 attempt=attempt,
                 detail=f"attempt {attempt} of {spec.retry.max_attempts} via {self._driver.name}",
+                spec=spec,
             )
         )
         message = build_message(spec, req.content)
@@ -66,13 +67,31 @@ class SendActivities:
             if attempt < spec.retry.max_attempts:
                 await self._audit(self._retrying(req, attempt, exc.reason, info.workflow_run_id))
             raise ApplicationError(exc.reason, {"attempt": attempt}, type=TRANSIENT_DELIVERY_ERROR) from None
-        return SendResult(
+        result = SendResult(
             provider=self._driver.name,
             provider_message_id=delivery.provider_message_id,
             attempt=attempt,
             accepted_at=datetime.now(UTC),
             refused_recipients=delivery.refused_recipients,
         )
+        # Recorded here, right after the server accepted, so the record never lags the mail;
+        # if the database is away, the workflow records it once it is back.
+        result.recorded = await self._audit(
+            AuditEntry(
+                email_id=spec.email_id,
+                event_id=_event_id(info.workflow_run_id, attempt, EventType.SENT),
+                event=EventType.SENT,
+                at=result.accepted_at,
+                status=EmailStatus.SENT,
+                attempt=attempt,
+                sent_at=result.accepted_at,
+                provider=result.provider,
+                provider_message_id=result.provider_message_id,
+                detail=result.describe(),
+                spec=spec,
+            )
+        )
+        return result
 
     def _retrying(self, req: SendRequest, attempt: int, reason: str, run_id: str) -> AuditEntry:
         retry = req.spec.retry
@@ -91,16 +110,19 @@ class SendActivities:
             last_error=reason,
             detail=f"attempt {attempt} failed, next attempt in about {delay:.0f}s: {reason}",
             next_attempt_at=now + timedelta(seconds=delay),
+            spec=req.spec,
         )
 
-    async def _audit(self, entry: AuditEntry) -> None:
-        """Best effort: a database outage must not stop or repeat a send; the workflow's
-        final audit step records the outcome once the database is back."""
+    async def _audit(self, entry: AuditEntry) -> bool:
+        """Best effort: a database outage must not stop or repeat a send; the workflow
+        records the outcome itself when this returns False."""
         try:
             async with self._sessions() as session:
                 await apply_audit(session, entry)
-        except Exception as exc:  # noqa: BLE001 - recorded, never silently dropped
+            return True
+        except Exception as exc:  # noqa: BLE001 - logged here, and the workflow records the outcome
             log.warning(
                 "could not record %s event for email %s: %s: %s",
                 entry.event.value, entry.email_id, type(exc).__name__, exc,
             )
+            return False

@@ -98,6 +98,9 @@ class EmailSpec:
     related_entity_id: str | None = None
     sender_type: str = "system"
     sender_id: str | None = None
+    # True when the caller (the API) already wrote the record and its `queued` event in
+    # the same transaction that accepted the email; the workflow then skips that step.
+    recorded: bool = False
 
 
 @dataclass
@@ -142,7 +145,8 @@ class AuditEntry:
     provider_message_id: str | None = None
     last_error: str | None = None
     next_attempt_at: datetime | None = None
-    # Set on the first step only, so a workflow started without the API still gets a record.
+    # So that any step can create the record if it is missing (a workflow started from the
+    # Temporal CLI, or a record lost to a race); unchanged if the record exists.
     spec: EmailSpec | None = None
 
 
@@ -165,6 +169,12 @@ class SendResult:
     attempt: int
     accepted_at: datetime
     refused_recipients: dict[str, str] = field(default_factory=dict)
+    # True when the activity already recorded `sent` (right after the server accepted).
+    recorded: bool = False
+
+    def describe(self) -> str:
+        refused = "; ".join(f"{addr}: {why}" for addr, why in self.refused_recipients.items())
+        return f"accepted by {self.provider}" + (f"; refused: {refused}" if refused else "")
 
 
 # Error types carried in Temporal failures (ApplicationError.type).

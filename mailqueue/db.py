@@ -55,7 +55,9 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     target = async_url(url)
     _ensure_sqlite_dir(target)
     if target.get_backend_name() == "sqlite":
-        engine = create_async_engine(target, connect_args={"timeout": 30})
+        # One connection per process: SQLite has one writer at a time anyway, and a queue in
+        # the pool is far cheaper than many connections spinning in SQLite's busy handler.
+        engine = create_async_engine(target, connect_args={"timeout": 30}, pool_size=1, max_overflow=0, pool_timeout=120)
         _tune_sqlite(engine.sync_engine)
         return engine
     return create_async_engine(

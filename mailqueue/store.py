@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -93,10 +94,17 @@ def recipients_of(email: Email) -> list[EmailRecipient]:
 
 
 async def insert_email(session: AsyncSession, email: Email) -> None:
-    """Add the record and its recipient rows; the caller commits."""
+    """Add the record, its recipient rows and its `queued` event; the caller commits."""
     session.add(email)
-    await session.flush()  # the parent row first: recipients reference it
+    await session.flush()  # the parent row first: recipients and events reference it
     session.add_all(recipients_of(email))
+    session.add(queued_event(email.id, "accepted"))
+
+
+def queued_event(email_id: str, detail: str) -> EmailEvent:
+    return EmailEvent(
+        id=str(uuid.uuid4()), email_id=email_id, event="queued", status="queued", attempt=0, detail=detail
+    )
 
 
 _AUDITED_FIELDS = ("scheduled_for", "sent_at", "provider", "provider_message_id", "last_error")
@@ -111,7 +119,9 @@ async def apply_audit(session: AsyncSession, entry: AuditEntry) -> None:
         if entry.spec is None:
             raise LookupError(f"email {entry.email_id} has no record")
         email = record_from_spec(entry.spec)
-        await insert_email(session, email)
+        session.add(email)
+        await session.flush()
+        session.add_all(recipients_of(email))
     if entry.status is not None:
         email.status = entry.status.value
     if entry.attempt is not None:

@@ -68,7 +68,8 @@ class SendEmailWorkflow:
     @workflow.run
     async def run(self, spec: EmailSpec) -> EmailState:
         try:
-            await self._record(EventType.QUEUED, EmailStatus.QUEUED, attempt=0, spec=spec)
+            if not spec.recorded:
+                await self._record(EventType.QUEUED, EmailStatus.QUEUED, attempt=0)
             if spec.send_at is not None and spec.send_at > workflow.now():
                 self._status = EmailStatus.SCHEDULED
                 await self._record(
@@ -89,16 +90,15 @@ class SendEmailWorkflow:
         self._status = EmailStatus.SENT
         self._attempts = result.attempt
         self._provider_message_id = result.provider_message_id
-        refused = "; ".join(f"{addr}: {why}" for addr, why in result.refused_recipients.items())
-        try:
-            await self._record(
-                EventType.SENT, EmailStatus.SENT,
-                attempt=result.attempt, sent_at=result.accepted_at, provider=result.provider,
-                provider_message_id=result.provider_message_id,
-                detail=f"accepted by {result.provider}" + (f"; refused: {refused}" if refused else ""),
-            )
-        except asyncio.CancelledError:
-            pass  # too late to cancel: the email is sent, and _record has written that down
+        if not result.recorded:  # the send step could not write it down (database away?): do it now
+            try:
+                await self._record(
+                    EventType.SENT, EmailStatus.SENT,
+                    attempt=result.attempt, sent_at=result.accepted_at, provider=result.provider,
+                    provider_message_id=result.provider_message_id, detail=result.describe(),
+                )
+            except asyncio.CancelledError:
+                pass  # too late to cancel: the email is sent, and _record has written that down
         return await self._finish()
 
     # --- steps ----------------------------------------------------------------------
@@ -171,6 +171,7 @@ class SendEmailWorkflow:
             event=event,
             at=workflow.now(),
             status=status,
+            spec=self._spec,  # not kept in history (local activity input): lets any step create a missing record
             **fields,
         )
         write = workflow.start_local_activity_method(AuditActivities.record, entry, **_RECORD)

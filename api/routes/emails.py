@@ -50,8 +50,8 @@ from mailqueue.contracts import (
 from mailqueue.errors import TemplateError
 from mailqueue.ids import idempotent_email_id, message_id_for, new_email_id
 from mailqueue.message import bare_address, domain_of
-from mailqueue.models import Email, EmailRecipient
-from mailqueue.store import current_template, events_of, insert_email, record_from_spec, spec_from_record
+from mailqueue.models import Email, EmailRecipient, utcnow
+from mailqueue.store import current_template, events_of, insert_email, queued_event, record_from_spec, spec_from_record
 from mailqueue.templating import TemplateEngine, TemplateSource
 
 router = APIRouter(prefix="/v1/emails", tags=["emails"])
@@ -200,6 +200,7 @@ async def queue_email(
         related_entity_id=related.id if related else None,
         sender_type=sender_type,
         sender_id=sender_id,
+        recorded=True,  # the record and its `queued` event are written below, before the workflow starts
     )
 
     email = await session.get(Email, email_id) if idempotency_key else None
@@ -390,12 +391,17 @@ async def retry_email(
     if email.status != EmailStatus.FAILED.value:
         raise HTTPException(status.HTTP_409_CONFLICT, f"only failed emails can be retried; this one is {email.status}")
     spec = spec_from_record(email, retry_settings(settings, email.max_attempts))
-    email.status = EmailStatus.QUEUED.value  # before the new run starts: it must not overwrite the run's own steps
+    spec.recorded = True
+    # Written before the new run starts, so it can never overwrite the run's own steps.
+    email.status, email.attempts, email.updated_at = EmailStatus.QUEUED.value, 0, utcnow()
+    event = queued_event(email.id, "retry requested")
+    session.add(event)
     await session.commit()
     try:
         await start_delivery(temporal, spec, settings.task_queue, WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY)
     except (WorkflowAlreadyStartedError, TemporalUnavailable) as exc:
         email.status = EmailStatus.FAILED.value
+        await session.delete(event)
         await session.commit()
         if isinstance(exc, WorkflowAlreadyStartedError):
             raise HTTPException(status.HTTP_409_CONFLICT, "a delivery run of this email is still open; try again shortly") from None
