@@ -60,7 +60,9 @@ class TemporalDevServer:
         return cmd
 
     def start(self, timeout: float = 60.0) -> TemporalDevServer:
-        self.process = subprocess.Popen(self.command(), stdout=self._output, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            self.command(), stdout=self._output, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             wait_for_port(self.port, self.ip, timeout)
         except TimeoutError:

@@ -1,0 +1,75 @@
+"""`mailqueue dev` itself: the one command a new user runs, end to end, then Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mailqueue.net import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.slow
+def test_mailqueue_dev_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in ("api", "temporal", "ui", "smtp", "mail")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILQUEUE_")}  # embedded defaults: SQLite
+    out = (tmp_path / "dev.out").open("wb")
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "mailqueue.cli", "dev", "--data-dir", str(tmp_path / "state"),
+         "--api-port", str(ports["api"]), "--temporal-port", str(ports["temporal"]), "--ui-port", str(ports["ui"]),
+         "--smtp-port", str(ports["smtp"]), "--mail-port", str(ports["mail"])],
+        cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+    )
+    api = f"http://127.0.0.1:{ports['api']}"
+    try:
+        deadline = time.monotonic() + 90
+        while "mailqueue is running" not in (tmp_path / "dev.out").read_text():
+            assert dev.poll() is None, (tmp_path / "dev.out").read_text()
+            assert time.monotonic() < deadline, "the stack did not come up in 90 s"
+            time.sleep(0.2)
+        banner = (tmp_path / "dev.out").read_text()
+        assert f"{api}/docs" in banner and f"http://127.0.0.1:{ports['ui']}" in banner and "mq-dev-key" in banner
+
+        resp = httpx.post(f"{api}/v1/emails", headers={"Authorization": "Bearer mq-dev-key"},
+                          json={"to": ["ann@example.com"], "subject": "Hello from dev", "text": "It works"})
+        assert resp.status_code == 202, resp.text
+        email_id = resp.json()["id"]
+
+        deadline = time.monotonic() + 30
+        while not (caught := httpx.get(f"http://127.0.0.1:{ports['mail']}/api/messages").json()):
+            assert time.monotonic() < deadline, "the catcher never got the email"
+            time.sleep(0.2)
+        assert caught[0]["subject"] == "Hello from dev" and email_id in caught[0]["message_id"]
+        assert httpx.get(f"http://127.0.0.1:{ports['ui']}/").status_code == 200  # the Temporal Web UI
+
+        listing = subprocess.run(
+            [sys.executable, "-m", "mailqueue.cli", "mail", "--data-dir", str(tmp_path / "state")],
+            capture_output=True, text=True, check=True,
+        )
+        assert "Hello from dev" in listing.stdout
+    finally:
+        dev.send_signal(signal.SIGINT)
+        try:
+            code = dev.wait(60)
+        finally:
+            if dev.poll() is None:
+                dev.kill()
+            out.close()
+    assert code == 0, (tmp_path / "dev.out").read_text()
+    assert "stopped" in (tmp_path / "dev.out").read_text()
+    assert not [name for name, port in ports.items() if _listening(port)], "a child was left running"
+    assert (tmp_path / "state" / "temporal.db").exists() and (tmp_path / "state" / "mailqueue.db").exists()
