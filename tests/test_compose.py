@@ -1,0 +1,93 @@
+"""docker-compose.yml is documentation that must run: checked at the YAML level (no Docker here)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from mailqueue.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+APPS = ("migrate", "api", "worker", "mailcatcher")
+
+
+def _deps(service: dict) -> list[str]:
+    deps = service.get("depends_on", [])
+    return list(deps) if isinstance(deps, (list, dict)) else []
+
+
+def test_the_topology_is_complete() -> None:
+    assert {"postgresql", "temporal", "temporal-ui", "migrate", "api", "worker", "mailcatcher"} <= set(SERVICES)
+    assert SERVICES["worker"]["deploy"]["replicas"] >= 2
+
+
+def test_dependencies_exist_and_order_startup() -> None:
+    for name, service in SERVICES.items():
+        for dep in _deps(service):
+            assert dep in SERVICES, f"{name} depends on unknown service {dep}"
+    for name in ("api", "worker"):
+        assert SERVICES[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert SERVICES["temporal"]["depends_on"]["postgresql"]["condition"] == "service_healthy"
+    assert "healthcheck" in SERVICES["postgresql"]
+
+
+def test_published_ports_are_unique() -> None:
+    published = [p.split(":")[0] for s in SERVICES.values() for p in s.get("ports", [])]
+    assert len(published) == len(set(published)), published
+
+
+def test_app_services_share_one_configuration_of_real_settings() -> None:
+    envs = [SERVICES[name]["environment"] for name in APPS]
+    assert all(env == envs[0] for env in envs)
+    env = envs[0]
+    fields = {f"MAILQUEUE_{name.upper()}" for name in Settings.model_fields}
+    assert set(env) <= fields, f"unknown settings: {set(env) - fields}"
+    db_host = re.match(r"postgresql://[^@]+@([^:/]+)", env["MAILQUEUE_DATABASE_URL"]).group(1)  # type: ignore[union-attr]
+    assert db_host in SERVICES
+    assert env["MAILQUEUE_TEMPORAL_ADDRESS"].split(":")[0] in SERVICES
+    assert env["MAILQUEUE_SMTP_HOST"] in SERVICES
+    pg = SERVICES["postgresql"]["environment"]
+    assert env["MAILQUEUE_DATABASE_URL"].startswith(f"postgresql://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@")
+    assert env["MAILQUEUE_DATABASE_URL"].endswith(f"/{pg['POSTGRES_DB']}")
+
+
+def test_commands_run_the_real_entry_points() -> None:
+    assert SERVICES["worker"]["command"] == ["python", "worker.py"] and (ROOT / "worker.py").exists()
+    assert SERVICES["migrate"]["command"] == ["mailqueue", "migrate"]
+    assert "api.app:app" in SERVICES["api"]["command"]
+    assert SERVICES["mailcatcher"]["command"][:3] == ["python", "-m", "mailqueue.catcher"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert 'CMD ["uvicorn", "api.app:app"' in dockerfile
+    for line in re.findall(r"^COPY (.+)$", dockerfile, re.M):
+        for path in line.split()[:-1]:  # the last word is the destination
+            assert (ROOT / path).exists(), f"Dockerfile copies missing {path}"
+
+
+def test_the_catcher_command_parses() -> None:
+    import argparse
+
+    from mailqueue import catcher
+
+    seen: dict[str, argparse.Namespace] = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_controller(handler, hostname, port, **kw):  # type: ignore[no-untyped-def]
+        seen["args"] = argparse.Namespace(hostname=hostname, port=port)
+        raise Stop
+
+    original = catcher.Controller
+    catcher.Controller = fake_controller  # type: ignore[assignment]
+    try:
+        try:
+            catcher.main(SERVICES["mailcatcher"]["command"][3:])
+        except Stop:
+            pass
+    finally:
+        catcher.Controller = original  # type: ignore[assignment]
+    assert seen["args"].port == int(SERVICES["worker"]["environment"]["MAILQUEUE_SMTP_PORT"])
