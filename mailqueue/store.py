@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Sequence
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -111,39 +112,48 @@ _AUDITED_FIELDS = ("scheduled_for", "sent_at", "provider", "provider_message_id"
 
 
 async def apply_audit(session: AsyncSession, entry: AuditEntry) -> None:
-    """Record one audit step. Idempotent: the event id makes a repeated step a no-op."""
-    if await session.get(EmailEvent, entry.event_id) is not None:
-        return
-    email = await session.get(Email, entry.email_id)
-    if email is None:
-        if entry.spec is None:
-            raise LookupError(f"email {entry.email_id} has no record")
-        email = record_from_spec(entry.spec)
-        session.add(email)
-        await session.flush()
-        session.add_all(recipients_of(email))
+    """Record one audit step: update the record, add the event, in one transaction.
+
+    Idempotent: the event id makes a repeated step a no-op. Plain SQL statements (two in the
+    common case) because this runs for every step of every email."""
+    values: dict[str, object] = {"updated_at": utcnow(), "next_attempt_at": entry.next_attempt_at}
     if entry.status is not None:
-        email.status = entry.status.value
+        values["status"] = entry.status.value
     if entry.attempt is not None:
-        email.attempts = entry.attempt
+        values["attempts"] = entry.attempt
     for name in _AUDITED_FIELDS:
         value = getattr(entry, name)
         if value is not None:
+            values[name] = value
+    emails, events = Email.__table__, EmailEvent.__table__  # type: ignore[attr-defined]
+    conn = await session.connection()
+    updated = await conn.execute(sa.update(emails).where(emails.c.id == entry.email_id).values(**values))
+    if updated.rowcount == 0:  # type: ignore[attr-defined]
+        if entry.spec is None:
+            raise LookupError(f"email {entry.email_id} has no record")
+        email = record_from_spec(entry.spec)
+        for name, value in values.items():
             setattr(email, name, value)
-    email.next_attempt_at = entry.next_attempt_at
-    email.updated_at = utcnow()
-    session.add(
-        EmailEvent(
-            id=entry.event_id,
-            email_id=entry.email_id,
-            event=entry.event.value,
-            status=entry.status.value if entry.status else None,
-            attempt=entry.attempt,
-            detail=entry.detail,
-            created_at=entry.at,
+        session.add(email)
+        await session.flush()
+        session.add_all(recipients_of(email))
+    try:
+        await (await session.connection()).execute(
+            sa.insert(events).values(
+                id=entry.event_id,
+                email_id=entry.email_id,
+                event=entry.event.value,
+                status=entry.status.value if entry.status else None,
+                attempt=entry.attempt,
+                detail=entry.detail,
+                created_at=entry.at,
+            )
         )
-    )
-    await session.commit()
+        await session.commit()
+    except IntegrityError:
+        await session.rollback()  # this step was recorded before (a retried activity)
+        if await session.get(EmailEvent, entry.event_id) is None:
+            raise
 
 
 async def events_of(session: AsyncSession, email_id: str) -> Sequence[EmailEvent]:
@@ -193,7 +203,7 @@ async def save_template_version(session: AsyncSession, template: EmailTemplate) 
             )
         )
     ).one()
-    await session.exec(
+    await (await session.connection()).execute(
         sa.update(EmailTemplate)
         .where(col(EmailTemplate.name) == template.name, col(EmailTemplate.locale) == template.locale)
         .values(is_current=False)

@@ -229,7 +229,7 @@ async def queue_email(
         pass  # a repeated request: the first one started it
     except TemporalUnavailable:
         if created:  # not durably accepted: leave no record behind that nothing will ever send
-            await session.execute(sa.delete(Email).where(col(Email.id) == email_id))
+            await (await session.connection()).execute(sa.delete(Email.__table__).where(Email.__table__.c.id == email_id))
             await session.commit()
         raise
     return accepted(email, response)

@@ -22,7 +22,7 @@ async def readyz(request: Request) -> JSONResponse:
     try:
         async with asyncio.timeout(3):
             async with request.app.state.sessions() as session:
-                await session.execute(sa.text("SELECT 1"))
+                await (await session.connection()).execute(sa.text("SELECT 1"))
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001 - reported, not raised: this is the probe's answer
         checks["database"] = f"unavailable: {type(exc).__name__}"

@@ -1,0 +1,352 @@
+"""mailqueue benchmark: the embedded stack against a local SMTP sink.
+
+    .venv/bin/python bench/bench.py [--emails 1000] [--clients 50] [--rate 20] [--steady-seconds 30]
+                                    [--workers 1] [--database-url URL] [--json-out FILE]
+
+Starts its own stack on free ports in a temporary directory (Temporal dev server persisted
+to a file with WAL, SQLite unless --database-url, N workers, the API under uvicorn, a sink
+process) and measures:
+  A. POST latency and queue lag (POST -> SMTP accept) at a steady request rate;
+  B. end-to-end throughput: N emails posted by C concurrent clients, first POST -> last
+     message received, with a count of missing and duplicated deliveries;
+  C. the raw-SMTP ceiling: aiosmtplib straight to the same sink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+KEY = "bench-key"
+BODY = {"to": ["bench@example.com"], "subject": "bench", "text": "hello"}
+_MESSAGE_ID = re.compile(rb"^Message-ID:\s*<([^@>]+)@", re.IGNORECASE | re.MULTILINE)
+
+
+# --- the sink: a separate process, so it does not share a CPU core's time with the load ---------
+
+
+def run_sink(port: int, log: Path) -> None:
+    from aiosmtpd.controller import Controller
+
+    out = log.open("a", buffering=1)
+
+    class Handler:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            match = _MESSAGE_ID.search(envelope.content)
+            out.write(f"{match.group(1).decode() if match else '-'}\t{time.time():.6f}\n")
+            return "250 OK"
+
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port)
+    controller.start()
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    controller.stop()
+
+
+def read_sink(log: Path) -> list[tuple[str, float]]:
+    rows = []
+    for line in log.read_text().splitlines():
+        mid, _, at = line.partition("\t")
+        if at:
+            rows.append((mid, float(at)))
+    return rows
+
+
+# --- the stack ------------------------------------------------------------------------------------
+
+
+class Stack:
+    def __init__(self, tmp: Path, database_url: str, workers: int) -> None:
+        from mailqueue.devserver import TemporalDevServer
+        from mailqueue.net import free_port
+
+        self.tmp, self.database_url = tmp, database_url
+        self.sink_port, self.api_port = free_port(), free_port()
+        self.sink_log = tmp / "sink.tsv"
+        self.sink_log.touch()
+        self.temporal = TemporalDevServer(free_port(), db_file=tmp / "temporal.db", log_level="error")
+        self.workers = workers
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def env(self) -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if not k.startswith("MAILQUEUE_")} | {
+            "MAILQUEUE_DATABASE_URL": self.database_url,
+            "MAILQUEUE_TEMPORAL_ADDRESS": self.temporal.address,
+            "MAILQUEUE_TASK_QUEUE": "bench",
+            "MAILQUEUE_SMTP_HOST": "127.0.0.1",
+            "MAILQUEUE_SMTP_PORT": str(self.sink_port),
+            "MAILQUEUE_BOOTSTRAP_API_KEY": KEY,
+            "MAILQUEUE_LOG_LEVEL": "WARNING",
+        }
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log = (self.tmp / f"{name}.log").open("ab")
+        self.children.append(subprocess.Popen(args, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT))
+
+    def start(self) -> None:
+        from mailqueue.net import wait_for_port
+
+        self.temporal.start()
+        py = sys.executable
+        self._spawn("sink", [py, __file__, "--sink", str(self.sink_port), str(self.sink_log)])
+        for i in range(self.workers):
+            self._spawn(f"worker-{i}", [py, "worker.py"])
+        self._spawn("api", [py, "-m", "uvicorn", "api.app:app", "--port", str(self.api_port),
+                            "--no-access-log", "--log-level", "warning"])
+        wait_for_port(self.sink_port)
+        wait_for_port(self.api_port, timeout=60)
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            if child.poll() is None:
+                child.terminate()
+        for child in self.children:
+            try:
+                child.wait(45)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        self.temporal.stop()
+
+
+# --- measurements ------------------------------------------------------------------------------
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def ms(values: list[float]) -> dict[str, float]:
+    return {k: round(v * 1000, 1) for k, v in (
+        ("p50", pct(values, 50)), ("p90", pct(values, 90)), ("p99", pct(values, 99)), ("max", max(values, default=float("nan"))),
+    )}
+
+
+async def post(http: Any, sent: dict[str, float], latencies: list[float], errors: Counter[str]) -> None:
+    t0 = time.time()
+    try:
+        resp = await http.post("/v1/emails", json=BODY)
+    except Exception as exc:  # noqa: BLE001 - a benchmark counts failures, it does not stop on them
+        errors[type(exc).__name__] += 1
+        return
+    latencies.append(time.time() - t0)
+    if resp.status_code == 202:
+        sent[resp.json()["id"]] = t0
+    else:
+        errors[str(resp.status_code)] += 1
+
+
+async def wait_delivered(stack: Stack, ids: set[str], timeout: float) -> list[tuple[str, float]]:
+    deadline, last = time.monotonic() + timeout, 0.0
+    while True:
+        rows = [r for r in read_sink(stack.sink_log) if r[0] in ids]
+        got = len({r[0] for r in rows})
+        if got >= len(ids) or time.monotonic() > deadline:
+            return rows
+        if time.monotonic() - last > 3:
+            print(f"    delivered {got}/{len(ids)}", flush=True)
+            last = time.monotonic()
+        await asyncio.sleep(0.2)
+
+
+async def warm_up(stack: Stack, http: Any) -> None:
+    sent: dict[str, float] = {}
+    for _ in range(600):
+        try:
+            await post(http, sent, [], Counter())
+            if sent:
+                break
+        except Exception:  # noqa: BLE001
+            pass
+        await asyncio.sleep(0.1)
+    if not sent or not await wait_delivered(stack, set(sent), 60):
+        raise SystemExit("the stack did not deliver a warm-up email; see the logs in " + str(stack.tmp))
+
+
+async def steady(stack: Stack, http: Any, rate: float, seconds: float) -> dict[str, Any]:
+    sent: dict[str, float] = {}
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    count = int(rate * seconds)
+    start = time.monotonic() + 0.1
+    tasks = []
+    for i in range(count):
+        await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+        tasks.append(asyncio.create_task(post(http, sent, latencies, errors)))
+    await asyncio.gather(*tasks)
+    rows = await wait_delivered(stack, set(sent), 120)
+    first_seen: dict[str, float] = {}
+    for mid, at in rows:
+        first_seen.setdefault(mid, at)
+    lags = [first_seen[i] - t0 for i, t0 in sent.items() if i in first_seen]
+    return {
+        "requests": count, "rate_per_s": rate, "errors": dict(errors),
+        "post_latency_ms": ms(latencies), "queue_lag_ms": ms(lags), "delivered": len(first_seen),
+    }
+
+
+async def throughput(stack: Stack, http: Any, emails: int, clients: int) -> dict[str, Any]:
+    sent: dict[str, float] = {}
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    queue = iter(range(emails))
+
+    async def client() -> None:
+        for _ in queue:
+            await post(http, sent, latencies, errors)
+
+    t0 = time.time()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    posted = time.time()
+    rows = await wait_delivered(stack, set(sent), 600)
+    counts = Counter(mid for mid, _ in rows)
+    last = max((at for _, at in rows), default=posted)
+    return {
+        "emails": emails, "clients": clients, "errors": dict(errors),
+        "post_seconds": round(posted - t0, 2), "post_rate_per_s": round(emails / (posted - t0), 1),
+        "post_latency_ms": ms(latencies),
+        "end_to_end_seconds": round(last - t0, 2), "emails_per_s": round(len(counts) / (last - t0), 1),
+        "delivered": len(counts), "missing": len(sent) - len(counts), "duplicates": sum(n - 1 for n in counts.values()),
+    }
+
+
+async def raw_smtp(stack: Stack, emails: int, clients: int) -> dict[str, Any]:
+    import aiosmtplib
+
+    queue = iter(range(emails))
+
+    async def client() -> None:
+        for i in queue:
+            msg = EmailMessage()
+            msg["From"], msg["To"], msg["Subject"] = "bench@example.com", "bench@example.com", "raw"
+            msg["Message-ID"] = f"<raw-{uuid.uuid4()}@example.com>"
+            msg.set_content("hello")
+            await aiosmtplib.send(msg, hostname="127.0.0.1", port=stack.sink_port)
+
+    t0 = time.time()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    elapsed = time.time() - t0
+    return {"emails": emails, "clients": clients, "seconds": round(elapsed, 2), "emails_per_s": round(emails / elapsed, 1)}
+
+
+def machine() -> dict[str, Any]:
+    from mailqueue.devserver import temporal_cli
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), 0)
+    temporal = subprocess.run([temporal_cli(), "--version"], capture_output=True, text=True).stdout.strip()
+    return {"cpus": os.cpu_count(), "cpu": cpu, "memory_mib": mem, "python": platform.python_version(), "temporal": temporal}
+
+
+def prepare_database(url: str | None, tmp: Path) -> tuple[str, Any]:
+    from mailqueue.db import migrate
+
+    if url is None:
+        url = f"sqlite:///{tmp / 'mailqueue.db'}"
+        migrate(url)
+        return url, lambda: None
+    import psycopg
+
+    name = f"mq_bench_{uuid.uuid4().hex[:10]}"
+    admin = url.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    bench_url = url.rsplit("/", 1)[0] + f"/{name}"
+    migrate(bench_url)
+
+    def drop() -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    return bench_url, drop
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    import httpx
+
+    tmp = Path(tempfile.mkdtemp(prefix="mailqueue-bench-"))
+    url, drop = prepare_database(args.database_url, tmp)
+    stack = Stack(tmp, url, args.workers)
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "settings": {"database": "postgresql" if args.database_url else "sqlite (file)", "temporal": "dev server, file + WAL",
+                     "workers": args.workers, "emails": args.emails, "clients": args.clients, "rate": args.rate},
+    }
+    try:
+        print(f"starting the stack in {tmp}", flush=True)
+        stack.start()
+        limits = httpx.Limits(max_connections=args.clients + 10, max_keepalive_connections=args.clients + 10)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{stack.api_port}", headers={"Authorization": f"Bearer {KEY}"},
+                                     timeout=60, limits=limits) as http:
+            await warm_up(stack, http)
+            print(f"A. steady {args.rate}/s for {args.steady_seconds}s", flush=True)
+            results["steady"] = await steady(stack, http, args.rate, args.steady_seconds)
+            print(f"B. {args.emails} emails from {args.clients} clients", flush=True)
+            results["throughput"] = await throughput(stack, http, args.emails, args.clients)
+        print("C. raw SMTP to the same sink", flush=True)
+        results["raw_smtp"] = await raw_smtp(stack, args.emails, args.clients)
+    finally:
+        stack.stop()
+        drop()
+    return results
+
+
+def summary(r: dict[str, Any]) -> str:
+    m, s, t, raw = r["machine"], r["steady"], r["throughput"], r["raw_smtp"]
+    return "\n".join([
+        f"machine     {m['cpus']} cpus ({m['cpu']}), {m['memory_mib']} MiB, Python {m['python']}, {m['temporal'].splitlines()[0]}",
+        f"settings    {r['settings']}",
+        f"A. steady   {s['requests']} POSTs at {s['rate_per_s']}/s: latency p50 {s['post_latency_ms']['p50']} ms, "
+        f"p99 {s['post_latency_ms']['p99']} ms, max {s['post_latency_ms']['max']} ms; queue lag p50 {s['queue_lag_ms']['p50']} ms, "
+        f"p99 {s['queue_lag_ms']['p99']} ms; errors {s['errors'] or 0}; delivered {s['delivered']}",
+        f"B. load     {t['emails']} emails / {t['clients']} clients: {t['emails_per_s']} emails/s end to end "
+        f"({t['end_to_end_seconds']} s); POSTs {t['post_rate_per_s']}/s, p50 {t['post_latency_ms']['p50']} ms, "
+        f"p99 {t['post_latency_ms']['p99']} ms; delivered {t['delivered']}, missing {t['missing']}, duplicates {t['duplicates']}, "
+        f"errors {t['errors'] or 0}",
+        f"C. raw SMTP {raw['emails']} messages / {raw['clients']} clients: {raw['emails_per_s']} messages/s",
+    ])
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--sink":
+        run_sink(int(sys.argv[2]), Path(sys.argv[3]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--emails", type=int, default=1000)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--rate", type=float, default=20.0)
+    parser.add_argument("--steady-seconds", type=float, default=30.0)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--database-url", default=None, help="PostgreSQL server URL; default: SQLite file")
+    parser.add_argument("--json-out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    args = parser.parse_args()
+    results = asyncio.run(run(args))
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(results, indent=2) + "\n")
+    print("\n" + summary(results))
+    print(f"\nfull results: {args.json_out}")
+
+
+if __name__ == "__main__":
+    main()
