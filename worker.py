@@ -24,6 +24,7 @@ from mailqueue.config import Settings, get_settings
 from mailqueue.db import create_engine, sessionmaker
 from mailqueue.drivers import Driver, driver_from_settings
 from mailqueue.logs import configure_logging
+from mailqueue.temporal import connect
 from mailqueue.templating import TemplateEngine
 from workflows.send_email import SendEmailWorkflow
 
@@ -47,10 +48,6 @@ def build_worker(client: Client, settings: Settings, *, driver: Driver | None = 
         # On shutdown, let sends in flight finish rather than cut them off mid-SMTP.
         graceful_shutdown_timeout=timedelta(seconds=settings.smtp_timeout_seconds + 5),
     )
-
-
-async def connect(settings: Settings) -> Client:
-    return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
 
 
 async def main() -> None:

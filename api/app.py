@@ -10,12 +10,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from starlette.types import ASGIApp, Receive, Scope, Send
-from temporalio.client import Client
 
 from api.routes import emails, health, templates
 from mailqueue.config import Settings, get_settings
 from mailqueue.db import create_engine, sessionmaker
 from mailqueue.logs import configure_logging
+from mailqueue.temporal import connect
 from mailqueue.templating import TemplateEngine
 
 log = logging.getLogger("mailqueue.api")
@@ -55,9 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sessions = sessionmaker(engine)
         app.state.templates = TemplateEngine()
         # Lazy: the API starts (and /readyz reports) even while Temporal is still coming up.
-        app.state.temporal = await Client.connect(
-            settings.temporal_address, namespace=settings.temporal_namespace, lazy=True
-        )
+        app.state.temporal = await connect(settings, lazy=True)
         if settings.bootstrap_api_key is None:
             log.warning("MAILQUEUE_BOOTSTRAP_API_KEY is not set: every /v1 request will get 401")
         yield

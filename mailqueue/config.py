@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     temporal_address: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
     task_queue: str = "mailqueue"
+    temporal_grpc_gzip: bool = False
 
     driver: DriverName = DriverName.SMTP
     smtp_host: str = "127.0.0.1"
