@@ -6,7 +6,8 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -44,6 +45,15 @@ class BodySizeLimit:
         await self.app(scope, receive, send)
 
 
+def reject_nul_in_query(request: Request) -> None:
+    """NUL cannot be stored or searched in PostgreSQL text: refuse it the same way everywhere."""
+    for name, value in request.query_params.multi_items():
+        if "\x00" in value:
+            raise RequestValidationError(
+                [{"type": "value_error", "loc": ("query", name), "msg": "must not contain NUL characters", "input": None}]
+            )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -61,7 +71,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await engine.dispose()
 
-    app = FastAPI(title="mailqueue", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="mailqueue", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+        dependencies=[Depends(reject_nul_in_query)],
+    )
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
     app.include_router(health.router)
     app.include_router(emails.router)

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Body, Header, HTTPException, Query, Response, sta
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import Client, WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError
@@ -223,6 +223,7 @@ async def queue_email(
     if not created and email.request_hash != body_hash:
         raise HTTPException(status.HTTP_409_CONFLICT, "this Idempotency-Key was used with a different request body")
 
+    await session.commit()  # never hold a database transaction while waiting on Temporal
     try:
         await start_delivery(temporal, spec, settings.task_queue, WorkflowIDReusePolicy.REJECT_DUPLICATE)
     except WorkflowAlreadyStartedError:
@@ -350,7 +351,10 @@ async def list_emails(
     return EmailPage(items=[EmailSummary(**summary(e)) for e in items], page=page, page_size=page_size, total=total)
 
 
-async def _update(temporal: Client, email: Email, name: str, arg: Any) -> EmailState:
+async def _update(session: SessionDep, temporal: Client, email: Email, name: str, arg: Any) -> EmailState:
+    # End the read transaction first: the workflow's own audit step must be able to write
+    # (SQLite has one writer) while we wait for the update.
+    await session.commit()
     handle = temporal.get_workflow_handle(email.workflow_id)
     try:
         return await handle.execute_update(name, arg, result_type=EmailState, rpc_timeout=RPC_TIMEOUT)
@@ -361,7 +365,7 @@ async def _update(temporal: Client, email: Email, name: str, arg: Any) -> EmailS
         if "already completed" in exc.message or "not found" in exc.message.lower():
             raise HTTPException(status.HTTP_409_CONFLICT, f"the email is already {email.status}") from None
         raise TemporalUnavailable(exc.message) from exc
-    except RuntimeError as exc:
+    except (WorkflowUpdateRPCTimeoutOrCancelledError, RuntimeError) as exc:
         raise TemporalUnavailable(str(exc)) from exc
 
 
@@ -376,7 +380,7 @@ async def cancel_email(
     email = await _email_or_404(session, email_id)
     if EmailStatus(email.status).is_final:
         raise HTTPException(status.HTTP_409_CONFLICT, f"the email is already {email.status}")
-    state = await _update(temporal, email, CANCEL_UPDATE, CancelRequest(reason=body.reason if body else None))
+    state = await _update(session, temporal, email, CANCEL_UPDATE, CancelRequest(reason=body.reason if body else None))
     if state.status is not EmailStatus.CANCELLED:
         raise HTTPException(status.HTTP_409_CONFLICT, f"the email could not be cancelled: it is {state.status.value}")
     await session.refresh(email)
@@ -417,6 +421,6 @@ async def reschedule_email(
     email = await _email_or_404(session, email_id)
     if email.status != EmailStatus.SCHEDULED.value:
         raise HTTPException(status.HTTP_409_CONFLICT, f"only scheduled emails can be rescheduled; this one is {email.status}")
-    await _update(temporal, email, RESCHEDULE_UPDATE, RescheduleRequest(send_at=body.send_at.astimezone(UTC)))
+    await _update(session, temporal, email, RESCHEDULE_UPDATE, RescheduleRequest(send_at=body.send_at.astimezone(UTC)))
     await session.refresh(email)
     return await detail(session, email)
