@@ -275,3 +275,16 @@ async def test_template_error_fails_permanently(client, task_queue, sink: SmtpSi
     email, events = await record(sessions, spec.email_id)
     assert email.status == "failed" and "'who' is undefined" in (email.last_error or "")
     assert sink.messages == []
+
+
+async def test_log_driver_delivers_without_a_mail_server(client, settings, sessions) -> None:
+    from mailqueue.config import DriverName
+    from worker import build_worker
+
+    log_settings = settings.model_copy(update={"driver": DriverName.LOG, "task_queue": settings.task_queue + "-log"})
+    async with build_worker(client, log_settings):
+        spec = make_spec()
+        state = await (await start(client, spec, log_settings.task_queue)).result()
+    assert state.status is EmailStatus.SENT and state.provider_message_id == spec.message_id
+    email, events = await record(sessions, spec.email_id)
+    assert email.provider == "log" and events == ["queued", "sending", "sent"]
