@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections import deque
 from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 from sqlalchemy.engine import make_url
 
 from mailqueue.net import wait_for_port
+
+if TYPE_CHECKING:
+    from mailqueue.devserver import TemporalDevServer
 
 ROOT = Path(__file__).resolve().parents[1]  # where worker.py and api/ live
 DEV_API_KEY = "mq-dev-key"
@@ -29,15 +35,28 @@ def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): get SIGTERM if `mailqueue dev` itself dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort; the normal exit paths stop children anyway
+        pass
+
+
 class Child:
     """A child process of the dev stack, logging to its own file."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, name: str, args: list[str], env: dict[str, str], log: Path, out: IO[bytes] | None = None
+    ) -> None:
         self.name, self.log = name, log
-        self._out = log.open("ab")
+        self._out = out or log.open("ab")
         # Own session: Ctrl-C reaches only `mailqueue dev`, which stops the children in order.
         self.process = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True
+            args, cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
 
     def alive(self) -> bool:
@@ -50,89 +69,173 @@ class Child:
         except OSError:
             return ""
 
-    def stop(self, timeout: float = 40.0) -> None:
+    def terminate(self) -> None:
         if self.alive():
             self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+
+    def wait(self, timeout: float) -> None:
+        """Wait for the child to exit; kill it after `timeout` seconds."""
+        try:
+            self.process.wait(max(timeout, 0.1))
+        except subprocess.TimeoutExpired:
+            print(f"  {self.name} did not stop in time: killing it", flush=True)
+            self.process.kill()
+            self.process.wait()
         self._out.close()
 
 
 class StackFailed(Exception):
-    pass
+    """A child of the dev stack exited (or never became ready)."""
+
+    def __init__(self, child: Child, why: str) -> None:
+        super().__init__(child.name)
+        self.child, self.why = child, why
 
 
-def _wait_http(url: str, child: Child, timeout: float = 60.0) -> None:
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM while the stack was starting."""
+
+
+class _Stop:
+    requested = False
+
+    def __call__(self, *_: object) -> None:
+        self.requested = True
+
+
+def _check(children: list[Child], stop: _Stop, starting: str | None = None) -> None:
+    if stop.requested:
+        raise Interrupted
+    for child in children:
+        code = child.process.poll()
+        if code is not None:
+            raise StackFailed(child, f"exited with code {code}" + (f" while {starting}" if starting else ""))
+
+
+def _wait_port(port: int, host: str, child: Child, children: list[Child], stop: _Stop, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        _check(children, stop, f"starting {child.name}")
+        try:
+            wait_for_port(port, host, timeout=0.2)
+            return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise StackFailed(child, f"did not listen on {host}:{port} within {timeout:.0f} s") from None
+
+
+def _wait_http(url: str, child: Child, children: list[Child], stop: _Stop, timeout: float = 60.0) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not child.alive():
-            raise StackFailed(child.name)
+    status = "no answer"
+    while True:
+        _check(children, stop, f"starting {child.name}")
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
+            response = httpx.get(url, timeout=2)
+            if response.status_code == 200:
                 return
-        except httpx.TransportError:
-            pass
+            status = f"HTTP {response.status_code}"
+        except httpx.TransportError as exc:
+            status = type(exc).__name__
+        if time.monotonic() > deadline:
+            raise StackFailed(child, f"{url} did not answer 200 within {timeout:.0f} s (last: {status})")
         time.sleep(0.2)
-    raise StackFailed(child.name)
 
 
-def _wait_port(port: int, host: str, child: Child, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not child.alive():
-            raise StackFailed(child.name)
-        try:
-            wait_for_port(port, host, timeout=0.5)
-            return
-        except TimeoutError:
-            pass
-    raise StackFailed(child.name)
+def _ports_in_use(host: str, ports: dict[str, int]) -> list[str]:
+    """The --xxx-port options whose port something else already listens on."""
+    busy = []
+    for option, port in ports.items():
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is fine
+            try:
+                s.bind((host, port))
+            except OSError:
+                busy.append(f"{option} {port}")
+    return busy
+
+
+def _client_host(host: str) -> str:
+    """Where the children reach a server bound to `host`."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def _mail_command(data_dir: Path) -> str:
+    script = Path(sys.executable).parent / "mailqueue"
+    found = shutil.which("mailqueue")
+    cmd = "mailqueue" if found and Path(found).resolve() == script.resolve() else os.path.relpath(script)
+    return cmd + ("" if data_dir == Path(".mailqueue") else f" --data-dir {data_dir}")
 
 
 def dev(args: argparse.Namespace) -> int:
     from mailqueue.db import migrate
     from mailqueue.devserver import TemporalDevServer, temporal_cli
 
+    stop = _Stop()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+
     data: Path = args.data_dir.resolve()
     logs = data / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     url = os.environ.get("MAILQUEUE_DATABASE_URL") or f"sqlite:///{data / 'mailqueue.db'}"
     key = os.environ.get("MAILQUEUE_BOOTSTRAP_API_KEY") or DEV_API_KEY
-    host = args.host
+    host, client_host = args.host, _client_host(args.host)
+    ports = {
+        "--api-port": args.api_port, "--temporal-port": args.temporal_port, "--ui-port": args.ui_port,
+        "--smtp-port": args.smtp_port, "--mail-port": args.mail_port,
+    }
+    if len(set(ports.values())) != len(ports):
+        print(f"mailqueue dev: the ports must differ: {ports}", file=sys.stderr)
+        return 2
+    if busy := _ports_in_use(host, ports):
+        print(
+            f"mailqueue dev: already in use on {host}: {', '.join(busy)}.\n"
+            "  Is another `mailqueue dev` running? Stop it, or choose other ports with the options above.",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        temporal_bin = temporal_cli()
+    except FileNotFoundError as exc:
+        print(f"mailqueue dev: {exc}", file=sys.stderr)
+        return 1
 
     print(f"mailqueue dev: state in {data}, logs in {logs}", flush=True)
     print(f"  database   {_safe_url(url)} (migrating…)", flush=True)
-    migrate(url)
+    try:
+        migrate(url)
+    except Exception as exc:  # noqa: BLE001 - reported to the user, nothing is running yet
+        print(f"mailqueue dev: database migration failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if stop.requested:
+        return 0
 
     env = dict(os.environ) | {
         "MAILQUEUE_DATABASE_URL": url,
-        "MAILQUEUE_TEMPORAL_ADDRESS": f"{host}:{args.temporal_port}",
-        "MAILQUEUE_SMTP_HOST": host,
+        "MAILQUEUE_TEMPORAL_ADDRESS": f"{client_host}:{args.temporal_port}",
+        "MAILQUEUE_SMTP_HOST": client_host,
         "MAILQUEUE_SMTP_PORT": str(args.smtp_port),
         "MAILQUEUE_BOOTSTRAP_API_KEY": key,
     }
+    temporal_log = logs / "temporal.log"
+    temporal_out = temporal_log.open("ab")
     temporal = TemporalDevServer(
         args.temporal_port, ui_port=args.ui_port, db_file=data / "temporal.db", ip=host, log_level="warn",
-        output=(logs / "temporal.log").open("ab"),
+        output=temporal_out,
     )
     children: list[Child] = []
-    stopping = False
-
-    def request_stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
     code = 0
     try:
-        print(f"  temporal   starting {temporal_cli()} server start-dev…", flush=True)
-        temporal.start(timeout=90)
+        print(f"  temporal   starting {temporal_bin} server start-dev…", flush=True)
+        # Started as a Child (not TemporalDevServer.start) so that a dying server or a Ctrl-C is
+        # noticed while waiting; TemporalDevServer.stop stops it as usual.
+        tchild = Child("temporal", temporal.command(), dict(os.environ), temporal_log, temporal_out)
+        temporal.process = tchild.process
+        children.append(tchild)
+        _wait_port(args.temporal_port, client_host, tchild, children, stop, timeout=90)
+
         py = sys.executable
         catcher = Child(
             "catcher",
@@ -149,52 +252,63 @@ def dev(args: argparse.Namespace) -> int:
             env, logs / "api.log",
         )
         children.append(api)
-        _wait_port(args.smtp_port, host, catcher)
-        _wait_http(f"http://{host}:{args.api_port}/healthz", api)
+        _wait_port(args.smtp_port, client_host, catcher, children, stop)
+        _wait_port(args.mail_port, client_host, catcher, children, stop)
+        _wait_port(args.ui_port, client_host, tchild, children, stop)
+        _wait_http(f"http://{client_host}:{args.api_port}/healthz", api, children, stop, timeout=60)
         _banner(args, key, key_is_dev=key == DEV_API_KEY)
-        while not stopping:
-            for child in children:
-                if not child.alive():
-                    raise StackFailed(child.name)
-            if temporal.process is not None and temporal.process.poll() is not None:
-                raise StackFailed("temporal")
-            time.sleep(0.5)
+        while True:
+            _check(children, stop)
+            time.sleep(0.3)
+    except Interrupted:
+        pass
     except StackFailed as failed:
-        if not stopping:
-            name = str(failed)
-            print(f"\n{name} stopped unexpectedly. Last lines of its log:", file=sys.stderr)
-            child = next((c for c in children if c.name == name), None)
-            print(child.tail() if child else (logs / "temporal.log").read_text(errors="replace")[-3000:], file=sys.stderr)
-            code = 1
-    except TimeoutError as exc:
-        print(f"\ncould not start: {exc}", file=sys.stderr)
         code = 1
+        if not stop.requested:
+            child = failed.child
+            print(f"\nmailqueue dev: {child.name} {failed.why}. Last lines of {child.log}:", file=sys.stderr)
+            print(child.tail(20).rstrip("\n") or "  (empty)", file=sys.stderr, flush=True)
     finally:
         print("\nstopping…", flush=True)
-        for child in reversed(children):
-            child.stop()
-        temporal.stop()
+        _stop_all(children, temporal)
         print("stopped", flush=True)
     return code
 
 
+def _stop_all(children: list[Child], temporal: TemporalDevServer) -> None:
+    """API and worker first (the worker lets sends in flight finish), then the catcher, then Temporal."""
+    by_name = {c.name: c for c in children}
+    stages = [["api", "worker"], ["catcher"], ["temporal"]]
+    for stage, timeout in zip(stages, (40.0, 10.0, 15.0)):
+        group = [by_name[n] for n in stage if n in by_name]
+        for child in group:
+            if child.name == "temporal":
+                temporal.stop(timeout)
+            else:
+                child.terminate()
+        deadline = time.monotonic() + timeout
+        for child in group:
+            child.wait(deadline - time.monotonic())
+
+
 def _banner(args: argparse.Namespace, key: str, *, key_is_dev: bool) -> None:
-    h = args.host
+    h = _client_host(args.host)
     api = f"http://{h}:{args.api_port}"
+    dev_note = "\n                 (a development key: set MAILQUEUE_BOOTSTRAP_API_KEY to use your own)" if key_is_dev else ""
     print(
         f"""
 mailqueue is running (Ctrl-C stops everything)
 
-  API            {api}          docs: {api}/docs
-  Temporal UI    http://{h}:{args.ui_port}     (each email is a workflow: email-<id>)
-  Caught mail    http://{h}:{args.mail_port}     or: .venv/bin/mailqueue mail --data-dir {args.data_dir}
-  SMTP catcher   {h}:{args.smtp_port}          Temporal gRPC: {h}:{args.temporal_port}
-  API key        {key}{"   (a development key: set MAILQUEUE_BOOTSTRAP_API_KEY for your own)" if key_is_dev else ""}
+  API            {api}     docs: {api}/docs
+  Temporal UI    http://{h}:{args.ui_port}     (each email is a workflow)
+  Caught mail    http://{h}:{args.mail_port}     or run: {_mail_command(args.data_dir)}
+  SMTP catcher   {h}:{args.smtp_port}     Temporal gRPC: {h}:{args.temporal_port}
+  API key        {key}{dev_note}
+  Logs           {args.data_dir / "logs"}
 
 Send a first email:
 
-  curl -s -X POST {api}/v1/emails -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\
-    -d '{{"to":["ann@example.com"],"subject":"Hello","text":"It works"}}'
+  curl -s -X POST {api}/v1/emails -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{"to":["ann@example.com"],"subject":"Hello","text":"It works"}}'
 """,
         flush=True,
     )
