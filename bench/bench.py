@@ -21,7 +21,6 @@ import os
 import platform
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -235,7 +234,7 @@ async def raw_smtp(stack: Stack, emails: int, clients: int) -> dict[str, Any]:
     queue = iter(range(emails))
 
     async def client() -> None:
-        for i in queue:
+        for _ in queue:
             msg = EmailMessage()
             msg["From"], msg["To"], msg["Subject"] = "bench@example.com", "bench@example.com", "raw"
             msg["Message-ID"] = f"<raw-{uuid.uuid4()}@example.com>"

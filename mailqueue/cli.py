@@ -103,19 +103,19 @@ class _Stop:
         self.requested = True
 
 
-def _check(children: list[Child], stop: _Stop, starting: str | None = None) -> None:
+def _check(children: list[Child], stop: _Stop, starting: bool = False) -> None:
     if stop.requested:
         raise Interrupted
     for child in children:
         code = child.process.poll()
         if code is not None:
-            raise StackFailed(child, f"exited with code {code}" + (f" while {starting}" if starting else ""))
+            raise StackFailed(child, f"exited with code {code}" + (" during start-up" if starting else ""))
 
 
 def _wait_port(port: int, host: str, child: Child, children: list[Child], stop: _Stop, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        _check(children, stop, f"starting {child.name}")
+        _check(children, stop, starting=True)
         try:
             wait_for_port(port, host, timeout=0.2)
             return
@@ -130,7 +130,7 @@ def _wait_http(url: str, child: Child, children: list[Child], stop: _Stop, timeo
     deadline = time.monotonic() + timeout
     status = "no answer"
     while True:
-        _check(children, stop, f"starting {child.name}")
+        _check(children, stop, starting=True)
         try:
             response = httpx.get(url, timeout=2)
             if response.status_code == 200:
@@ -165,7 +165,7 @@ def _mail_command(data_dir: Path) -> str:
     script = Path(sys.executable).parent / "mailqueue"
     found = shutil.which("mailqueue")
     cmd = "mailqueue" if found and Path(found).resolve() == script.resolve() else os.path.relpath(script)
-    return cmd + ("" if data_dir == Path(".mailqueue") else f" --data-dir {data_dir}")
+    return cmd + " mail" + ("" if data_dir == Path(".mailqueue") else f" --data-dir {data_dir}")
 
 
 def dev(args: argparse.Namespace) -> int:
@@ -279,7 +279,7 @@ def _stop_all(children: list[Child], temporal: TemporalDevServer) -> None:
     """API and worker first (the worker lets sends in flight finish), then the catcher, then Temporal."""
     by_name = {c.name: c for c in children}
     stages = [["api", "worker"], ["catcher"], ["temporal"]]
-    for stage, timeout in zip(stages, (40.0, 10.0, 15.0)):
+    for stage, timeout in zip(stages, (40.0, 10.0, 15.0), strict=True):
         group = [by_name[n] for n in stage if n in by_name]
         for child in group:
             if child.name == "temporal":
@@ -332,7 +332,8 @@ def mail(args: argparse.Namespace) -> int:
         msg = m.message
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.received_at))
         print(f"{i:4d}  {when}  from {msg['From']}  to {msg['To']}  {msg['Subject']!r}")
-    print(f"{len(messages)} message(s); show one with: mailqueue mail --show N")
+    where = "" if args.data_dir == Path(".mailqueue") else f" --data-dir {args.data_dir}"
+    print(f"{len(messages)} message(s); show one with: mailqueue mail{where} --show N")
     return 0
 
 
@@ -341,8 +342,12 @@ def migrate_cmd(args: argparse.Namespace) -> int:
     from mailqueue.db import migrate
 
     url = get_settings().database_url
-    print(f"migrating {_safe_url(url)} to the latest schema")
-    migrate(url)
+    print(f"migrating {_safe_url(url)} to the latest schema", flush=True)
+    try:
+        migrate(url)
+    except Exception as exc:  # noqa: BLE001 - one line for the operator, not a traceback
+        print(f"migration failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        return 1
     print("done")
     return 0
 

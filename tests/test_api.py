@@ -136,7 +136,7 @@ async def test_list_filters_and_paginates(stack: Stack) -> None:
     marker = uuid.uuid4().hex[:10]
     rcpt = f"list-{marker}@example.com"
     ids = []
-    for i in range(3):
+    for _ in range(3):
         r = await stack.http.post(
             "/v1/emails", json=email(to=[rcpt], cc=["other@example.com"], related_entity={"type": "Batch", "id": marker})
         )

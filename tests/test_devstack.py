@@ -42,7 +42,10 @@ def test_mailqueue_dev_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the stack did not come up in 90 s"
             time.sleep(0.2)
         banner = (tmp_path / "dev.out").read_text()
-        assert f"{api}/docs" in banner and f"http://127.0.0.1:{ports['ui']}" in banner and "mq-dev-key" in banner
+        assert f"{api}/docs" in banner and f"http://127.0.0.1:{ports['ui']}" in banner
+        assert f"http://127.0.0.1:{ports['mail']}" in banner and "mailqueue mail" in banner
+        assert "Bearer mq-dev-key" in banner and "development key" in banner
+        assert httpx.get(f"{api}/healthz").status_code == 200
 
         resp = httpx.post(f"{api}/v1/emails", headers={"Authorization": "Bearer mq-dev-key"},
                           json={"to": ["ann@example.com"], "subject": "Hello from dev", "text": "It works"})
@@ -53,21 +56,23 @@ def test_mailqueue_dev_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
         while not (caught := httpx.get(f"http://127.0.0.1:{ports['mail']}/api/messages").json()):
             assert time.monotonic() < deadline, "the catcher never got the email"
             time.sleep(0.2)
-        assert caught[0]["subject"] == "Hello from dev" and email_id in caught[0]["message_id"]
+        assert len(caught) == 1 and caught[0]["subject"] == "Hello from dev"
+        assert email_id in caught[0]["message_id"], caught[0]
         assert httpx.get(f"http://127.0.0.1:{ports['ui']}/").status_code == 200  # the Temporal Web UI
 
         listing = subprocess.run(
             [sys.executable, "-m", "mailqueue.cli", "mail", "--data-dir", str(tmp_path / "state")],
             capture_output=True, text=True, check=True,
         )
-        assert "Hello from dev" in listing.stdout
+        assert "Hello from dev" in listing.stdout and "ann@example.com" in listing.stdout
     finally:
         dev.send_signal(signal.SIGINT)
         try:
-            code = dev.wait(60)
+            code = dev.wait(30)  # its children die with it even if it has to be killed (PR_SET_PDEATHSIG)
         finally:
             if dev.poll() is None:
                 dev.kill()
+                dev.wait()
             out.close()
     assert code == 0, (tmp_path / "dev.out").read_text()
     assert "stopped" in (tmp_path / "dev.out").read_text()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime
 
 from temporalio import workflow
@@ -37,6 +36,6 @@ class UpdatableTimer:
             self._changed = False
             try:
                 await workflow.wait_condition(lambda: self._changed, timeout=remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass  # loop: the deadline may have moved while the timer fired
         return False

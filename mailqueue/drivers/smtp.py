@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from email.message import EmailMessage
 
@@ -77,7 +76,7 @@ class SmtpDriver:
             raise _classify(worst, f"all recipients refused by {server}: {detail}") from None
         except aiosmtplib.SMTPResponseException as exc:
             raise _classify(exc.code, f"{server} answered {exc.code} {exc.message}") from None
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             raise TransientDeliveryError(f"cannot talk to {server}: {type(exc).__name__}: {exc}") from None
         match = _QUEUED_AS.search(reply)
         return Delivery(
