@@ -22,7 +22,7 @@ from mailqueue.config import Settings
 from mailqueue.db import create_engine, migrate, sessionmaker
 from mailqueue.devserver import TemporalDevServer
 from mailqueue.net import free_port
-from tests.helpers import SmtpSink
+from tests.helpers import SmtpSink, fast_settings
 from worker import build_worker
 
 PG_ADMIN = os.environ.get("MAILQUEUE_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -98,19 +98,7 @@ def task_queue() -> str:
 
 @pytest.fixture
 def settings(database_url: str, temporal_server: TemporalDevServer, sink: SmtpSink, task_queue: str) -> Settings:
-    return Settings(
-        database_url=database_url,
-        temporal_address=temporal_server.address,
-        task_queue=task_queue,
-        smtp_host="127.0.0.1",
-        smtp_port=sink.port,
-        smtp_timeout_seconds=5,
-        retry_initial_interval_seconds=0.2,
-        retry_maximum_interval_seconds=1,
-        send_timeout_seconds=10,
-        bootstrap_api_key="test-admin-key",
-        _env_file=None,  # type: ignore[call-arg]
-    )
+    return fast_settings(database_url, temporal_server.address, sink.port, task_queue)
 
 
 @pytest.fixture

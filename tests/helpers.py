@@ -151,3 +151,22 @@ class ApiProcess:
             except Exception:  # noqa: BLE001
                 self.process.kill()
         self._log.close()
+
+
+def fast_settings(database_url: str, temporal_address: str, smtp_port: int, task_queue: str, **overrides: Any) -> Any:
+    """Settings for a test stack: short timeouts and retry intervals, a known admin key."""
+    from mailqueue.config import Settings
+
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "temporal_address": temporal_address,
+        "task_queue": task_queue,
+        "smtp_host": "127.0.0.1",
+        "smtp_port": smtp_port,
+        "smtp_timeout_seconds": 5,
+        "retry_initial_interval_seconds": 0.2,
+        "retry_maximum_interval_seconds": 1,
+        "send_timeout_seconds": 10,
+        "bootstrap_api_key": "test-admin-key",
+    }
+    return Settings(**(values | overrides), _env_file=None)

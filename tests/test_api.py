@@ -17,7 +17,7 @@ from temporalio.client import Client
 from mailqueue.config import Settings
 from mailqueue.devserver import TemporalDevServer
 from mailqueue.net import free_port
-from tests.helpers import ApiProcess, SmtpSink
+from tests.helpers import ApiProcess, SmtpSink, fast_settings
 from worker import build_worker
 
 KEY = "test-admin-key"
@@ -38,16 +38,8 @@ async def stack(
 ) -> AsyncIterator[Stack]:
     tmp = tmp_path_factory.mktemp("api")
     with SmtpSink() as sink:
-        settings = Settings(
-            database_url=database_url,
-            temporal_address=temporal_server.address,
-            task_queue=f"api-{uuid.uuid4()}",
-            smtp_port=sink.port,
-            smtp_timeout_seconds=5,
-            retry_initial_interval_seconds=0.2,
-            retry_maximum_interval_seconds=1,
-            bootstrap_api_key=KEY,
-            _env_file=None,  # type: ignore[call-arg]
+        settings = fast_settings(
+            database_url, temporal_server.address, sink.port, f"api-{uuid.uuid4()}", bootstrap_api_key=KEY
         )
         async with build_worker(client, settings):
             with ApiProcess(settings, tmp / "api.log") as api:

@@ -18,7 +18,7 @@ import pytest
 
 from mailqueue.config import Settings
 from mailqueue.devserver import TemporalDevServer
-from tests.helpers import ApiProcess, SmtpSink, settings_env
+from tests.helpers import ApiProcess, SmtpSink, fast_settings, settings_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 100
@@ -34,16 +34,12 @@ async def test_worker_sigkill_mid_batch_loses_nothing(
     database_url: str, temporal_server: TemporalDevServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with SmtpSink() as sink:
-        settings = Settings(
-            database_url=database_url,
-            temporal_address=temporal_server.address,
-            task_queue=f"crash-{uuid.uuid4()}",
-            smtp_port=sink.port,
+        settings = fast_settings(
+            database_url, temporal_server.address, sink.port, f"crash-{uuid.uuid4()}",
             retry_initial_interval_seconds=0.5,
             retry_maximum_interval_seconds=2,
             send_timeout_seconds=5,  # how long a send held by the dead worker waits before another takes it
             bootstrap_api_key="k",
-            _env_file=None,  # type: ignore[call-arg]
         )
         first = start_worker(settings, tmp_path / "worker-1.log")
         second = None
