@@ -2,7 +2,8 @@
 # `python -m mailqueue.catcher` run from the same image (see docker-compose.yml).
 FROM python:3.11-slim
 
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MAILQUEUE_TEMPLATES_DIR=/app/templates
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY mailqueue ./mailqueue
@@ -10,6 +11,7 @@ COPY workflows ./workflows
 COPY activities ./activities
 COPY api ./api
 COPY worker.py ./
+COPY templates ./templates
 RUN pip install . && python -m compileall -q /app \
     && useradd --system --uid 10001 --home-dir /app mailqueue
 USER mailqueue

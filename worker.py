@@ -35,7 +35,7 @@ def build_worker(client: Client, settings: Settings, *, driver: Driver | None = 
     """The worker with its activities wired to their dependencies (DB, driver, templates)."""
     sessions = sessionmaker(create_engine(settings.database_url))
     audit = AuditActivities(sessions)
-    render = RenderActivities(sessions, TemplateEngine())
+    render = RenderActivities(sessions, TemplateEngine(settings.default_locale))
     send = SendActivities(sessions, driver or driver_from_settings(settings))
     return Worker(
         client,

@@ -1,4 +1,4 @@
-"""Render activity: a pinned template version + data -> subject, html, text."""
+"""Render activity: a pinned template version (and its pinned layouts/partials) + data -> subject, html, text."""
 
 from __future__ import annotations
 
@@ -7,30 +7,30 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from mailqueue.contracts import TEMPLATE_ERROR, Content, RenderRequest
+from mailqueue.contracts import TEMPLATE_ERROR, Content, RenderRequest, TemplatePin
 from mailqueue.errors import TemplateError
-from mailqueue.store import template_version
-from mailqueue.templating import TemplateEngine, TemplateSource
+from mailqueue.store import SourceCache, pinned_source, resolve_dependencies
+from mailqueue.templating import TemplateEngine
 
 
 class RenderActivities:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], engine: TemplateEngine) -> None:
         self._sessions = sessions
         self._engine = engine
+        self._sources = SourceCache()  # versions are immutable: a cached one is never stale
 
     @activity.defn(name="render_email")
     async def render(self, req: RenderRequest) -> Content:
         ref = req.template
-        async with self._sessions() as session:
-            row = await template_version(session, ref.name, ref.locale, ref.version)
-        if row is None:
-            raise ApplicationError(
-                f"template {ref.name!r} version {ref.version} does not exist", type=TEMPLATE_ERROR, non_retryable=True
-            )
-        source = TemplateSource(
-            name=row.name, version=row.version, locale=row.locale, subject=row.subject, html=row.html, text=row.text
-        )
         try:
-            return self._engine.render(source, ref.data)
+            async with self._sessions() as session:
+                main = await pinned_source(session, TemplatePin(ref.name, ref.version, ref.locale or ""), self._sources)
+                if main is None:
+                    raise TemplateError(f"template {ref.name!r} version {ref.version} does not exist")
+                # Emails queued before dependencies were pinned resolve them to the current versions.
+                dependencies = await resolve_dependencies(
+                    session, self._engine, main, ref.format_locale or ref.locale, ref.dependencies, self._sources
+                )
+            return self._engine.render(main, ref.data, dependencies, ref.format_locale or ref.locale)
         except TemplateError as exc:
             raise ApplicationError(str(exc), type=TEMPLATE_ERROR, non_retryable=True) from None

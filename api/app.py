@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = create_engine(settings.database_url)
         app.state.settings = settings
         app.state.sessions = sessionmaker(engine)
-        app.state.templates = TemplateEngine()
+        app.state.templates = TemplateEngine(settings.default_locale)
         # Lazy: the API starts (and /readyz reports) even while Temporal is still coming up.
         app.state.temporal = await connect(settings, lazy=True)
         if settings.bootstrap_api_key is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hmac
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -48,19 +49,53 @@ def get_templates(request: Request) -> TemplateEngine:
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 
 
+def _principal_for(request: Request, key: str | None) -> Principal | None:
+    settings: Settings = request.app.state.settings
+    expected = settings.bootstrap_api_key.get_secret_value() if settings.bootstrap_api_key else None
+    if key is not None and expected and hmac.compare_digest(key.encode(), expected.encode()):
+        return Principal(kind="admin", id=None)
+    return None
+
+
 def get_principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    settings: Settings = request.app.state.settings
-    expected = settings.bootstrap_api_key.get_secret_value() if settings.bootstrap_api_key else None
-    if credentials is not None and expected and hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
-        return Principal(kind="admin", id=None)
-    raise HTTPException(
-        status.HTTP_401_UNAUTHORIZED,
-        "a valid API key is required: Authorization: Bearer <key>",
-        headers={"WWW-Authenticate": "Bearer"},
-    )
+    principal = _principal_for(request, credentials.credentials if credentials else None)
+    if principal is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "a valid API key is required: Authorization: Bearer <key>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return principal
+
+
+def _basic_password(request: Request) -> str | None:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value, validate=True).decode().partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return None
+    if scheme.lower() == "bearer":
+        return value.strip()
+    return None
+
+
+def get_browser_principal(request: Request) -> Principal:
+    """For pages a browser opens (template previews): Bearer, or Basic with the API key as the password.
+
+    The Basic challenge makes the browser ask; the key never goes into a URL (nor into access logs).
+    """
+    principal = _principal_for(request, _basic_password(request))
+    if principal is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "a valid API key is required: Authorization: Bearer <key>, or Basic with any user name and the key as password",
+            headers={"WWW-Authenticate": 'Basic realm="mailqueue", charset="UTF-8"'},
+        )
+    return principal
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -68,3 +103,4 @@ SessionDep = Annotated[AsyncSession, Depends(get_session)]
 TemporalDep = Annotated[Client, Depends(get_temporal)]
 TemplatesDep = Annotated[TemplateEngine, Depends(get_templates)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
+BrowserPrincipalDep = Annotated[Principal, Depends(get_browser_principal)]

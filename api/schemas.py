@@ -20,6 +20,15 @@ _RESERVED_HEADERS = {
 _LOCALE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
 
 
+def check_locale(value: str | None) -> str | None:
+    """'pt_BR' and 'pt-BR' are the same locale; stored as 'pt-BR'."""
+    if not value:
+        return value
+    if not _LOCALE.match(value):
+        raise ValueError("locale must look like 'en' or 'pt-BR'")
+    return value.replace("_", "-")
+
+
 def _no_line_breaks(value: str, what: str) -> str:
     if "\r" in value or "\n" in value:
         raise ValueError(f"{what} must not contain CR or LF characters")
@@ -132,9 +141,7 @@ class EmailRequest(BaseModel):
     @field_validator("locale")
     @classmethod
     def _locale(cls, value: str | None) -> str | None:
-        if value is not None and not _LOCALE.match(value):
-            raise ValueError("locale must look like 'en' or 'pt-BR'")
-        return value
+        return check_locale(value)
 
     @field_validator("headers")
     @classmethod
@@ -200,7 +207,9 @@ class EventOut(BaseModel):
 class TemplateUsed(BaseModel):
     name: str
     version: int | None
-    locale: str | None
+    locale: str | None = Field(description="The variant rendered ('' or null: the default one)")
+    requested_locale: str | None = Field(default=None, description="The locale the email asked for (formats dates and money)")
+    dependencies: list[dict[str, Any]] = Field(default_factory=list, description="Pinned layouts and partials")
 
 
 class EmailSummary(BaseModel):
@@ -246,31 +255,63 @@ class EmailPage(BaseModel):
     total: int
 
 
-class TemplateIn(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [{"name": "welcome", "subject": "Welcome, {{ name }}", "html": "<p>Hello {{ name }}!</p>"}]
-        },
-    )
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$")
-    locale: str = Field(default="", max_length=35)
-    subject: str = Field(min_length=1, max_length=2000)
+class TemplateBody(BaseModel):
+    """A template version's content. Names starting with `_` are layouts and partials (no subject needed)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    locale: str = Field(default="", max_length=35, description="'' is the default variant; 'de', 'pt-BR', ...")
+    subject: str | None = Field(default=None, max_length=2000)
     html: str | None = Field(default=None, max_length=1_000_000)
     text: str | None = Field(default=None, max_length=1_000_000)
     default_from: Address | None = None
+    default_from_name: str | None = Field(default=None, max_length=200)
     description: str | None = Field(default=None, max_length=2000)
-    sample_data: dict[str, Any] | None = None
+    sample_data: dict[str, Any] | None = Field(default=None, description="Data for previews; checked to render on save")
 
     @field_validator("default_from")
     @classmethod
     def _address(cls, value: str | None) -> str | None:
         return normalize_address(value) if value is not None else None
 
-    @model_validator(mode="after")
-    def _body(self) -> TemplateIn:
+    @field_validator("default_from_name")
+    @classmethod
+    def _from_name(cls, value: str | None) -> str | None:
+        if value is not None:
+            _no_line_breaks(value, "default_from_name")
+        return value
+
+    @field_validator("locale")
+    @classmethod
+    def _locale(cls, value: str) -> str:
+        return check_locale(value)
+
+    def check_parts(self, name: str) -> None:
         if self.html is None and self.text is None:
             raise ValueError("a template needs html or text")
+        if not name.startswith("_") and not (self.subject or "").strip():
+            raise ValueError("subject is required (only layouts and partials, named '_...', go without one)")
+
+
+class TemplateIn(TemplateBody):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "welcome",
+                    "subject": "Welcome, {{ name }}",
+                    "html": '{% extends "_Layout" %}{% block content %}<p>Hello {{ name }}!</p>{% endblock %}',
+                    "sample_data": {"name": "Ann"},
+                }
+            ]
+        },
+    )
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$")
+
+    @model_validator(mode="after")
+    def _body(self) -> TemplateIn:
+        self.check_parts(self.name)
         return self
 
 
@@ -282,7 +323,44 @@ class TemplateOut(BaseModel):
     html: str | None
     text: str | None
     default_from: str | None
+    default_from_name: str | None
     description: str | None
     sample_data: dict[str, Any] | None
     is_active: bool
+    is_current: bool
+    created_by: str | None
     created_at: datetime
+    updated_at: datetime
+
+
+class TemplatePinOut(BaseModel):
+    name: str
+    locale: str
+    version: int
+
+
+class PreviewIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    data: dict[str, Any] | None = Field(default=None, description="Template data; the stored sample data when absent")
+    locale: str | None = Field(default=None, max_length=35)
+    version: int | None = Field(default=None, ge=1, description="A stored version; the current one when absent")
+
+    @field_validator("locale")
+    @classmethod
+    def _locale(cls, value: str | None) -> str | None:
+        return check_locale(value)
+
+
+class PreviewOut(BaseModel):
+    subject: str
+    html: str | None
+    text: str | None
+    template: TemplatePinOut
+    dependencies: list[TemplatePinOut]
+    data_source: str = Field(description="'request' or 'sample_data'")
+
+
+class ReloadOut(BaseModel):
+    directory: str
+    created: list[TemplatePinOut]
+    unchanged: list[TemplatePinOut]

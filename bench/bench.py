@@ -9,7 +9,10 @@ process) and measures:
   A. POST latency and queue lag (POST -> SMTP accept) at a steady request rate;
   B. end-to-end throughput: N emails posted by C concurrent clients, first POST -> last
      message received, with a count of missing and duplicated deliveries;
-  C. the raw-SMTP ceiling: aiosmtplib straight to the same sink.
+  C. the raw-SMTP ceiling: aiosmtplib straight to the same sink;
+  D. template rendering in one process: StockIssueApproved (layout, header, footer) with
+     50 items, compiled templates cached; full renders (Jinja + CSS inlining + text part)
+     and the Jinja step alone. `--render-only` runs just D.
 """
 
 from __future__ import annotations
@@ -305,10 +308,54 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results["throughput"] = await throughput(stack, http, args.emails, args.clients)
         print("C. raw SMTP to the same sink", flush=True)
         results["raw_smtp"] = await raw_smtp(stack, args.emails, args.clients)
+        print("D. template rendering", flush=True)
+        results["render"] = render_bench(args.render_seconds)
     finally:
         stack.stop()
         drop()
     return results
+
+
+def render_bench(seconds: float, items: int = 50) -> dict[str, Any]:
+    """Renders per second of a shipped template, the way the render activity does it (cache warm)."""
+    from mailqueue.template_library import read_folder
+    from mailqueue.templating import TemplateEngine, TemplateSource
+
+    files, problems = read_folder(ROOT / "templates")
+    if problems:
+        raise SystemExit(f"templates folder has problems: {problems}")
+    def saved(f: Any) -> TemplateSource:  # noqa: E306 - a version number as if stored
+        d = f.source()
+        return TemplateSource(d.name, 1, d.subject, d.html, d.text, d.locale)
+    by = {(f.name, f.locale): f for f in files}
+    main = saved(by[("StockIssueApproved", "")])
+    deps = {n: saved(by[(n, "")]) for n in ("_Layout", "_Header", "_Footer")}
+    data = dict(by[("StockIssueApproved", "")].meta["sample_data"])
+    data["Items"] = [
+        {"ItemCode": f"ITEM-{i:04d}", "ItemName": f"Item number {i}", "Quantity": i * 1.5, "Unit": "pcs"} for i in range(items)
+    ]
+    engine = TemplateEngine()
+    first = time.perf_counter()
+    content = engine.render(main, data, deps)
+    cold_ms = (time.perf_counter() - first) * 1000
+
+    def rate(fn: Any) -> tuple[float, float]:
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            fn()
+            n += 1
+        elapsed = time.perf_counter() - start
+        return round(n / elapsed, 1), round(elapsed / n * 1000, 3)
+
+    full_rate, full_ms = rate(lambda: engine.render(main, data, deps))
+    jinja_rate, jinja_ms = rate(lambda: engine.render_parts(main, data, deps))
+    return {
+        "template": "StockIssueApproved + _Layout/_Header/_Footer", "items": items,
+        "html_bytes": len(content.html or ""), "text_bytes": len(content.text or ""),
+        "first_render_ms": round(cold_ms, 1),
+        "full_renders_per_s": full_rate, "full_render_ms": full_ms,
+        "jinja_renders_per_s": jinja_rate, "jinja_render_ms": jinja_ms,
+    }
 
 
 def summary(r: dict[str, Any]) -> str:
@@ -324,7 +371,16 @@ def summary(r: dict[str, Any]) -> str:
         f"p99 {t['post_latency_ms']['p99']} ms; delivered {t['delivered']}, missing {t['missing']}, duplicates {t['duplicates']}, "
         f"errors {t['errors'] or 0}",
         f"C. raw SMTP {raw['emails']} messages / {raw['clients']} clients: {raw['emails_per_s']} messages/s",
+        render_summary(r["render"]),
     ])
+
+
+def render_summary(d: dict[str, Any]) -> str:
+    return (
+        f"D. render   {d['template']}, {d['items']} items ({d['html_bytes']} B html): {d['full_renders_per_s']} full renders/s "
+        f"({d['full_render_ms']} ms: Jinja + CSS inlining + text part), Jinja alone {d['jinja_renders_per_s']}/s "
+        f"({d['jinja_render_ms']} ms); first (compiling) render {d['first_render_ms']} ms"
+    )
 
 
 def main() -> None:
@@ -339,7 +395,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--database-url", default=None, help="PostgreSQL server URL; default: SQLite file")
     parser.add_argument("--json-out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    parser.add_argument("--render-seconds", type=float, default=5.0)
+    parser.add_argument("--render-only", action="store_true", help="run only D (template rendering)")
     args = parser.parse_args()
+    if args.render_only:
+        print(render_summary(render_bench(args.render_seconds)))
+        return
     results = asyncio.run(run(args))
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(results, indent=2) + "\n")

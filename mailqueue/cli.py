@@ -3,6 +3,7 @@
     mailqueue dev        Temporal dev server + worker + API + SMTP catcher, one Ctrl-C stops all
     mailqueue mail       list the mail the dev catcher caught (--show N for one message)
     mailqueue migrate    apply database migrations to MAILQUEUE_DATABASE_URL
+    mailqueue templates  load the templates folder (a new version of every changed template)
     mailqueue worker     run a worker          mailqueue api   serve the HTTP API
 """
 
@@ -209,10 +210,14 @@ def dev(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - reported to the user, nothing is running yet
         print(f"mailqueue dev: database migration failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    templates_dir = _templates_dir()
+    print(f"  templates  {templates_dir}", flush=True)
+    _print_reload(load_templates(url, templates_dir), indent="             ")
     if stop.requested:
         return 0
 
     env = dict(os.environ) | {
+        "MAILQUEUE_TEMPLATES_DIR": str(templates_dir),
         "MAILQUEUE_DATABASE_URL": url,
         "MAILQUEUE_TEMPORAL_ADDRESS": f"{client_host}:{args.temporal_port}",
         "MAILQUEUE_SMTP_HOST": client_host,
@@ -304,11 +309,17 @@ mailqueue is running (Ctrl-C stops everything)
   Caught mail    http://{h}:{args.mail_port}     or run: {_mail_command(args.data_dir)}
   SMTP catcher   {h}:{args.smtp_port}     Temporal gRPC: {h}:{args.temporal_port}
   API key        {key}{dev_note}
+  Templates      {api}/v1/templates     preview one in a browser (user: anything, password: the API key):
+                 {api}/v1/templates/StockIssueApproved/preview
   Logs           {args.data_dir / "logs"}
 
 Send a first email:
 
   curl -s -X POST {api}/v1/emails -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{"to":["ann@example.com"],"subject":"Hello","text":"It works"}}'
+
+and one from a template, in German:
+
+  curl -s -X POST {api}/v1/emails -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{"to":["ann@example.com"],"template":"PasswordReset","locale":"de","template_data":{{"UserName":"Ann","ResetUrl":"https://example.com/reset/1","ExpiresInMinutes":30}}}}'
 """,
         flush=True,
     )
@@ -335,6 +346,55 @@ def mail(args: argparse.Namespace) -> int:
     where = "" if args.data_dir == Path(".mailqueue") else f" --data-dir {args.data_dir}"
     print(f"{len(messages)} message(s); show one with: mailqueue mail{where} --show N")
     return 0
+
+
+def _templates_dir() -> Path:
+    """MAILQUEUE_TEMPLATES_DIR, else ./templates, else the templates shipped next to the code."""
+    configured = os.environ.get("MAILQUEUE_TEMPLATES_DIR")
+    if configured:
+        return Path(configured).resolve()
+    here = Path("templates")
+    return here.resolve() if here.is_dir() else ROOT / "templates"
+
+
+def load_templates(url: str, directory: Path):  # type: ignore[no-untyped-def]
+    """Load a templates folder into the database at `url` (see mailqueue.template_library)."""
+    import asyncio
+
+    from mailqueue.db import create_engine, sessionmaker
+    from mailqueue.template_library import reload_folder
+    from mailqueue.templating import TemplateEngine
+
+    async def run():  # type: ignore[no-untyped-def]
+        engine = create_engine(url)
+        try:
+            async with sessionmaker(engine)() as session:
+                return await reload_folder(session, TemplateEngine(), directory, created_by="cli")
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def _print_reload(result, indent: str = "") -> None:  # type: ignore[no-untyped-def]
+    if result.problems:
+        print(f"{indent}not loaded, {len(result.problems)} problem(s); nothing was saved:", file=sys.stderr)
+        for problem in result.problems:
+            print(f"{indent}  {problem}", file=sys.stderr)
+        return
+    new = ", ".join(f"{p.name}" + (f"/{p.locale}" if p.locale else "") + f" v{p.version}" for p in result.created)
+    print(f"{indent}{len(result.created) + len(result.unchanged)} loaded: {len(result.created)} new version(s)" + (f" ({new})" if new else ""), flush=True)
+
+
+def templates_cmd(args: argparse.Namespace) -> int:
+    from mailqueue.config import get_settings
+
+    url = get_settings().database_url
+    directory = (args.dir or _templates_dir()).resolve()
+    print(f"loading templates from {directory} into {_safe_url(url)}", flush=True)
+    result = load_templates(url, directory)
+    _print_reload(result, indent="  ")
+    return 1 if result.problems else 0
 
 
 def migrate_cmd(args: argparse.Namespace) -> int:
@@ -391,6 +451,9 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("migrate", help="apply database migrations")
     p.set_defaults(func=migrate_cmd)
+    p = sub.add_parser("templates", help="load the templates folder into the database")
+    p.add_argument("--dir", type=Path, default=None, help="default: MAILQUEUE_TEMPLATES_DIR, else ./templates")
+    p.set_defaults(func=templates_cmd)
     p = sub.add_parser("worker", help="run a worker (same as python worker.py)")
     p.set_defaults(func=worker_cmd)
     p = sub.add_parser("api", help="serve the HTTP API")

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     )
     bootstrap_api_key: SecretStr | None = None
 
+    # Templates: the folder `POST /v1/templates/reload` and `mailqueue dev` load, and the
+    # locale dates, numbers and money are formatted in when an email names none.
+    templates_dir: Path = Path("templates")
+    default_locale: str = "en"
+
     # Retry policy for the send step (Temporal retry policy).
     default_max_attempts: int = Field(default=3, ge=1, le=20)
     retry_initial_interval_seconds: float = Field(default=2.0, gt=0)

@@ -68,11 +68,24 @@ class Content:
 
 
 @dataclass
-class TemplateRef:
+class TemplatePin:
+    """One exact template version: a layout or partial an email's template uses."""
+
     name: str
     version: int
-    locale: str | None = None
+    locale: str = ""
+
+
+@dataclass
+class TemplateRef:
+    """The template an email renders, pinned when it was queued: edits never change it."""
+
+    name: str
+    version: int
+    locale: str | None = None  # the variant that was picked ("" / None: the default one)
     data: dict[str, Any] = field(default_factory=dict)
+    dependencies: list[TemplatePin] = field(default_factory=list)  # layouts and partials, pinned too
+    format_locale: str | None = None  # the locale the caller asked for: dates, numbers, money
 
 
 @dataclass

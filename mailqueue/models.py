@@ -68,7 +68,9 @@ class Email(SQLModel, table=True):
     template_name: str | None = Field(default=None, max_length=200, index=True)
     template_version: int | None = None
     template_data: dict[str, Any] | None = _json(default=None)
-    locale: str | None = Field(default=None, max_length=35)
+    locale: str | None = Field(default=None, max_length=35)  # as requested by the caller
+    template_locale: str | None = Field(default=None, max_length=35)  # the variant used
+    template_dependencies: list[dict[str, Any]] | None = _json(default=None)  # pinned layouts/partials
     headers: dict[str, str] = _json(default_factory=dict)
     priority: str = Field(default="normal", max_length=16)
     status: str = Field(default="queued", max_length=16)
@@ -136,9 +138,11 @@ class EmailTemplate(SQLModel, table=True):
     html: str | None = Field(default=None, sa_type=sa.Text)
     text: str | None = Field(default=None, sa_type=sa.Text)
     default_from: str | None = Field(default=None, max_length=512)
+    default_from_name: str | None = Field(default=None, max_length=200)
     description: str | None = Field(default=None, sa_type=sa.Text)
     sample_data: dict[str, Any] | None = _json(default=None)
     is_active: bool = True
     is_current: bool = True
     created_by: str | None = Field(default=None, max_length=64)
     created_at: datetime = _ts(default_factory=utcnow)
+    updated_at: datetime = _ts(default_factory=utcnow)  # activation changes; content never does

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 from temporalio.client import Client
@@ -22,7 +23,7 @@ from mailqueue.config import Settings
 from mailqueue.db import create_engine, migrate, sessionmaker
 from mailqueue.devserver import TemporalDevServer
 from mailqueue.net import free_port
-from tests.helpers import SmtpSink, fast_settings
+from tests.helpers import AUTH, KEY, ApiProcess, SmtpSink, Stack, fast_settings
 from worker import build_worker
 
 PG_ADMIN = os.environ.get("MAILQUEUE_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -112,3 +113,16 @@ def histories_dir() -> Path:
     return Path(__file__).parent / "histories"
 
 
+@pytest.fixture(scope="module")
+async def stack(
+    client: Client, database_url: str, temporal_server: TemporalDevServer, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Stack]:
+    tmp = tmp_path_factory.mktemp("api")
+    with SmtpSink() as sink:
+        settings = fast_settings(
+            database_url, temporal_server.address, sink.port, f"api-{uuid.uuid4()}", bootstrap_api_key=KEY
+        )
+        async with build_worker(client, settings):
+            with ApiProcess(settings, tmp / "api.log") as api:
+                async with httpx.AsyncClient(base_url=api.url, headers=AUTH, timeout=30) as http:
+                    yield Stack(http, sink, settings, tmp)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
+
+import httpx
 
 from aiosmtpd.controller import Controller
 
@@ -168,5 +172,50 @@ def fast_settings(database_url: str, temporal_address: str, smtp_port: int, task
         "retry_maximum_interval_seconds": 1,
         "send_timeout_seconds": 10,
         "bootstrap_api_key": "test-admin-key",
+        "templates_dir": Path(__file__).resolve().parent.parent / "templates",
     }
     return Settings(**(values | overrides), _env_file=None)
+
+
+# --- an API stack (uvicorn child + worker + SMTP sink) and its HTTP helpers ----------------
+
+KEY = "test-admin-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@dataclass
+class Stack:
+    http: httpx.AsyncClient
+    sink: SmtpSink
+    settings: Any
+    tmp: Path
+
+
+def email(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"to": ["Ann Smith <ann@example.com>"], "subject": "Hello", "text": "Hi", "html": "<p>Hi</p>"}
+    body.update(overrides)
+    return body
+
+
+async def wait_status(http: httpx.AsyncClient, email_id: str, status: str, timeout: float = 15) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        got = (await http.get(f"/v1/emails/{email_id}")).json()
+        if got["status"] == status:
+            return got
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"email {email_id} is {got['status']}, expected {status}: {got.get('events')}")
+        await asyncio.sleep(0.1)
+
+
+async def delivered(sink: SmtpSink, email_id: str, timeout: float = 15) -> list[Any]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (found := [m for m in sink.messages if email_id in str(m.message["Message-ID"])]):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"email {email_id} never reached the SMTP server")
+        await asyncio.sleep(0.05)
+    return found
+
+
+async def total_emails(http: httpx.AsyncClient) -> int:
+    return (await http.get("/v1/emails", params={"page_size": 1})).json()["total"]

@@ -4,78 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from temporalio.client import Client
 
-from mailqueue.config import Settings
-from mailqueue.devserver import TemporalDevServer
 from mailqueue.net import free_port
-from tests.helpers import ApiProcess, SmtpSink, fast_settings
-from worker import build_worker
-
-KEY = "test-admin-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-@dataclass
-class Stack:
-    http: httpx.AsyncClient
-    sink: SmtpSink
-    settings: Settings
-    tmp: Path
-
-
-@pytest.fixture(scope="module")
-async def stack(
-    client: Client, database_url: str, temporal_server: TemporalDevServer, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Stack]:
-    tmp = tmp_path_factory.mktemp("api")
-    with SmtpSink() as sink:
-        settings = fast_settings(
-            database_url, temporal_server.address, sink.port, f"api-{uuid.uuid4()}", bootstrap_api_key=KEY
-        )
-        async with build_worker(client, settings):
-            with ApiProcess(settings, tmp / "api.log") as api:
-                async with httpx.AsyncClient(base_url=api.url, headers=AUTH, timeout=30) as http:
-                    yield Stack(http, sink, settings, tmp)
-
-
-def email(**overrides: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"to": ["Ann Smith <ann@example.com>"], "subject": "Hello", "text": "Hi", "html": "<p>Hi</p>"}
-    body.update(overrides)
-    return body
-
-
-async def wait_status(http: httpx.AsyncClient, email_id: str, status: str, timeout: float = 15) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        got = (await http.get(f"/v1/emails/{email_id}")).json()
-        if got["status"] == status:
-            return got
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"email {email_id} is {got['status']}, expected {status}: {got.get('events')}")
-        await asyncio.sleep(0.1)
-
-
-async def delivered(sink: SmtpSink, email_id: str, timeout: float = 15) -> list[Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (found := [m for m in sink.messages if email_id in str(m.message["Message-ID"])]):
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"email {email_id} never reached the SMTP server")
-        await asyncio.sleep(0.05)
-    return found
-
-
-async def total_emails(http: httpx.AsyncClient) -> int:
-    return (await http.get("/v1/emails", params={"page_size": 1})).json()["total"]
-
+from tests.helpers import AUTH, ApiProcess, Stack, delivered, email, total_emails, wait_status
 
 # --- auth and probes ---------------------------------------------------------------
 
@@ -174,7 +109,7 @@ async def test_templated_email_is_rendered_and_pinned(stack: Stack) -> None:
     assert caught.message["From"] == "Team <team@example.com>"
     assert "&lt;b&gt;Bob&lt;/b&gt;" in caught.message.get_body(("html",)).get_content()
     got = await wait_status(stack.http, resp.json()["id"], "sent")
-    assert got["template"] == {"name": name, "version": 1, "locale": None} and got["template_data"] == {"name": "<b>Bob</b>"}
+    assert got["template"] == {"name": name, "version": 1, "locale": None, "requested_locale": None, "dependencies": []} and got["template_data"] == {"name": "<b>Bob</b>"}
     listed = (await stack.http.get("/v1/emails", params={"template": name})).json()
     assert listed["total"] == 1
     assert (await stack.http.get(f"/v1/templates/{name}")).json()["subject"] == "Welcome {{ name }}"

@@ -57,11 +57,13 @@ def test_app_services_share_one_configuration_of_real_settings() -> None:
 
 def test_commands_run_the_real_entry_points() -> None:
     assert SERVICES["worker"]["command"] == ["python", "worker.py"] and (ROOT / "worker.py").exists()
-    assert SERVICES["migrate"]["command"] == ["mailqueue", "migrate"]
+    assert SERVICES["migrate"]["command"] == ["sh", "-c", "mailqueue migrate && mailqueue templates"]
+    assert SERVICES["api"]["environment"]["MAILQUEUE_TEMPLATES_DIR"] == "/app/templates"
     assert "api.app:app" in SERVICES["api"]["command"]
     assert SERVICES["mailcatcher"]["command"][:3] == ["python", "-m", "mailqueue.catcher"]
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'CMD ["uvicorn", "api.app:app"' in dockerfile
+    assert "COPY templates ./templates" in dockerfile
     for line in re.findall(r"^COPY (.+)$", dockerfile, re.M):
         for path in line.split()[:-1]:  # the last word is the destination
             assert (ROOT / path).exists(), f"Dockerfile copies missing {path}"

@@ -46,6 +46,9 @@ def test_mailqueue_dev_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
         assert f"http://127.0.0.1:{ports['mail']}" in banner and "mailqueue mail" in banner
         assert "Bearer mq-dev-key" in banner and "development key" in banner
         assert httpx.get(f"{api}/healthz").status_code == 200
+        assert "13 loaded" in banner and f"{api}/v1/templates/StockIssueApproved/preview" in banner
+        preview = httpx.get(f"{api}/v1/templates/StockIssueApproved/preview", auth=("me", "mq-dev-key"))
+        assert preview.status_code == 200 and "SIR-2025-001" in preview.text and "<style" not in preview.text
 
         resp = httpx.post(f"{api}/v1/emails", headers={"Authorization": "Bearer mq-dev-key"},
                           json={"to": ["ann@example.com"], "subject": "Hello from dev", "text": "It works"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from email.utils import formataddr
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
@@ -52,7 +53,8 @@ from mailqueue.ids import idempotent_email_id, message_id_for, new_email_id
 from mailqueue.message import bare_address, domain_of
 from mailqueue.models import Email, EmailRecipient, utcnow
 from mailqueue.store import current_template, events_of, insert_email, queued_event, record_from_spec, spec_from_record
-from mailqueue.templating import TemplateEngine, TemplateSource
+from mailqueue.template_library import MissingVariables, prepare
+from mailqueue.templating import TemplateEngine, is_partial
 
 router = APIRouter(prefix="/v1/emails", tags=["emails"])
 
@@ -104,23 +106,27 @@ def check_limits(req: EmailRequest, settings: Settings) -> None:
     check_send_at(req.send_at, settings)
 
 
-async def resolve_template(req: EmailRequest, session: SessionDep, engine: TemplateEngine) -> tuple[TemplateRef, Content, str | None]:
-    """Pin the template version now and prove the data renders it (422 otherwise)."""
+async def resolve_template(
+    req: EmailRequest, session: SessionDep, engine: TemplateEngine
+) -> tuple[TemplateRef, Content, str | None, str | None]:
+    """Pin the template and its layouts/partials now, and prove the data renders them (422 otherwise)."""
     assert req.template is not None
     row = await current_template(session, req.template, req.locale)
     if row is None:
         raise invalid(("template",), f"unknown or inactive template {req.template!r}", req.template)
+    if is_partial(row.name):
+        raise invalid(("template",), f"{row.name!r} is a layout or partial; it is not sent by itself", req.template)
     data = req.template_data or {}
-    source = TemplateSource(row.name, row.version, row.subject, row.html, row.text, row.locale)
     try:
-        content = engine.render(source, data)
+        # The worker renders the mail itself at send time; here Jinja alone proves the data fits.
+        prepared = await prepare(session, engine, row, data, req.locale, finish=False)
+    except MissingVariables as exc:
+        raise RequestValidationError(
+            [{"type": "missing_variables", "loc": ("body", "template_data"), "msg": str(exc), "missing": exc.names, "input": None}]
+        ) from None
     except TemplateError as exc:
-        missing = sorted(engine.variables(source) - set(data))
-        if missing:
-            raise invalid(("template_data",), f"missing template variables: {', '.join(missing)}") from None
         raise invalid(("template_data",), f"template {row.name!r} cannot be rendered with this data: {exc}") from None
-    ref = TemplateRef(name=row.name, version=row.version, locale=row.locale or None, data=data)
-    return ref, content, row.default_from
+    return prepared.ref(data, req.locale), prepared.content, row.default_from, row.default_from_name
 
 
 def request_hash(req: EmailRequest) -> str:
@@ -171,10 +177,12 @@ async def queue_email(
     ] = None,
 ) -> EmailAccepted:
     check_limits(req, settings)
-    template_ref = content = template_from = None
+    template_ref = content = template_from = template_from_name = None
     if req.template is not None:
-        template_ref, content, template_from = await resolve_template(req, session, engine)
+        template_ref, content, template_from, template_from_name = await resolve_template(req, session, engine)
     from_address = req.from_ or template_from or normalize_address(settings.default_from)
+    if not req.from_ and template_from_name:  # the template names the sender; the address is its own or the system's
+        from_address = formataddr((template_from_name, bare_address(from_address)))
 
     sender_type, sender_id = principal.sender
     email_id = idempotent_email_id(sender_type, sender_id, idempotency_key) if idempotency_key else new_email_id()
@@ -256,7 +264,13 @@ def summary(email: Email) -> dict[str, Any]:
         cc=email.cc,
         bcc=email.bcc,
         subject=email.subject,
-        template=TemplateUsed(name=email.template_name, version=email.template_version, locale=email.locale)
+        template=TemplateUsed(
+            name=email.template_name,
+            version=email.template_version,
+            locale=email.template_locale,
+            requested_locale=email.locale,
+            dependencies=email.template_dependencies or [],
+        )
         if email.template_name
         else None,
         priority=email.priority,
