@@ -23,7 +23,7 @@ from typing import Any
 import css_inline
 import html2text
 from babel import Locale, UnknownLocaleError, dates as babel_dates, numbers as babel_numbers
-from jinja2 import BaseLoader, StrictUndefined, TemplateNotFound, TemplateSyntaxError, nodes
+from jinja2 import BaseLoader, StrictUndefined, TemplateNotFound, TemplateSyntaxError, Undefined, nodes
 from jinja2 import TemplateError as JinjaTemplateError
 from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError, safe_range
@@ -116,6 +116,16 @@ def parse_locale(value: str | None, default: str = "en") -> Locale:
 # --- filters for dates, numbers and money, in the render's locale ----------------------------
 
 
+def _undefined(*values: Any) -> bool:
+    """A missing variable given to a filter: the strict render says which one; the recording one notes it."""
+    missing = False
+    for value in values:
+        if isinstance(value, Undefined):
+            value._fail_with_undefined_error()  # raises UndefinedError, except while recording
+            missing = True
+    return missing
+
+
 def _as_datetime(value: Any) -> datetime | date:
     if isinstance(value, datetime | date):
         return value
@@ -149,11 +159,15 @@ def _tz(tz: str | None) -> Any:
 
 def filter_date(value: Any, format: str = "medium") -> str:
     """`{{ d | date }}`, `{{ d | date("long") }}`, `{{ d | date("yyyy-MM-dd") }}` (Babel/CLDR patterns)."""
+    if _undefined(value, format):
+        return ""
     return babel_dates.format_date(_as_datetime(value), format=format, locale=_locale.get())
 
 
 def filter_datetime(value: Any, format: str = "medium", tz: str | None = None) -> str:
     """`{{ d | datetime("yyyy-MM-dd HH:mm", "Europe/Berlin") }}`; naive values are UTC."""
+    if _undefined(value, format, tz):
+        return ""
     parsed = _as_datetime(value)
     if not isinstance(parsed, datetime):
         parsed = datetime.combine(parsed, time(), UTC)
@@ -163,6 +177,8 @@ def filter_datetime(value: Any, format: str = "medium", tz: str | None = None) -
 
 
 def filter_time(value: Any, format: str = "short", tz: str | None = None) -> str:
+    if _undefined(value, format, tz):
+        return ""
     parsed = _as_datetime(value)
     if not isinstance(parsed, datetime):
         raise ValueError(f"{value!r} has no time of day")
@@ -173,15 +189,21 @@ def filter_time(value: Any, format: str = "short", tz: str | None = None) -> str
 
 def filter_number(value: Any, format: str | None = None) -> str:
     """`{{ n | number }}` → 1,234.5 (en) / 1.234,5 (de)."""
+    if _undefined(value, format):
+        return ""
     return babel_numbers.format_decimal(_as_number(value), format=format, locale=_locale.get())
 
 
 def filter_percent(value: Any, format: str | None = None) -> str:
+    if _undefined(value, format):
+        return ""
     return babel_numbers.format_percent(_as_number(value), format=format, locale=_locale.get())
 
 
 def filter_currency(value: Any, currency: str = "USD", format: str | None = None) -> str:
     """`{{ amount | currency("EUR") }}` → €1,234.50 (en) / 1.234,50 € (de)."""
+    if _undefined(value, currency, format):
+        return ""
     return babel_numbers.format_currency(_as_number(value), currency, format=format, locale=_locale.get())
 
 

@@ -1,6 +1,6 @@
 """Record the histories that tests/test_replay.py replays: one per shape of SendEmailWorkflow.
 
-    .venv/bin/python -m tests.record_histories [--out tests/histories] [--prefix v1]
+    .venv/bin/python -m tests.record_histories [--out tests/histories] [--prefix v1] [--only SCENARIO ...]
 
 Run it after a workflow change has been released (with `workflow.patched` guarding the
 change), keep the new files next to the old ones, and commit both: every released shape
@@ -22,7 +22,7 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
 
 from mailqueue.config import Settings
-from mailqueue.contracts import CancelRequest, EmailSpec, EmailStatus, RescheduleRequest, TemplateRef, workflow_id_for
+from mailqueue.contracts import CancelRequest, EmailSpec, EmailStatus, RescheduleRequest, TemplatePin, TemplateRef, workflow_id_for
 from mailqueue.db import create_engine, migrate, sessionmaker
 from mailqueue.devserver import TemporalDevServer
 from mailqueue.models import EmailTemplate
@@ -117,7 +117,31 @@ def templated(sessions) -> Scenario:  # type: ignore[no-untyped-def]
     return run
 
 
-async def record(out: Path, prefix: str) -> None:
+def templated_with_layout(sessions) -> Scenario:  # type: ignore[no-untyped-def]
+    """A template that extends a layout: the layout's version travels pinned in the input."""
+
+    async def run(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+        suffix = uuid.uuid4().hex[:6]
+        async with sessions() as s:
+            layout = await save_template_version(
+                s, EmailTemplate(name=f"_rec-layout-{suffix}", subject="", html="<html><body>{% block content %}{% endblock %}</body></html>")
+            )
+            t = await save_template_version(
+                s, EmailTemplate(name=f"rec-{suffix}", subject="Hi {{ n }}",
+                                 html=f"{{% extends '{layout.name}' %}}{{% block content %}}<p>{{{{ n }}}}</p>{{% endblock %}}")
+            )
+        spec = make_spec()
+        spec.content = None
+        spec.template = TemplateRef(
+            name=t.name, version=t.version, data={"n": "x"}, format_locale="de",
+            dependencies=[TemplatePin(name=layout.name, version=layout.version)],
+        )
+        return await _settle(await _start(client, spec, tq))
+
+    return run
+
+
+async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
     tmp = Path(tempfile.mkdtemp())
     url = f"sqlite:///{tmp / 'db.sqlite'}"
     migrate(url)
@@ -133,7 +157,13 @@ async def record(out: Path, prefix: str) -> None:
         "retried_after_failure": retried_after_failure,
         "cancel_rejected_while_sending": cancel_rejected_while_sending,
         "templated": templated(sessions),
+        "templated_with_layout": templated_with_layout(sessions),
     }
+    if only:
+        unknown = only - set(scenarios)
+        if unknown:
+            raise SystemExit(f"unknown scenario(s) {sorted(unknown)}; known: {sorted(scenarios)}")
+        scenarios = {name: run for name, run in scenarios.items() if name in only}
     with TemporalDevServer(free_port()) as server, SmtpSink() as sink:
         client = await Client.connect(server.address)
         settings = Settings(database_url=url, smtp_port=sink.port, _env_file=None)  # type: ignore[call-arg]
@@ -151,9 +181,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "histories")
     parser.add_argument("--prefix", default="v1", help="the released shape these histories belong to")
+    parser.add_argument("--only", action="append", default=None, metavar="SCENARIO", help="record just this shape (repeatable)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    asyncio.run(record(args.out, args.prefix))
+    asyncio.run(record(args.out, args.prefix, set(args.only) if args.only else None))
 
 
 if __name__ == "__main__":

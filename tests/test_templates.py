@@ -115,6 +115,13 @@ def test_missing_variables_are_named_not_guessed(engine: TemplateEngine) -> None
         engine.render(t, {"b": {"c": 1}})
 
 
+def test_missing_variables_given_to_filters_are_named(engine: TemplateEngine) -> None:
+    t = src("<p>{{ at | date('long') }} {{ total | currency(cur) }} {{ n | number }}</p>")
+    assert engine.missing_variables(t, {"n": 1}) == ["at", "cur", "total"]
+    with pytest.raises(TemplateError, match="'at' is undefined"):
+        engine.render(t, {"n": 1})
+
+
 def test_loops_conditionals_and_builtin_filters(engine: TemplateEngine) -> None:
     t = src("{% for i in items if i.qty > 0 %}{{ loop.index }}:{{ i.name | upper }};{% else %}none{% endfor %}"
             "{{ items | map(attribute='qty') | sum }}", text="x")

@@ -80,6 +80,7 @@ async def test_create_version_read_deactivate(stack: Stack) -> None:
     assert caught.message["From"] == "The Team <team@example.com>" and caught.message["Subject"] == "Hello Ann"
 
     assert (await http.delete(f"/v1/templates/{name}")).status_code == 204
+    assert (await http.delete(f"/v1/templates/{name}")).status_code == 204  # idempotent
     assert name not in {t["name"] for t in (await http.get("/v1/templates")).json()}
     assert name in {t["name"] for t in (await http.get("/v1/templates", params={"include_inactive": True})).json()}
     refused = await http.post("/v1/emails", json={"to": ["ann@example.com"], "template": name, "template_data": {"n": 1}})
@@ -162,7 +163,8 @@ async def test_edit_while_scheduled_sends_the_old_versions(stack: Stack) -> None
 
 async def test_locale_picks_the_variant_with_fallback(stack: Stack) -> None:
     http, name = stack.http, unique("notice")
-    await put(http, name, subject="Due {{ when | date('long') }}", text="Pay {{ amount | currency('EUR') }} by {{ when | date }}")
+    await put(http, name, subject="Due {{ when | date('long') }}", text="Pay {{ amount | currency('EUR') }} by {{ when | date }}",
+              sample_data={"when": "2025-01-31", "amount": 5})
     await put(http, name, locale="de", subject="Fällig am {{ when | date('long') }}", text="Zahlen Sie {{ amount | currency('EUR') }} bis {{ when | date }}")
     data = {"when": "2025-06-18", "amount": "1234.5"}
 
@@ -180,6 +182,13 @@ async def test_locale_picks_the_variant_with_fallback(stack: Stack) -> None:
     assert m.message["Subject"] == "Due June 18, 2025" and spaced(text_of(m)) == "Pay €1,234.50 by Jun 18, 2025"
     got = (await http.get(f"/v1/emails/{de_at}")).json()["template"]
     assert (got["locale"], got["requested_locale"]) == ("de", "de-AT")
+    # The German variant has no sample data of its own: its preview uses the default variant's.
+    preview = (await http.post(f"/v1/templates/{name}/preview", json={"locale": "de"})).json()
+    assert preview["subject"] == "Fällig am 31. Januar 2025" and preview["template"]["locale"] == "de"
+    # Deactivating the German variant alone: German emails fall back to the default one.
+    assert (await http.delete(f"/v1/templates/{name}", params={"locale": "de"})).status_code == 204
+    [m] = await delivered(stack.sink, await send(http, name, data, locale="de"))
+    assert m.message["Subject"] == "Due 18. Juni 2025"
 
 
 async def test_preview_json_html_and_browser_auth(stack: Stack) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from email.utils import formataddr
 import re
 from datetime import UTC, datetime, timedelta
+from email.utils import formataddr
 from typing import Annotated, Any
 
 import sqlalchemy as sa

@@ -184,10 +184,12 @@ async def delete_template(
 ) -> Response:
     locale = _locale(locale) if locale is not None else None
     changed = await deactivate_template(session, name, locale)
-    if not changed:
-        exists = await template_versions(session, name, locale or "")
-        if not exists:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no template {name!r}")
+    if not changed:  # already inactive is fine (DELETE is idempotent); never stored is a 404
+        query = select(EmailTemplate.id).where(EmailTemplate.name == name)
+        if locale is not None:
+            query = query.where(EmailTemplate.locale == locale)
+        if (await session.exec(query.limit(1))).first() is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no template {name!r}" + (f" ({locale or 'default'})" if locale is not None else ""))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -210,7 +212,11 @@ async def _preview(
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no active template {name!r}" + (f" version {version}" if version else ""))
     source = "request" if data is not None else "sample_data"
     if data is None:
-        data = row.sample_data or {}
+        data = row.sample_data
+        if data is None and row.locale:  # a variant without its own sample data: the default variant's
+            default = await current_exact(session, name, "")
+            data = default.sample_data if default is not None else None
+        data = data or {}
     try:
         prepared = await prepare(session, engine, row, data, locale)
     except MissingVariables as exc:
