@@ -11,24 +11,14 @@ from typing import Annotated, Any, Literal
 from email_validator import EmailNotValidError, validate_email
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mailqueue.templating import check_locale
+
 # RFC 5322 field names; these are set by mailqueue itself and cannot be overridden.
 _HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")
 _RESERVED_HEADERS = {
     "from", "to", "cc", "bcc", "reply-to", "subject", "date", "message-id", "sender",
     "mime-version", "content-type", "content-transfer-encoding", "return-path", "received",
 }
-_LOCALE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
-
-
-def check_locale(value: str | None) -> str | None:
-    """'pt_BR' and 'pt-BR' are the same locale; stored as 'pt-BR'."""
-    if not value:
-        return value
-    if not _LOCALE.match(value):
-        raise ValueError("locale must look like 'en' or 'pt-BR'")
-    return value.replace("_", "-")
-
-
 def _no_line_breaks(value: str, what: str) -> str:
     if "\r" in value or "\n" in value:
         raise ValueError(f"{what} must not contain CR or LF characters")

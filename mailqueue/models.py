@@ -128,7 +128,14 @@ class EmailTemplate(SQLModel, table=True):
     """A named template; every change adds a version and emails pin the one they used."""
 
     __tablename__ = "email_templates"
-    __table_args__ = (sa.UniqueConstraint("name", "locale", "version", name="uq_email_templates_version"),)
+    __table_args__ = (
+        sa.UniqueConstraint("name", "locale", "version", name="uq_email_templates_version"),
+        # One current version per name and locale, even when two saves race.
+        sa.Index(
+            "uq_email_templates_current", "name", "locale", unique=True,
+            postgresql_where=sa.text("is_current"), sqlite_where=sa.text("is_current"),
+        ),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=200, index=True)

@@ -312,9 +312,15 @@ async def resolve_dependencies(
 async def save_template_version(session: AsyncSession, template: EmailTemplate) -> EmailTemplate:
     """Store a new version of `template.name`/`locale`; the previous one stays, no longer current.
 
-    Two writers racing for the same version number: the loser tries again with the next one.
+    Saves of one name and locale are serialized (a transaction-scoped advisory lock on
+    PostgreSQL; SQLite's writes are serialized already), and a writer that still meets a
+    taken version number tries again with the next one.
     """
     for attempt in range(5):
+        connection = await session.connection()
+        if connection.dialect.name == "postgresql":
+            key = f"email_templates:{template.name}:{template.locale}"
+            await connection.execute(sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": key})
         latest = (
             await session.exec(
                 select(sa.func.max(EmailTemplate.version)).where(

@@ -33,7 +33,7 @@ from mailqueue.store import (
     save_template_version,
     source_of,
 )
-from mailqueue.templating import PARTS, TemplateEngine, TemplateSource, is_partial
+from mailqueue.templating import PARTS, TemplateEngine, TemplateSource, check_locale, is_partial
 
 FILES = {"subject": "subject.txt", "html": "body.html", "text": "body.txt"}
 META_FILE = "template.json"
@@ -222,7 +222,12 @@ def read_folder(directory: Path) -> tuple[list[FileTemplate], list[Problem]]:
         if problem:
             problems.append(problem)
             continue
-        variants = [(folder, "")] + [(sub, sub.name) for sub in sorted(folder.iterdir()) if sub.is_dir()]
+        variants: list[tuple[Path, str]] = [(folder, "")]
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            try:
+                variants.append((sub, check_locale(sub.name) or ""))
+            except ValueError:
+                problems.append(Problem("folder", f"{sub}: a sub-folder is a locale variant, like 'de' or 'pt-BR'", template=folder.name))
         for path, locale in variants:
             meta, problem = _read_meta(path) if locale else (base_meta, None)
             if problem:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import operator
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from jinja2 import BaseLoader, StrictUndefined, TemplateNotFound, TemplateSyntax
 from jinja2 import TemplateError as JinjaTemplateError
 from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError, safe_range
+from jinja2.utils import missing
 
 from mailqueue.contracts import Content
 from mailqueue.errors import TemplateError
@@ -63,6 +65,18 @@ class TemplateSource:
 
     def part(self, part: str) -> str | None:
         return getattr(self, part)
+
+
+_LOCALE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
+
+
+def check_locale(value: str | None) -> str | None:
+    """'pt_BR' and 'pt-BR' are the same locale; stored as 'pt-BR'. Raises ValueError for anything else."""
+    if not value:
+        return value
+    if not _LOCALE.match(value):
+        raise ValueError("locale must look like 'en' or 'pt-BR'")
+    return value.replace("_", "-")
 
 
 def is_partial(name: str) -> bool:
@@ -229,6 +243,8 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         if operator_ == "**":
             if isinstance(right, int | float) and abs(right) > 100:
                 raise SecurityError("exponent too large")
+            if isinstance(left, int) and isinstance(right, int) and left.bit_length() * right > 100_000:
+                raise SecurityError("the result of ** would be too large")
             return left**right
         if isinstance(left, str | list | tuple) and isinstance(right, int) and len(left) * right > MAX_SEQUENCE:
             raise SecurityError(f"the result of * would be longer than {MAX_SEQUENCE}")
@@ -254,8 +270,6 @@ class _Recorder(StrictUndefined):
         return self._record()
 
     def _record(self) -> Any:
-        from jinja2.utils import missing
-
         if self._undefined_obj is missing and self._undefined_name:
             self.missing.get().add(self._undefined_name)
         return ""

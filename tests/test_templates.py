@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import shutil
@@ -53,6 +54,7 @@ ATTACKS = [
     ("{{ d.pop('a') }}", {"d": {"a": 1}}),
     ("{{ 'a' * 100000000 }}", {}),
     ("{{ 9 ** 9999999 }}", {}),
+    ("{{ ((9 ** 100) ** 100) ** 100 }}", {}),
     ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", {}),
     ("{% for i in range(99999) %}{% for j in range(99) %}{{ 'xxxxxxxxxx' }}{% endfor %}{% endfor %}", {}),
 ]
@@ -229,14 +231,17 @@ async def test_reload_is_all_or_nothing_and_names_the_file(sessions, engine: Tem
     broken = tmp_path / names["LowStockAlert"] / "body.html"
     broken.write_text(broken.read_text().replace("{% endfor %}", "", 1))
     (tmp_path / names["TestTemplate"] / "template.json").write_text("{not json")
+    (tmp_path / names["PasswordReset"] / "Deutsch!").mkdir()
     async with sessions() as session:
         result = await reload_folder(session, engine, tmp_path)
         assert result.created == []
         text = "\n".join(str(p) for p in result.problems)
         assert "template.json" in text and "not valid JSON" in text
+        assert "Deutsch!" in text and "locale variant" in text
         # The JSON problem is reported first (files are read before templates are checked).
         assert not await _exists(session, names["StockIssueApproved"])
         (tmp_path / names["TestTemplate"] / "template.json").write_text(json.dumps({"sample_data": {"Name": "x"}}))
+        (tmp_path / names["PasswordReset"] / "Deutsch!").rmdir()
         result = await reload_folder(session, engine, tmp_path)
         [problem] = result.problems
         assert problem.template == names["LowStockAlert"] and problem.field == "html" and problem.line is not None
@@ -284,3 +289,23 @@ async def test_every_shipped_template_renders_to_good_mail(sessions, engine: Tem
             with pytest.raises(MissingVariables) as missing:
                 await prepare(session, engine, row, {}, locale or None)
             assert set(missing.value.names) <= set(row.sample_data or {})
+
+
+async def test_concurrent_saves_make_distinct_versions_and_one_current(sessions) -> None:
+    from sqlmodel import select
+
+    from mailqueue.models import EmailTemplate
+    from mailqueue.store import save_template_version
+
+    name = f"race_{uuid.uuid4().hex[:8]}"
+
+    async def save(i: int) -> int:
+        async with sessions() as session:
+            row = await save_template_version(session, EmailTemplate(name=name, subject=f"v{i}", text=f"body {i}"))
+            return row.version
+
+    versions = await asyncio.gather(*(save(i) for i in range(8)))
+    assert sorted(versions) == list(range(1, 9))
+    async with sessions() as session:
+        rows = (await session.exec(select(EmailTemplate).where(EmailTemplate.name == name))).all()
+    assert len(rows) == 8 and [r.version for r in rows if r.is_current] == [8]

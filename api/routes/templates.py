@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse
 from sqlmodel import col, select
 
 from api.deps import BrowserPrincipalDep, PrincipalDep, SessionDep, SettingsDep, TemplatesDep
-from api.schemas import PreviewIn, PreviewOut, ReloadOut, TemplateBody, TemplateIn, TemplateOut, TemplatePinOut, check_locale
+from api.schemas import PreviewIn, PreviewOut, ReloadOut, TemplateBody, TemplateIn, TemplateOut, TemplatePinOut
 from mailqueue.contracts import TemplatePin
 from mailqueue.errors import TemplateError
 from mailqueue.models import EmailTemplate
@@ -23,7 +23,7 @@ from mailqueue.store import (
     template_versions,
 )
 from mailqueue.template_library import MissingVariables, Problem, check_draft, current_exact, prepare, reload_folder
-from mailqueue.templating import TemplateEngine, TemplateSource
+from mailqueue.templating import TemplateEngine, TemplateSource, check_locale
 
 router = APIRouter(prefix="/v1/templates", tags=["templates"])
 

@@ -25,6 +25,10 @@ def upgrade() -> None:
     op.execute("UPDATE email_templates SET updated_at = created_at")
     with op.batch_alter_table('email_templates') as batch:
         batch.alter_column('updated_at', existing_type=mailqueue.models.UTCDateTime(timezone=True), nullable=False)
+    op.create_index(
+        'uq_email_templates_current', 'email_templates', ['name', 'locale'], unique=True,
+        postgresql_where=sa.text('is_current'), sqlite_where=sa.text('is_current'),
+    )
     with op.batch_alter_table('emails') as batch:
         batch.add_column(sa.Column('template_locale', sqlmodel.sql.sqltypes.AutoString(length=35), nullable=True))
         batch.add_column(sa.Column('template_dependencies', JSON, nullable=True))
@@ -34,6 +38,7 @@ def downgrade() -> None:
     with op.batch_alter_table('emails') as batch:
         batch.drop_column('template_dependencies')
         batch.drop_column('template_locale')
+    op.drop_index('uq_email_templates_current', table_name='email_templates')
     with op.batch_alter_table('email_templates') as batch:
         batch.drop_column('updated_at')
         batch.drop_column('default_from_name')
