@@ -18,7 +18,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.audit import AuditActivities
-from activities.render import RenderActivities
+from activities.render import RenderActivities, Renderer
 from activities.send import SendActivities
 from mailqueue.config import Settings, get_settings
 from mailqueue.db import create_engine, sessionmaker
@@ -31,12 +31,20 @@ from workflows.send_email import SendEmailWorkflow
 log = logging.getLogger("mailqueue.worker")
 
 
-def build_worker(client: Client, settings: Settings, *, driver: Driver | None = None, task_queue: str | None = None) -> Worker:
+def build_worker(
+    client: Client,
+    settings: Settings,
+    *,
+    driver: Driver | None = None,
+    task_queue: str | None = None,
+    renderer: Renderer | None = None,
+) -> Worker:
     """The worker with its activities wired to their dependencies (DB, driver, templates)."""
     sessions = sessionmaker(create_engine(settings.database_url))
     audit = AuditActivities(sessions)
-    render = RenderActivities(sessions, TemplateEngine(settings.default_locale))
-    send = SendActivities(sessions, driver or driver_from_settings(settings))
+    renderer = renderer or Renderer(sessions, TemplateEngine(settings.default_locale))
+    render = RenderActivities(renderer)  # for emails queued before the send activity rendered
+    send = SendActivities(sessions, driver or driver_from_settings(settings), renderer)
     return Worker(
         client,
         task_queue=task_queue or settings.task_queue,

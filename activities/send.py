@@ -11,17 +11,21 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.render import STORE_ERRORS, Renderer
 from mailqueue.contracts import (
     PERMANENT_DELIVERY_ERROR,
+    TEMPLATE_ERROR,
+    TEMPLATE_STORE_UNAVAILABLE,
     TRANSIENT_DELIVERY_ERROR,
     AuditEntry,
+    Content,
     EmailStatus,
     EventType,
     SendRequest,
     SendResult,
 )
 from mailqueue.drivers import Driver
-from mailqueue.errors import PermanentDeliveryError, TransientDeliveryError
+from mailqueue.errors import PermanentDeliveryError, TemplateError, TransientDeliveryError
 from mailqueue.message import build_message, envelope
 from mailqueue.store import apply_audit
 
@@ -34,15 +38,17 @@ def _event_id(run_id: str, attempt: int, event: EventType) -> str:
 
 
 class SendActivities:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], driver: Driver) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], driver: Driver, renderer: Renderer) -> None:
         self._sessions = sessions
         self._driver = driver
+        self._renderer = renderer
 
     @activity.defn(name="send_email")
     async def send(self, req: SendRequest) -> SendResult:
         info = activity.info()
         attempt = info.attempt
         spec = req.spec
+        content = await self._content(req)  # before `sending`: a template that cannot render was never sent
         await self._audit(
             AuditEntry(
                 email_id=spec.email_id,
@@ -55,7 +61,7 @@ class SendActivities:
                 spec=spec,
             )
         )
-        message = build_message(spec, req.content)
+        message = build_message(spec, content)
         sender, recipients = envelope(spec)
         try:
             delivery = await self._driver.send(message, sender, recipients)
@@ -92,6 +98,29 @@ class SendActivities:
             )
         )
         return result
+
+    async def _content(self, req: SendRequest) -> Content:
+        """The mail to send: given by the workflow (emails queued before the send rendered), raw, or rendered now."""
+        spec = req.spec
+        if req.content is not None:
+            return req.content
+        if spec.content is not None:
+            return spec.content
+        if spec.template is None:
+            raise ApplicationError("the email has neither content nor a template", {"attempt": 0}, type=TEMPLATE_ERROR, non_retryable=True)
+        try:
+            return await self._renderer.render(spec.template)
+        except TemplateError as exc:
+            raise ApplicationError(str(exc), {"attempt": 0}, type=TEMPLATE_ERROR, non_retryable=True) from None
+        except STORE_ERRORS as exc:
+            # Not a delivery attempt: the workflow waits for the database and asks again, so an
+            # outage delays the email without using up its attempts. The type only: driver
+            # messages can name hosts and users.
+            log.warning("email %s: template store unavailable (%s); the workflow will ask again", spec.email_id, type(exc).__name__)
+            raise ApplicationError(
+                f"template store unavailable ({type(exc).__name__})", {"attempt": 0},
+                type=TEMPLATE_STORE_UNAVAILABLE, non_retryable=True,
+            ) from None
 
     def _retrying(self, req: SendRequest, attempt: int, reason: str, run_id: str) -> AuditEntry:
         retry = req.spec.retry

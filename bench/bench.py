@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/bench.py [--emails 1000] [--clients 50] [--rate 20] [--steady-seconds 30]
                                     [--workers 1] [--database-url URL] [--json-out FILE]
+                                    [--template StockIssueApproved [--template-items 50]]
+                                    [--render-only] [--render-seconds 5]
 
 Starts its own stack on free ports in a temporary directory (Temporal dev server persisted
 to a file with WAL, SQLite unless --database-url, N workers, the API under uvicorn, a sink
@@ -170,6 +172,22 @@ async def wait_delivered(stack: Stack, ids: set[str], timeout: float) -> list[tu
         await asyncio.sleep(0.2)
 
 
+async def use_template(http: Any, name: str, items: int) -> None:
+    """From here on, POST emails from a shipped template (its sample data; `items` rows for a list of items)."""
+    global BODY
+    reload = await http.post("/v1/templates/reload")
+    if reload.status_code != 200:
+        raise SystemExit(f"could not load the templates folder: {reload.text}")
+    got = await http.get(f"/v1/templates/{name}")
+    if got.status_code != 200:
+        raise SystemExit(f"no template {name!r}: {got.text}")
+    data = dict(got.json()["sample_data"] or {})
+    for key, value in data.items():
+        if isinstance(value, list) and value and isinstance(value[0], dict) and items:
+            data[key] = [dict(value[i % len(value)], ItemCode=f"ITEM-{i:04d}") for i in range(items)]
+    BODY = {"to": ["bench@example.com"], "template": name, "template_data": data}
+
+
 async def warm_up(stack: Stack, http: Any) -> None:
     sent: dict[str, float] = {}
     for _ in range(600):
@@ -293,7 +311,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "machine": machine(),
         "settings": {"database": "postgresql" if args.database_url else "sqlite (file)", "temporal": "dev server, file + WAL",
-                     "workers": args.workers, "emails": args.emails, "clients": args.clients, "rate": args.rate},
+                     "workers": args.workers, "emails": args.emails, "clients": args.clients, "rate": args.rate,
+                     "template": f"{args.template} ({args.template_items} items)" if args.template else None},
     }
     try:
         print(f"starting the stack in {tmp}", flush=True)
@@ -302,6 +321,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{stack.api_port}", headers={"Authorization": f"Bearer {KEY}"},
                                      timeout=60, limits=limits) as http:
             await warm_up(stack, http)
+            if args.template:
+                await use_template(http, args.template, args.template_items)
+                await warm_up(stack, http)
             print(f"A. steady {args.rate}/s for {args.steady_seconds}s", flush=True)
             results["steady"] = await steady(stack, http, args.rate, args.steady_seconds)
             print(f"B. {args.emails} emails from {args.clients} clients", flush=True)
@@ -395,6 +417,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--database-url", default=None, help="PostgreSQL server URL; default: SQLite file")
     parser.add_argument("--json-out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    parser.add_argument("--template", default=None, help="A and B send this shipped template (e.g. StockIssueApproved) instead of a raw email")
+    parser.add_argument("--template-items", type=int, default=50, help="rows in the template's list of items")
     parser.add_argument("--render-seconds", type=float, default=5.0)
     parser.add_argument("--render-only", action="store_true", help="run only D (template rendering)")
     args = parser.parse_args()

@@ -172,7 +172,9 @@ class RenderRequest:
 @dataclass
 class SendRequest:
     spec: EmailSpec
-    content: Content
+    # Set by workflows that rendered before sending (before the `send-renders-the-template`
+    # patch). Now None: the send activity takes spec.content or renders spec.template itself.
+    content: Content | None = None
 
 
 @dataclass
@@ -194,6 +196,7 @@ class SendResult:
 PERMANENT_DELIVERY_ERROR = "PermanentDeliveryError"
 TRANSIENT_DELIVERY_ERROR = "TransientDeliveryError"
 TEMPLATE_ERROR = "TemplateRenderError"
+TEMPLATE_STORE_UNAVAILABLE = "TemplateStoreUnavailable"  # the send could not load the template: wait, ask again
 EMAIL_FAILED = "EmailDeliveryFailed"
 
 # Names shared by the workflow and its callers (the API starts and updates by name).

@@ -180,6 +180,8 @@ def fast_settings(database_url: str, temporal_address: str, smtp_port: int, task
 # --- an API stack (uvicorn child + worker + SMTP sink) and its HTTP helpers ----------------
 
 KEY = "test-admin-key"
+# A database nobody listens on (port 1 refuses at once): for outages.
+UNREACHABLE_DATABASE = "postgresql+psycopg://mailqueue@127.0.0.1:1/unreachable"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
 
+from activities.render import Renderer
 from mailqueue.config import Settings
 from mailqueue.contracts import CancelRequest, EmailSpec, EmailStatus, RescheduleRequest, TemplatePin, TemplateRef, workflow_id_for
 from mailqueue.db import create_engine, migrate, sessionmaker
@@ -28,7 +29,8 @@ from mailqueue.devserver import TemporalDevServer
 from mailqueue.models import EmailTemplate
 from mailqueue.net import free_port
 from mailqueue.store import save_template_version
-from tests.helpers import SmtpSink, make_spec
+from mailqueue.templating import TemplateEngine
+from tests.helpers import UNREACHABLE_DATABASE, SmtpSink, make_spec
 from worker import build_worker
 from workflows.send_email import SendEmailWorkflow
 
@@ -141,11 +143,31 @@ def templated_with_layout(sessions) -> Scenario:  # type: ignore[no-untyped-def]
     return run
 
 
+def template_store_outage(sessions, renderer: Renderer) -> Scenario:  # type: ignore[no-untyped-def]
+    """The send cannot load the template (database away): the workflow waits and asks again."""
+
+    async def run(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+        async with sessions() as s:
+            t = await save_template_version(s, EmailTemplate(name=f"rec-{uuid.uuid4().hex[:6]}", subject="Hi {{ n }}", html="<p>{{ n }}</p>"))
+        spec = make_spec()
+        spec.content, spec.template = None, TemplateRef(name=t.name, version=t.version, data={"n": "x"})
+        renderer.sessions = sessionmaker(create_engine(UNREACHABLE_DATABASE))
+        try:
+            h = await _start(client, spec, tq)
+            await asyncio.sleep(2.5)  # two asks, two waits
+        finally:
+            renderer.sessions = sessions
+        return await _settle(h)
+
+    return run
+
+
 async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
     tmp = Path(tempfile.mkdtemp())
     url = f"sqlite:///{tmp / 'db.sqlite'}"
     migrate(url)
     sessions = sessionmaker(create_engine(url))
+    renderer = Renderer(sessions, TemplateEngine())
     scenarios: dict[str, Scenario] = {
         "sent": sent,
         "scheduled_then_sent": scheduled_then_sent,
@@ -158,6 +180,7 @@ async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
         "cancel_rejected_while_sending": cancel_rejected_while_sending,
         "templated": templated(sessions),
         "templated_with_layout": templated_with_layout(sessions),
+        "template_store_outage": template_store_outage(sessions, renderer),
     }
     if only:
         unknown = only - set(scenarios)
@@ -168,7 +191,7 @@ async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
         client = await Client.connect(server.address)
         settings = Settings(database_url=url, smtp_port=sink.port, _env_file=None)  # type: ignore[call-arg]
         tq = f"record-{uuid.uuid4()}"
-        async with build_worker(client, settings, task_queue=tq):
+        async with build_worker(client, settings, task_queue=tq, renderer=renderer):
             for name, scenario in scenarios.items():
                 handle = await scenario(client, tq, sink)
                 history = await client.get_workflow_handle(handle.id).fetch_history()

@@ -49,6 +49,9 @@ ATTACKS = [
     ("{{ x['__class__'] }}", {"x": 1}),
     ("{{ '{0.__class__.__init__.__globals__}'.format(x) }}", {"x": 1}),
     ("{{ x.format(y) }}", {"x": "{0.__class__}", "y": 1}),
+    ("{{ ('{0.__class__.__init__.__globals__}' | attr('format'))(x) }}", {"x": 1}),  # CVE-2025-27516
+    ("{% set f = '{0.__class__}'.format %}{{ f(x) }}", {"x": 1}),  # CVE-2024-56326
+    ("{{ m.__globals__ }}{% macro m() %}{% endmacro %}", {}),
     ("{{ items.append(1) }}", {"items": []}),
     ("{{ d.update({'a': 1}) }}", {"d": {}}),
     ("{{ d.pop('a') }}", {"d": {"a": 1}}),
@@ -309,3 +312,26 @@ async def test_concurrent_saves_make_distinct_versions_and_one_current(sessions)
     async with sessions() as session:
         rows = (await session.exec(select(EmailTemplate).where(EmailTemplate.name == name))).all()
     assert len(rows) == 8 and [r.version for r in rows if r.is_current] == [8]
+
+
+def test_the_templates_command_loads_a_folder_and_reports_problems(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from mailqueue.db import migrate
+
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    migrate(url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILQUEUE_")} | {"MAILQUEUE_DATABASE_URL": url}
+    run = [sys.executable, "-m", "mailqueue.cli", "templates", "--dir"]
+    first = subprocess.run([*run, str(TEMPLATES)], env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0 and "13 loaded: 13 new version(s)" in first.stdout, first.stdout + first.stderr
+    again = subprocess.run([*run, str(TEMPLATES)], env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "13 loaded: 0 new version(s)" in again.stdout
+    broken = tmp_path / "broken" / "Oops"
+    broken.mkdir(parents=True)
+    (broken / "subject.txt").write_text("Hi")
+    (broken / "body.html").write_text("<p>\n{% if %}</p>")
+    bad = subprocess.run([*run, str(broken.parent)], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "Oops: html: line 2" in bad.stderr and "nothing was saved" in bad.stderr

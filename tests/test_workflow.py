@@ -21,7 +21,7 @@ from mailqueue.contracts import (
 )
 from mailqueue.models import Email, EmailTemplate
 from mailqueue.store import events_of, save_template_version
-from tests.helpers import SmtpSink, make_spec
+from tests.helpers import UNREACHABLE_DATABASE, SmtpSink, make_spec
 from workflows.send_email import SendEmailWorkflow
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -275,6 +275,35 @@ async def test_template_error_fails_permanently(client, task_queue, sink: SmtpSi
     email, events = await record(sessions, spec.email_id)
     assert email.status == "failed" and "'who' is undefined" in (email.last_error or "")
     assert sink.messages == []
+
+
+async def test_template_store_outage_delays_the_email_without_using_attempts(client, settings, sink: SmtpSink, sessions) -> None:
+    from activities.render import Renderer
+    from mailqueue.db import create_engine, sessionmaker
+    from mailqueue.templating import TemplateEngine
+    from worker import build_worker
+
+    name = f"outage-{settings.task_queue[-8:]}"
+    async with sessions() as s:
+        v1 = await save_template_version(s, EmailTemplate(name=name, subject="Hi {{ n }}", html="<p>{{ n }}</p>"))
+    renderer = Renderer(sessionmaker(create_engine(UNREACHABLE_DATABASE)), TemplateEngine())
+    tq = settings.task_queue + "-outage"
+    async with build_worker(client, settings, task_queue=tq, renderer=renderer):
+        spec = make_spec(max_attempts=1)  # a used-up attempt would fail it
+        spec.content = None
+        spec.template = TemplateRef(name=name, version=v1.version, data={"n": "there"})
+        handle = await start(client, spec, tq)
+        await asyncio.sleep(3.5)  # asks at about 0, 1 and 3 s
+        assert sink.messages == []
+        assert (await handle.describe()).status is WorkflowExecutionStatus.RUNNING
+        assert (await handle.query(SendEmailWorkflow.status)).status is EmailStatus.SENDING
+        renderer.sessions = sessions  # the database is back
+        state = await asyncio.wait_for(handle.result(), 15)
+    assert state.status is EmailStatus.SENT and state.attempts == 1
+    [caught] = await sink.wait_for(1)
+    assert caught.message["Subject"] == "Hi there"
+    email, events = await record(sessions, spec.email_id)
+    assert email.status == "sent" and events == ["queued", "sending", "sent"]
 
 
 async def test_log_driver_delivers_without_a_mail_server(client, settings, sessions) -> None:

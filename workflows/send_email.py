@@ -22,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
         SEND_EMAIL_WORKFLOW,
         STATUS_QUERY,
         TEMPLATE_ERROR,
+        TEMPLATE_STORE_UNAVAILABLE,
         AuditEntry,
         CancelRequest,
         Content,
@@ -37,8 +38,9 @@ with workflow.unsafe.imports_passed_through():
 
     from workflows.timer import UpdatableTimer
 
-# Audit and render are local activities: they run inside the workflow task, so they add
-# no server round trips. They retry without limit: a database outage delays, never loses.
+# Audit (and, for emails from before SEND_RENDERS, render) are local activities: they run
+# inside the workflow task, so they add no server round trips. They retry without limit:
+# a database outage delays, never loses.
 _RECORD = dict(
     start_to_close_timeout=timedelta(seconds=15),
     retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=30)),
@@ -51,6 +53,12 @@ _RENDER = dict(
         non_retryable_error_types=[TEMPLATE_ERROR],
     ),
 )
+
+
+# Workflow changes, each guarded by workflow.patched so that emails already in flight replay.
+# The send activity renders the template (the rendered mail stays out of the history, and
+# rendering runs in an activity, not inside a workflow task); a template store outage waits.
+SEND_RENDERS = "send-renders-the-template"
 
 
 @workflow.defn(name=SEND_EMAIL_WORKFLOW)
@@ -77,13 +85,16 @@ class SendEmailWorkflow:
                     scheduled_for=spec.send_at, detail=f"due {spec.send_at.isoformat()}",
                 )
             due = await self._timer.sleep()
-            content = await self._render() if due and self._cancel_reason is None else None
+            go = due and self._cancel_reason is None
+            content: Content | None = None  # None: the send activity renders (or takes spec.content)
+            if go and not workflow.patched(SEND_RENDERS):
+                content = await self._render()
         except asyncio.CancelledError:
             # Cancelled from the Temporal UI/CLI before sending began: record it, end Canceled.
             self._cancel_reason = self._cancel_reason or "cancelled in Temporal"
             await self._finish_cancelled()
             raise
-        if content is None or self._cancel_reason is not None:
+        if not go or self._cancel_reason is not None:
             return await self._finish_cancelled()
         self._status = EmailStatus.SENDING  # from here on, cancel is refused
         result = await self._send(content)
@@ -104,6 +115,7 @@ class SendEmailWorkflow:
     # --- steps ----------------------------------------------------------------------
 
     async def _render(self) -> Content:
+        """Before SEND_RENDERS: a local activity rendered, and the mail went into the history twice."""
         if self._spec.template is None:
             assert self._spec.content is not None
             return self._spec.content
@@ -114,7 +126,27 @@ class SendEmailWorkflow:
         except (ActivityError, ApplicationError) as err:  # a local activity's failure arrives unwrapped
             await self._fail(_reason(err), attempt=0)
 
-    async def _send(self, content: Content) -> SendResult:
+    async def _send(self, content: Content | None) -> SendResult:
+        waits = 0
+        while True:
+            try:
+                return await self._send_once(content)
+            except ActivityError as err:
+                if _error_type(err) != TEMPLATE_STORE_UNAVAILABLE:
+                    await self._fail(_reason(err), attempt=_attempt(err, self._spec.retry.max_attempts))
+            # The database that holds the template is away: nothing was sent and no attempt
+            # is used up. Wait (durably) and ask again, as long as it takes.
+            waits += 1
+            delay = min(2 ** (waits - 1), 30)
+            workflow.logger.warning("template store unavailable; asking again in %ss", delay)
+            try:
+                await workflow.sleep(delay)
+            except asyncio.CancelledError:
+                await self._record(
+                    EventType.CANCEL_REJECTED, detail="cancel requested while sending; the send's outcome stands"
+                )
+
+    async def _send_once(self, content: Content | None) -> SendResult:
         retry = self._spec.retry
         handle = workflow.start_activity_method(
             SendActivities.send,
@@ -129,16 +161,13 @@ class SendEmailWorkflow:
             ),
         )
         try:
-            try:
-                # A send in flight is never abandoned: its outcome must be recorded truthfully.
-                return await asyncio.shield(handle)
-            except asyncio.CancelledError:
-                await self._record(
-                    EventType.CANCEL_REJECTED, detail="cancel requested while sending; the send's outcome stands"
-                )
-                return await handle
-        except ActivityError as err:
-            await self._fail(_reason(err), attempt=_attempt(err, retry.max_attempts))
+            # A send in flight is never abandoned: its outcome must be recorded truthfully.
+            return await asyncio.shield(handle)
+        except asyncio.CancelledError:
+            await self._record(
+                EventType.CANCEL_REJECTED, detail="cancel requested while sending; the send's outcome stands"
+            )
+            return await handle
 
     async def _fail(self, reason: str, *, attempt: int) -> NoReturn:
         self._status = EmailStatus.FAILED
@@ -234,6 +263,10 @@ def _reason(err: ActivityError | ApplicationError) -> str:
     if isinstance(cause, ApplicationError):
         return cause.message
     return str(cause or err)
+
+
+def _error_type(err: ActivityError) -> str | None:
+    return err.cause.type if isinstance(err.cause, ApplicationError) else None
 
 
 def _attempt(err: ActivityError, max_attempts: int) -> int:
