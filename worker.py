@@ -18,12 +18,14 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.audit import AuditActivities
+from activities.quota import QuotaActivities
 from activities.render import RenderActivities, Renderer
 from activities.send import SendActivities
 from mailqueue.config import Settings, get_settings
 from mailqueue.db import create_engine, sessionmaker
 from mailqueue.drivers import Driver, driver_from_settings
 from mailqueue.logs import configure_logging
+from mailqueue.senders import DriverFactory
 from mailqueue.temporal import connect
 from mailqueue.templating import TemplateEngine
 from workflows.send_email import SendEmailWorkflow
@@ -44,13 +46,16 @@ def build_worker(
     audit = AuditActivities(sessions)
     renderer = renderer or Renderer(sessions, TemplateEngine(settings.default_locale))
     render = RenderActivities(renderer)  # for emails queued before the send activity rendered
-    send = SendActivities(sessions, driver or driver_from_settings(settings), renderer)
+    drivers = DriverFactory(settings, driver or driver_from_settings(settings))
+    send = SendActivities(sessions, drivers, renderer, settings)
     return Worker(
         client,
         task_queue=task_queue or settings.task_queue,
         workflows=[SendEmailWorkflow],
-        activities=[audit.record, render.render, send.send],
+        activities=[audit.record, QuotaActivities(sessions, settings).reserve, render.render, send.send],
         max_concurrent_activities=200,
+        # Sends are the task queue's only ordinary activity: this caps sends per second across all workers.
+        max_task_queue_activities_per_second=settings.send_rate_per_second,
         max_concurrent_local_activities=200,
         max_concurrent_workflow_tasks=200,
         # On shutdown, let sends in flight finish rather than cut them off mid-SMTP.

@@ -19,14 +19,19 @@ from mailqueue.contracts import (
     TRANSIENT_DELIVERY_ERROR,
     AuditEntry,
     Content,
+    EmailSpec,
     EmailStatus,
     EventType,
     SendRequest,
     SendResult,
 )
+from mailqueue.config import Settings
+from mailqueue.crypto import SecretKeyError
 from mailqueue.drivers import Driver
 from mailqueue.errors import PermanentDeliveryError, TemplateError, TransientDeliveryError
-from mailqueue.message import build_message, envelope
+from mailqueue.message import build_message, envelope, redirect
+from mailqueue.models import SenderSettings
+from mailqueue.senders import DriverFactory
 from mailqueue.store import apply_audit
 
 log = logging.getLogger("mailqueue.activities.send")
@@ -38,10 +43,13 @@ def _event_id(run_id: str, attempt: int, event: EventType) -> str:
 
 
 class SendActivities:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], driver: Driver, renderer: Renderer) -> None:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], drivers: DriverFactory, renderer: Renderer, settings: Settings
+    ) -> None:
         self._sessions = sessions
-        self._driver = driver
+        self._drivers = drivers
         self._renderer = renderer
+        self._redirect_to = settings.test_redirect_to
 
     @activity.defn(name="send_email")
     async def send(self, req: SendRequest) -> SendResult:
@@ -49,6 +57,7 @@ class SendActivities:
         attempt = info.attempt
         spec = req.spec
         content = await self._content(req)  # before `sending`: a template that cannot render was never sent
+        driver = await self._driver_for(spec)
         await self._audit(
             AuditEntry(
                 email_id=spec.email_id,
@@ -57,14 +66,16 @@ class SendActivities:
                 at=datetime.now(UTC),
                 status=EmailStatus.SENDING,
                 attempt=attempt,
-                detail=f"attempt {attempt} of {spec.retry.max_attempts} via {self._driver.name}",
+                detail=f"attempt {attempt} of {spec.retry.max_attempts} via {driver.name}",
                 spec=spec,
             )
         )
         message = build_message(spec, content)
         sender, recipients = envelope(spec)
+        if self._redirect_to:
+            recipients = redirect(message, recipients, self._redirect_to)
         try:
-            delivery = await self._driver.send(message, sender, recipients)
+            delivery = await driver.send(message, sender, recipients)
         except PermanentDeliveryError as exc:
             raise ApplicationError(
                 exc.reason, {"attempt": attempt}, type=PERMANENT_DELIVERY_ERROR, non_retryable=True
@@ -74,7 +85,7 @@ class SendActivities:
                 await self._audit(self._retrying(req, attempt, exc.reason, info.workflow_run_id))
             raise ApplicationError(exc.reason, {"attempt": attempt}, type=TRANSIENT_DELIVERY_ERROR) from None
         result = SendResult(
-            provider=self._driver.name,
+            provider=driver.name,
             provider_message_id=delivery.provider_message_id,
             attempt=attempt,
             accepted_at=datetime.now(UTC),
@@ -98,6 +109,24 @@ class SendActivities:
             )
         )
         return result
+
+    async def _driver_for(self, spec: EmailSpec) -> Driver:
+        """The system's driver, or the one the sending user configured (secrets decrypted here only)."""
+        if spec.sender_type != "user" or not spec.sender_id:
+            return self._drivers.system
+        try:
+            async with self._sessions() as session:
+                row = await session.get(SenderSettings, spec.sender_id)
+            return self._drivers.for_sender(row)
+        except SecretKeyError as exc:
+            # A configuration fault no retry fixes soon; the message names no secret.
+            raise ApplicationError(str(exc), {"attempt": 0}, type=PERMANENT_DELIVERY_ERROR, non_retryable=True) from None
+        except STORE_ERRORS as exc:
+            log.warning("email %s: sender settings unavailable (%s); the workflow will ask again", spec.email_id, type(exc).__name__)
+            raise ApplicationError(
+                f"sender settings unavailable ({type(exc).__name__})", {"attempt": 0},
+                type=TEMPLATE_STORE_UNAVAILABLE, non_retryable=True,
+            ) from None
 
     async def _content(self, req: SendRequest) -> Content:
         """The mail to send: given by the workflow (emails queued before the send rendered), raw, or rendered now."""

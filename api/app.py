@@ -12,8 +12,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.routes import emails, health, templates
+from api.routes import emails, health, settings as mail_settings, templates, users
 from mailqueue.config import Settings, get_settings
+from mailqueue.crypto import SecretBox
 from mailqueue.db import create_engine, sessionmaker
 from mailqueue.logs import configure_logging
 from mailqueue.temporal import connect
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.sessions = sessionmaker(engine)
         app.state.templates = TemplateEngine(settings.default_locale)
+        app.state.secrets = SecretBox.from_settings(settings)  # encrypts sender secrets; only workers decrypt
         # Lazy: the API starts (and /readyz reports) even while Temporal is still coming up.
         app.state.temporal = await connect(settings, lazy=True)
         if settings.bootstrap_api_key is None:
@@ -79,6 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(emails.router)
     app.include_router(templates.router)
+    app.include_router(users.router)
+    app.include_router(mail_settings.router)
 
     def unavailable(what: str) -> JSONResponse:
         return JSONResponse({"detail": f"{what} is unavailable; nothing was changed, try again"}, status_code=503, headers={"Retry-After": "5"})

@@ -13,16 +13,22 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 
+from mailqueue.accounts import user_for_key
 from mailqueue.config import Settings
 from mailqueue.templating import TemplateEngine
 
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling. Until users exist (a later issue), the bootstrap key is the admin."""
+    """Who is calling: the bootstrap key (admin, sends as the system), or a user (maybe an admin)."""
 
-    kind: str
+    kind: str  # "admin" (bootstrap key) | "user"
     id: str | None
+    role: str = "admin"
+
+    @property
+    def is_admin(self) -> bool:
+        return self.kind == "admin" or self.role == "admin"
 
     @property
     def sender(self) -> tuple[str, str | None]:
@@ -49,25 +55,35 @@ def get_templates(request: Request) -> TemplateEngine:
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 
 
-def _principal_for(request: Request, key: str | None) -> Principal | None:
+async def _principal_for(request: Request, key: str | None) -> Principal | None:
+    if not key:
+        return None
     settings: Settings = request.app.state.settings
     expected = settings.bootstrap_api_key.get_secret_value() if settings.bootstrap_api_key else None
-    if key is not None and expected and hmac.compare_digest(key.encode(), expected.encode()):
+    if expected and hmac.compare_digest(key.encode(), expected.encode()):
         return Principal(kind="admin", id=None)
-    return None
+    async with request.app.state.sessions() as session:
+        user = await user_for_key(session, key)
+    return Principal(kind="user", id=user.id, role=user.role) if user else None
 
 
-def get_principal(
+async def get_principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    principal = _principal_for(request, credentials.credentials if credentials else None)
+    principal = await _principal_for(request, credentials.credentials if credentials else None)
     if principal is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "a valid API key is required: Authorization: Bearer <key>",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    return principal
+
+
+def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    if not principal.is_admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "this needs an admin key")
     return principal
 
 
@@ -83,12 +99,12 @@ def _basic_password(request: Request) -> str | None:
     return None
 
 
-def get_browser_principal(request: Request) -> Principal:
+async def get_browser_principal(request: Request) -> Principal:
     """For pages a browser opens (template previews): Bearer, or Basic with the API key as the password.
 
     The Basic challenge makes the browser ask; the key never goes into a URL (nor into access logs).
     """
-    principal = _principal_for(request, _basic_password(request))
+    principal = await _principal_for(request, _basic_password(request))
     if principal is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
@@ -104,3 +120,4 @@ TemporalDep = Annotated[Client, Depends(get_temporal)]
 TemplatesDep = Annotated[TemplateEngine, Depends(get_templates)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 BrowserPrincipalDep = Annotated[Principal, Depends(get_browser_principal)]
+AdminDep = Annotated[Principal, Depends(require_admin)]

@@ -223,6 +223,8 @@ def dev(args: argparse.Namespace) -> int:
         "MAILQUEUE_SMTP_HOST": client_host,
         "MAILQUEUE_SMTP_PORT": str(args.smtp_port),
         "MAILQUEUE_BOOTSTRAP_API_KEY": key,
+        # Sender secrets: MAILQUEUE_SECRET_KEY if set, else a key generated once into the data folder.
+        "MAILQUEUE_SECRET_KEY_FILE": os.environ.get("MAILQUEUE_SECRET_KEY_FILE") or str(data / "secret.key"),
     }
     temporal_log = logs / "temporal.log"
     temporal_out = temporal_log.open("ab")
@@ -412,6 +414,39 @@ def migrate_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def rotate_secrets_cmd(args: argparse.Namespace) -> int:
+    """Re-encrypt every stored sender secret with the first key of MAILQUEUE_SECRET_KEY."""
+    import asyncio
+
+    from mailqueue.config import get_settings
+    from mailqueue.crypto import SecretBox, SecretKeyError
+    from mailqueue.db import create_engine, sessionmaker
+    from mailqueue.senders import rotate_secrets
+
+    settings = get_settings()
+    try:
+        box = SecretBox.from_settings(settings)
+    except SecretKeyError as exc:
+        print(f"cannot rotate: {exc}", file=sys.stderr)
+        return 1
+
+    async def run() -> int:
+        engine = create_engine(settings.database_url)
+        try:
+            return await rotate_secrets(sessionmaker(engine), box)
+        finally:
+            await engine.dispose()
+
+    print(f"re-encrypting sender secrets in {_safe_url(settings.database_url)} with the newest key", flush=True)
+    try:
+        count = asyncio.run(run())
+    except SecretKeyError as exc:
+        print(f"stopped, nothing changed: {exc}", file=sys.stderr)
+        return 1
+    print(f"done: {count} sender(s) re-encrypted; the older keys can now be removed from MAILQUEUE_SECRET_KEY")
+    return 0
+
+
 def worker_cmd(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -454,6 +489,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("templates", help="load the templates folder into the database")
     p.add_argument("--dir", type=Path, default=None, help="default: MAILQUEUE_TEMPLATES_DIR, else ./templates")
     p.set_defaults(func=templates_cmd)
+    p = sub.add_parser("rotate-secrets", help="re-encrypt stored sender secrets with the newest MAILQUEUE_SECRET_KEY")
+    p.set_defaults(func=rotate_secrets_cmd)
     p = sub.add_parser("worker", help="run a worker (same as python worker.py)")
     p.set_defaults(func=worker_cmd)
     p = sub.add_parser("api", help="serve the HTTP API")

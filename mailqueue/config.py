@@ -49,6 +49,22 @@ class Settings(BaseSettings):
         default=None, description="Domain of generated Message-IDs; defaults to the sender's domain."
     )
     bootstrap_api_key: SecretStr | None = None
+    # Fernet keys for sender secrets at rest, comma-separated, newest first (see mailqueue/crypto.py).
+    secret_key: SecretStr | None = None
+    secret_key_file: Path = DATA_DIR / "secret.key"
+
+    # Provider endpoints: unset means the provider's own; tests and proxies point them elsewhere.
+    sendgrid_base_url: str | None = None
+    mailgun_base_url: str | None = None
+    ses_endpoint_url: str | None = None
+
+    # Test mode: every email goes to this address instead (original recipients kept in X-Original-* headers).
+    test_redirect_to: str | None = None
+    # Sends per second across all workers of the task queue (Temporal task-queue rate limit); unset: no limit.
+    send_rate_per_second: float | None = Field(default=None, gt=0)
+    # Quota windows (seconds); shorter only in tests.
+    quota_hour_seconds: int = Field(default=3600, ge=1)
+    quota_day_seconds: int = Field(default=86400, ge=1)
 
     # Templates: the folder `POST /v1/templates/reload` and `mailqueue dev` load, and the
     # locale dates, numbers and money are formatted in when an email names none.

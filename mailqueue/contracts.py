@@ -22,6 +22,7 @@ def workflow_id_for(email_id: str) -> str:
 class EmailStatus(StrEnum):
     QUEUED = "queued"
     SCHEDULED = "scheduled"
+    DEFERRED = "deferred"  # over the sender's hourly/daily limit: waits for the window to open
     SENDING = "sending"
     RETRYING = "retrying"
     SENT = "sent"
@@ -34,13 +35,14 @@ class EmailStatus(StrEnum):
 
     @property
     def is_cancellable(self) -> bool:
-        return self in (EmailStatus.QUEUED, EmailStatus.SCHEDULED)
+        return self in (EmailStatus.QUEUED, EmailStatus.SCHEDULED, EmailStatus.DEFERRED)
 
 
 class EventType(StrEnum):
     QUEUED = "queued"
     SCHEDULED = "scheduled"
     RESCHEDULED = "rescheduled"
+    DEFERRED = "deferred"
     SENDING = "sending"
     RETRYING = "retrying"
     SENT = "sent"
@@ -114,6 +116,21 @@ class EmailSpec:
     # True when the caller (the API) already wrote the record and its `queued` event in
     # the same transaction that accepted the email; the workflow then skips that step.
     recorded: bool = False
+
+
+@dataclass
+class QuotaRequest:
+    sender_type: str
+    sender_id: str | None
+
+
+@dataclass
+class QuotaAnswer:
+    """ok: a slot was taken for this send. Otherwise wait until `retry_at` (the full window's end)."""
+
+    ok: bool
+    retry_at: datetime | None = None
+    detail: str | None = None
 
 
 @dataclass
@@ -196,7 +213,9 @@ class SendResult:
 PERMANENT_DELIVERY_ERROR = "PermanentDeliveryError"
 TRANSIENT_DELIVERY_ERROR = "TransientDeliveryError"
 TEMPLATE_ERROR = "TemplateRenderError"
-TEMPLATE_STORE_UNAVAILABLE = "TemplateStoreUnavailable"  # the send could not load the template: wait, ask again
+# The send could not load what it needs from the database (template, sender settings): the
+# workflow waits and asks again. The value is in recorded histories: never change it.
+TEMPLATE_STORE_UNAVAILABLE = "TemplateStoreUnavailable"
 EMAIL_FAILED = "EmailDeliveryFailed"
 
 # Names shared by the workflow and its callers (the API starts and updates by name).

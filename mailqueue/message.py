@@ -45,3 +45,18 @@ def envelope(spec: EmailSpec) -> tuple[str, list[str]]:
 
 def domain_of(address: str) -> str:
     return Address(addr_spec=bare_address(address)).domain
+
+
+def redirect(message: EmailMessage, recipients: list[str], to: str) -> list[str]:
+    """Test mode: deliver to `to` only; the intended recipients travel in X-Original-* headers."""
+    for header in ("To", "Cc"):
+        if message[header]:
+            message[f"X-Original-{header}"] = message[header]
+    shown = {a.lower() for _, a in getaddresses([message["To"] or "", message["Cc"] or ""])}
+    bcc = [r for r in recipients if r.lower() not in shown]
+    if bcc:
+        message["X-Original-Bcc"] = ", ".join(bcc)
+    # Headers too, so that no driver (some build their recipient lists from them) reaches anyone else.
+    del message["To"], message["Cc"]
+    message["To"] = to
+    return [bare_address(to)]

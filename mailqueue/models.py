@@ -51,6 +51,7 @@ class Email(SQLModel, table=True):
         sa.Index("ix_emails_related_entity", "related_entity_type", "related_entity_id"),
         sa.Index("ix_emails_status_created", "status", "created_at"),
         sa.Index("ix_emails_sender_idempotency", "sender_type", "sender_id", "idempotency_key"),
+        sa.Index("ix_emails_sender_created", "sender_type", "sender_id", "created_at"),
     )
 
     id: str = Field(primary_key=True, max_length=36)
@@ -153,3 +154,64 @@ class EmailTemplate(SQLModel, table=True):
     created_by: str | None = Field(default=None, max_length=64)
     created_at: datetime = _ts(default_factory=utcnow)
     updated_at: datetime = _ts(default_factory=utcnow)  # activation changes; content never does
+
+
+class User(SQLModel, table=True):
+    """Someone who sends through mailqueue with their own API keys (and, optionally, mail settings)."""
+
+    __tablename__ = "users"
+
+    id: str = Field(primary_key=True, max_length=36)
+    name: str = Field(max_length=200, sa_column_kwargs={"unique": True})
+    email: str | None = Field(default=None, max_length=512)
+    role: str = Field(default="user", max_length=16)  # user | admin
+    is_active: bool = True
+    created_at: datetime = _ts(default_factory=utcnow)
+
+
+class ApiKey(SQLModel, table=True):
+    """An API key, stored as its SHA-256 (keys are 256-bit random: a slow hash adds nothing)."""
+
+    __tablename__ = "api_keys"
+
+    id: str = Field(primary_key=True, max_length=36)
+    user_id: str = Field(foreign_key="users.id", max_length=36, index=True)
+    name: str | None = Field(default=None, max_length=200)
+    prefix: str = Field(max_length=16)  # the key's first characters, to tell keys apart
+    key_hash: str = Field(max_length=64, sa_column_kwargs={"unique": True})
+    created_at: datetime = _ts(default_factory=utcnow)
+    last_used_at: datetime | None = _ts(default=None)
+    revoked_at: datetime | None = _ts(default=None)
+
+
+class SenderSettings(SQLModel, table=True):
+    """How one user's emails leave: the driver, its settings (secrets encrypted) and the user's limits."""
+
+    __tablename__ = "sender_settings"
+
+    user_id: str = Field(primary_key=True, foreign_key="users.id", max_length=36)
+    driver: str = Field(default="system_smtp", max_length=16)
+    smtp_host: str | None = Field(default=None, max_length=255)
+    smtp_port: int | None = None
+    smtp_username: str | None = Field(default=None, max_length=255)
+    smtp_security: str | None = Field(default=None, max_length=16)
+    smtp_password_enc: str | None = Field(default=None, sa_type=sa.Text)
+    api_key_enc: str | None = Field(default=None, sa_type=sa.Text)  # SendGrid/Mailgun key, SES access key id
+    api_secret_enc: str | None = Field(default=None, sa_type=sa.Text)  # SES secret access key
+    mailgun_domain: str | None = Field(default=None, max_length=255)
+    mailgun_region: str | None = Field(default=None, max_length=8)
+    ses_region: str | None = Field(default=None, max_length=32)
+    default_from: str | None = Field(default=None, max_length=512)
+    hourly_limit: int | None = None
+    daily_limit: int | None = None
+    updated_at: datetime = _ts(default_factory=utcnow)
+
+
+class SenderUsage(SQLModel, table=True):
+    """Emails a sender started sending in one window (an hour or a day): the quota counter."""
+
+    __tablename__ = "sender_usage"
+
+    sender: str = Field(primary_key=True, max_length=80)  # "user:<id>"
+    window: str = Field(primary_key=True, max_length=16)  # "h2026112504" or "d20261125"
+    count: int = 0

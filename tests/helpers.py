@@ -157,6 +157,10 @@ class ApiProcess:
         self._log.close()
 
 
+# A fixed Fernet key for test stacks (never used outside tests).
+TEST_SECRET_KEY = "bWFpbHF1ZXVlLXRlc3Qtc2VjcmV0LWtleS0wMDAwMDA="
+
+
 def fast_settings(database_url: str, temporal_address: str, smtp_port: int, task_queue: str, **overrides: Any) -> Any:
     """Settings for a test stack: short timeouts and retry intervals, a known admin key."""
     from mailqueue.config import Settings
@@ -172,6 +176,7 @@ def fast_settings(database_url: str, temporal_address: str, smtp_port: int, task
         "retry_maximum_interval_seconds": 1,
         "send_timeout_seconds": 10,
         "bootstrap_api_key": "test-admin-key",
+        "secret_key": TEST_SECRET_KEY,
         "templates_dir": Path(__file__).resolve().parent.parent / "templates",
     }
     return Settings(**(values | overrides), _env_file=None)

@@ -26,7 +26,8 @@ from mailqueue.config import Settings
 from mailqueue.contracts import CancelRequest, EmailSpec, EmailStatus, RescheduleRequest, TemplatePin, TemplateRef, workflow_id_for
 from mailqueue.db import create_engine, migrate, sessionmaker
 from mailqueue.devserver import TemporalDevServer
-from mailqueue.models import EmailTemplate
+from mailqueue.accounts import new_id
+from mailqueue.models import EmailTemplate, SenderSettings, User
 from mailqueue.net import free_port
 from mailqueue.store import save_template_version
 from mailqueue.templating import TemplateEngine
@@ -162,6 +163,22 @@ def template_store_outage(sessions, renderer: Renderer) -> Scenario:  # type: ig
     return run
 
 
+def deferred_by_quota(sessions) -> Scenario:  # type: ignore[no-untyped-def]
+    """A user's second email over an hourly limit of 1: deferred until the (2 s) window opens, then sent."""
+
+    async def run(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+        user_id = new_id()
+        async with sessions() as s:
+            s.add(User(id=user_id, name=f"rec-{user_id}"))
+            await s.commit()
+            s.add(SenderSettings(user_id=user_id, hourly_limit=1))
+            await s.commit()
+        await _settle(await _start(client, make_spec(sender_type="user", sender_id=user_id), tq))
+        return await _settle(await _start(client, make_spec(sender_type="user", sender_id=user_id), tq))
+
+    return run
+
+
 async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
     tmp = Path(tempfile.mkdtemp())
     url = f"sqlite:///{tmp / 'db.sqlite'}"
@@ -181,6 +198,7 @@ async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
         "templated": templated(sessions),
         "templated_with_layout": templated_with_layout(sessions),
         "template_store_outage": template_store_outage(sessions, renderer),
+        "deferred_by_quota": deferred_by_quota(sessions),
     }
     if only:
         unknown = only - set(scenarios)
@@ -189,7 +207,7 @@ async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
         scenarios = {name: run for name, run in scenarios.items() if name in only}
     with TemporalDevServer(free_port()) as server, SmtpSink() as sink:
         client = await Client.connect(server.address)
-        settings = Settings(database_url=url, smtp_port=sink.port, _env_file=None)  # type: ignore[call-arg]
+        settings = Settings(database_url=url, smtp_port=sink.port, quota_hour_seconds=2, _env_file=None)  # type: ignore[call-arg]
         tq = f"record-{uuid.uuid4()}"
         async with build_worker(client, settings, task_queue=tq, renderer=renderer):
             for name, scenario in scenarios.items():

@@ -12,6 +12,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError 
 
 with workflow.unsafe.imports_passed_through():
     from activities.audit import AuditActivities
+    from activities.quota import QuotaActivities
     from activities.render import RenderActivities
     from activities.send import SendActivities
     from mailqueue.contracts import (
@@ -30,6 +31,7 @@ with workflow.unsafe.imports_passed_through():
         EmailState,
         EmailStatus,
         EventType,
+        QuotaRequest,
         RenderRequest,
         RescheduleRequest,
         SendRequest,
@@ -59,6 +61,8 @@ _RENDER = dict(
 # The send activity renders the template (the rendered mail stays out of the history, and
 # rendering runs in an activity, not inside a workflow task); a template store outage waits.
 SEND_RENDERS = "send-renders-the-template"
+# Emails of users with hourly/daily limits take a quota slot before sending, or wait (deferred).
+SENDER_QUOTA = "sender-quota"
 
 
 @workflow.defn(name=SEND_EMAIL_WORKFLOW)
@@ -86,6 +90,8 @@ class SendEmailWorkflow:
                 )
             due = await self._timer.sleep()
             go = due and self._cancel_reason is None
+            if go and self._spec.sender_type == "user" and workflow.patched(SENDER_QUOTA):
+                go = await self._within_quota()
             content: Content | None = None  # None: the send activity renders (or takes spec.content)
             if go and not workflow.patched(SEND_RENDERS):
                 content = await self._render()
@@ -113,6 +119,26 @@ class SendEmailWorkflow:
         return await self._finish()
 
     # --- steps ----------------------------------------------------------------------
+
+    async def _within_quota(self) -> bool:
+        """Take a slot of the sender's hourly/daily limit; while there is none, wait (durably) for the
+        window to open. Never fails the email. False: cancelled while waiting."""
+        while True:
+            answer = await workflow.execute_local_activity_method(
+                QuotaActivities.reserve, QuotaRequest(self._spec.sender_type, self._spec.sender_id), **_RECORD
+            )
+            if answer.ok or answer.retry_at is None:
+                return self._cancel_reason is None
+            self._status = EmailStatus.DEFERRED
+            await self._record(EventType.DEFERRED, EmailStatus.DEFERRED, scheduled_for=answer.retry_at, detail=answer.detail)
+            remaining = (answer.retry_at - workflow.now()).total_seconds()
+            if remaining > 0:
+                try:
+                    await workflow.wait_condition(lambda: self._cancel_reason is not None, timeout=remaining)
+                except TimeoutError:
+                    pass
+            if self._cancel_reason is not None:
+                return False
 
     async def _render(self) -> Content:
         """Before SEND_RENDERS: a local activity rendered, and the mail went into the history twice."""

@@ -19,7 +19,7 @@ from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
-from api.deps import PrincipalDep, SessionDep, SettingsDep, TemplatesDep, TemporalDep
+from api.deps import Principal, PrincipalDep, SessionDep, SettingsDep, TemplatesDep, TemporalDep
 from api.schemas import (
     CancelBody,
     EmailAccepted,
@@ -51,7 +51,7 @@ from mailqueue.contracts import (
 from mailqueue.errors import TemplateError
 from mailqueue.ids import idempotent_email_id, message_id_for, new_email_id
 from mailqueue.message import bare_address, domain_of
-from mailqueue.models import Email, EmailRecipient, utcnow
+from mailqueue.models import Email, EmailRecipient, SenderSettings, utcnow
 from mailqueue.store import current_template, events_of, insert_email, queued_event, record_from_spec, spec_from_record
 from mailqueue.template_library import MissingVariables, prepare
 from mailqueue.templating import TemplateEngine, is_partial
@@ -180,7 +180,11 @@ async def queue_email(
     template_ref = content = template_from = template_from_name = None
     if req.template is not None:
         template_ref, content, template_from, template_from_name = await resolve_template(req, session, engine)
-    from_address = req.from_ or template_from or normalize_address(settings.default_from)
+    sender_from = None
+    if principal.kind == "user":
+        own = await session.get(SenderSettings, principal.id)
+        sender_from = own.default_from if own else None
+    from_address = req.from_ or sender_from or template_from or normalize_address(settings.default_from)
     if not req.from_ and template_from_name:  # the template names the sender; the address is its own or the system's
         from_address = formataddr((template_from_name, bare_address(from_address)))
 
@@ -247,8 +251,17 @@ async def queue_email(
 _EMAIL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
-async def _email_or_404(session: SessionDep, email_id: str) -> Email:
+def visible_to(principal: Principal) -> list[Any]:
+    """A user sees only the emails they sent; admins see all."""
+    if principal.is_admin:
+        return []
+    return [col(Email.sender_type) == "user", col(Email.sender_id) == principal.id]
+
+
+async def _email_or_404(session: SessionDep, email_id: str, principal: Principal) -> Email:
     email = await session.get(Email, email_id) if _EMAIL_ID.match(email_id) else None
+    if email is not None and not principal.is_admin and (email.sender_type, email.sender_id) != ("user", principal.id):
+        email = None  # someone else's email: as unknown as one that does not exist
     if email is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no email with id {email_id!r}")
     return email
@@ -308,7 +321,7 @@ async def detail(session: SessionDep, email: Email) -> EmailDetail:
 
 @router.get("/{email_id}", response_model=EmailDetail, response_model_by_alias=True, responses=NOT_FOUND, summary="An email with its events")
 async def get_email(email_id: str, principal: PrincipalDep, session: SessionDep) -> EmailDetail:
-    return await detail(session, await _email_or_404(session, email_id))
+    return await detail(session, await _email_or_404(session, email_id, principal))
 
 
 @router.get("", response_model=EmailPage, response_model_by_alias=True, summary="List emails")
@@ -326,7 +339,7 @@ async def list_emails(
     page: Annotated[int, Query(ge=1, le=100_000)] = 1,
     page_size: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> EmailPage:
-    filters: list[Any] = []
+    filters: list[Any] = visible_to(principal)
     if status_:
         filters.append(col(Email.status).in_([s.value for s in status_]))
     if recipient:
@@ -391,7 +404,7 @@ async def cancel_email(
     temporal: TemporalDep,
     body: Annotated[CancelBody | None, Body()] = None,
 ) -> EmailDetail:
-    email = await _email_or_404(session, email_id)
+    email = await _email_or_404(session, email_id, principal)
     if EmailStatus(email.status).is_final:
         raise HTTPException(status.HTTP_409_CONFLICT, f"the email is already {email.status}")
     state = await _update(session, temporal, email, CANCEL_UPDATE, CancelRequest(reason=body.reason if body else None))
@@ -405,7 +418,7 @@ async def cancel_email(
 async def retry_email(
     email_id: str, response: Response, principal: PrincipalDep, session: SessionDep, settings: SettingsDep, temporal: TemporalDep
 ) -> EmailAccepted:
-    email = await _email_or_404(session, email_id)
+    email = await _email_or_404(session, email_id, principal)
     if email.status != EmailStatus.FAILED.value:
         raise HTTPException(status.HTTP_409_CONFLICT, f"only failed emails can be retried; this one is {email.status}")
     spec = spec_from_record(email, retry_settings(settings, email.max_attempts))
@@ -432,7 +445,7 @@ async def reschedule_email(
     email_id: str, body: RescheduleBody, principal: PrincipalDep, session: SessionDep, settings: SettingsDep, temporal: TemporalDep
 ) -> EmailDetail:
     check_send_at(body.send_at, settings)
-    email = await _email_or_404(session, email_id)
+    email = await _email_or_404(session, email_id, principal)
     if email.status != EmailStatus.SCHEDULED.value:
         raise HTTPException(status.HTTP_409_CONFLICT, f"only scheduled emails can be rescheduled; this one is {email.status}")
     await _update(session, temporal, email, RESCHEDULE_UPDATE, RescheduleRequest(send_at=body.send_at.astimezone(UTC)))

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
 from sqlmodel import col, select
 
-from api.deps import BrowserPrincipalDep, PrincipalDep, SessionDep, SettingsDep, TemplatesDep
+from api.deps import AdminDep, BrowserPrincipalDep, PrincipalDep, SessionDep, SettingsDep, TemplatesDep
 from api.schemas import PreviewIn, PreviewOut, ReloadOut, TemplateBody, TemplateIn, TemplateOut, TemplatePinOut
 from mailqueue.contracts import TemplatePin
 from mailqueue.errors import TemplateError
@@ -88,7 +88,7 @@ async def _save(name: str, body: TemplateBody, principal: PrincipalDep, session:
     summary="Create a template (or a locale variant of one)",
 )
 async def create_template(
-    body: TemplateIn, response: Response, principal: PrincipalDep, session: SessionDep, engine: TemplatesDep
+    body: TemplateIn, response: Response, principal: AdminDep, session: SessionDep, engine: TemplatesDep
 ) -> TemplateOut:
     existing = await current_exact(session, body.name, body.locale)
     if existing is not None and existing.is_active:
@@ -115,7 +115,7 @@ async def list_templates(
     responses={422: {"description": "A file has a problem; nothing was saved"}},
     summary="Load the templates folder: a new version of every template whose files changed",
 )
-async def reload_templates(principal: PrincipalDep, session: SessionDep, settings: SettingsDep, engine: TemplatesDep) -> ReloadOut:
+async def reload_templates(principal: AdminDep, session: SessionDep, settings: SettingsDep, engine: TemplatesDep) -> ReloadOut:
     result = await reload_folder(session, engine, settings.templates_dir, created_by=f"reload:{principal.id or principal.kind}")
     if result.problems:
         raise _unprocessable(result.problems)
@@ -151,7 +151,7 @@ async def put_template(
     name: Annotated[str, Path(max_length=200, pattern=r"^[A-Za-z0-9_.-]+$")],
     body: TemplateBody,
     response: Response,
-    principal: PrincipalDep,
+    principal: AdminDep,
     session: SessionDep,
     engine: TemplatesDep,
 ) -> TemplateOut:
@@ -180,7 +180,7 @@ def _same(row: EmailTemplate, body: TemplateBody) -> bool:
     summary="Deactivate a template (every variant, or ?locale=); queued emails still go out",
 )
 async def delete_template(
-    name: str, principal: PrincipalDep, session: SessionDep, locale: Annotated[str | None, Query(max_length=35)] = None
+    name: str, principal: AdminDep, session: SessionDep, locale: Annotated[str | None, Query(max_length=35)] = None
 ) -> Response:
     locale = _locale(locale) if locale is not None else None
     changed = await deactivate_template(session, name, locale)

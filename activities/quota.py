@@ -1,0 +1,84 @@
+"""Quota activity: takes one slot of the sender's hourly and daily limits, atomically, or says when to ask again.
+
+A slot is counted when a send is about to start (a failed send still used the provider's
+quota). The count is a conditional UPDATE (`count < limit`) in one transaction for both
+windows, so 50 parallel sends can never pass a limit: PostgreSQL re-checks the condition on
+the locked row, SQLite has one writer. Should this local activity run twice for one send (a
+worker lost after the commit), the slot is counted twice: the error is on the safe side.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio import activity
+
+from mailqueue.config import Settings
+from mailqueue.contracts import QuotaAnswer, QuotaRequest
+from mailqueue.models import SenderSettings, SenderUsage
+from mailqueue.senders import sender_key
+
+_usage = SenderUsage.__table__  # type: ignore[attr-defined]
+
+
+class QuotaActivities:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], settings: Settings, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._sessions = sessions
+        self._clock = clock
+        self._hour = settings.quota_hour_seconds
+        self._day = settings.quota_day_seconds
+
+    @activity.defn(name="reserve_send_quota")
+    async def reserve(self, req: QuotaRequest) -> QuotaAnswer:
+        if req.sender_type != "user" or not req.sender_id:
+            return QuotaAnswer(ok=True)
+        async with self._sessions() as session:
+            row = await session.get(SenderSettings, req.sender_id)
+            limits = [
+                (label, seconds, limit)
+                for label, seconds, limit in (("hourly", self._hour, row and row.hourly_limit), ("daily", self._day, row and row.daily_limit))
+                if limit
+            ]
+            if not limits:
+                return QuotaAnswer(ok=True)
+            sender = sender_key(req.sender_type, req.sender_id)
+            now = self._clock()
+            for label, seconds, _ in limits:
+                await _ensure_row(session, sender, _window(label, now, seconds))
+            full: list[tuple[str, int, float]] = []
+            for label, seconds, limit in limits:
+                taken = await (await session.connection()).execute(
+                    sa.update(_usage)
+                    .where(_usage.c.sender == sender, _usage.c.window == _window(label, now, seconds), _usage.c.count < limit)
+                    .values(count=_usage.c.count + 1)
+                )
+                if taken.rowcount != 1:  # type: ignore[attr-defined]
+                    full.append((label, limit, (now // seconds + 1) * seconds))
+            if full:
+                await session.rollback()  # a slot taken in the other window is given back
+                retry_at = max(end for _, _, end in full)
+                label, limit, _ = full[0]
+                at = datetime.fromtimestamp(retry_at, UTC)
+                return QuotaAnswer(ok=False, retry_at=at, detail=f"{label} limit of {limit} emails reached; next try at {at.isoformat()}")
+            await session.commit()
+            return QuotaAnswer(ok=True)
+
+
+def _window(label: str, now: float, seconds: int) -> str:
+    return f"{label[0]}{int(now // seconds)}"
+
+
+async def _ensure_row(session: AsyncSession, sender: str, window: str) -> None:
+    """Create the window's counter if it is not there (two sends at once: one insert wins, quietly)."""
+    dialect = session.bind.dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    await (await session.connection()).execute(insert(_usage).values(sender=sender, window=window, count=0).on_conflict_do_nothing())

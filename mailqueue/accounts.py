@@ -1,0 +1,63 @@
+"""Users and their API keys: keys are random, shown once, stored as SHA-256 only."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from mailqueue.ids import new_email_id
+from mailqueue.models import ApiKey, User, utcnow
+
+KEY_PREFIX = "mq_"
+# A key's last-used time is written at most this often: not one write per request.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass
+class IssuedKey:
+    row: ApiKey
+    key: str  # the only time the whole key exists outside its owner's hands
+
+
+def new_id() -> str:
+    return new_email_id()  # a UUIDv7 serves users and keys as well as emails
+
+
+async def issue_key(session: AsyncSession, user: User, name: str | None = None) -> IssuedKey:
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(id=new_id(), user_id=user.id, name=name, prefix=key[:10], key_hash=hash_key(key))
+    session.add(row)
+    await session.commit()
+    await session.refresh(row)
+    return IssuedKey(row=row, key=key)
+
+
+async def user_for_key(session: AsyncSession, key: str, now: datetime | None = None) -> User | None:
+    """The active user a live key belongs to (and note the key's use), or None."""
+    if not key.startswith(KEY_PREFIX):
+        return None
+    found = (
+        await session.exec(
+            select(ApiKey, User).join(User, col(User.id) == col(ApiKey.user_id)).where(col(ApiKey.key_hash) == hash_key(key))
+        )
+    ).first()
+    if found is None:
+        return None
+    api_key, user = found
+    if api_key.revoked_at is not None or not user.is_active:
+        return None
+    now = now or utcnow()
+    if api_key.last_used_at is None or now - api_key.last_used_at >= LAST_USED_RESOLUTION:
+        api_key.last_used_at = now
+        session.add(api_key)
+        await session.commit()
+    return user

@@ -1,0 +1,133 @@
+"""Who sends an email, and through what: sender settings -> a driver (inside the worker only).
+
+Secrets are decrypted here, in the send activity's process, and nowhere else. Drivers are
+kept per distinct configuration so that SMTP connections and HTTP clients are reused; a
+change of settings is a new configuration (and a new driver) on the next send.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from enum import StrEnum
+
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel import select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from mailqueue.config import Settings, SmtpSecurity
+from mailqueue.crypto import SecretBox
+from mailqueue.drivers import Driver
+from mailqueue.models import SenderSettings
+
+
+class SenderDriver(StrEnum):
+    SYSTEM_SMTP = "system_smtp"
+    USER_SMTP = "user_smtp"
+    SENDGRID = "sendgrid"
+    MAILGUN = "mailgun"
+    SES = "ses"
+
+
+# Fields each driver needs, so a PUT that lacks one is refused (422) instead of failing at send time.
+REQUIRED: dict[SenderDriver, tuple[str, ...]] = {
+    SenderDriver.SYSTEM_SMTP: (),
+    SenderDriver.USER_SMTP: ("smtp_host", "smtp_port"),
+    SenderDriver.SENDGRID: ("api_key_enc",),
+    SenderDriver.MAILGUN: ("api_key_enc", "mailgun_domain"),
+    SenderDriver.SES: ("api_key_enc", "api_secret_enc", "ses_region"),
+}
+
+
+def sender_key(sender_type: str, sender_id: str | None) -> str:
+    return f"{sender_type}:{sender_id or ''}"
+
+
+class DriverFactory:
+    """One driver per distinct sender configuration, built on first use and kept."""
+
+    def __init__(self, settings: Settings, system: Driver, secrets: SecretBox | None = None) -> None:
+        self._settings = settings
+        self.system = system
+        self._secrets = secrets
+        self._drivers: dict[str, Driver] = {}
+
+    def _box(self) -> SecretBox:
+        if self._secrets is None:
+            self._secrets = SecretBox.from_settings(self._settings)
+        return self._secrets
+
+    def for_sender(self, row: SenderSettings | None) -> Driver:
+        if row is None or row.driver == SenderDriver.SYSTEM_SMTP:
+            return self.system
+        fingerprint = hashlib.sha256(
+            repr(sorted((k, v) for k, v in row.model_dump().items() if k != "updated_at")).encode()
+        ).hexdigest()
+        driver = self._drivers.get(fingerprint)
+        if driver is None:
+            driver = self._build(row)
+            self._drivers[fingerprint] = driver
+        return driver
+
+    def _secret(self, token: str | None) -> str:
+        return self._box().decrypt(token) if token else ""
+
+    def _build(self, row: SenderSettings) -> Driver:
+        timeout = self._settings.smtp_timeout_seconds
+        match SenderDriver(row.driver):
+            case SenderDriver.USER_SMTP:
+                from mailqueue.drivers.smtp import SmtpDriver
+
+                return SmtpDriver(
+                    row.smtp_host or "", row.smtp_port or 587,
+                    security=SmtpSecurity(row.smtp_security or SmtpSecurity.STARTTLS),
+                    username=row.smtp_username, password=self._secret(row.smtp_password_enc) or None,
+                    timeout=timeout, validate_certs=self._settings.smtp_validate_certs,
+                )
+            case SenderDriver.SENDGRID:
+                from mailqueue.drivers.sendgrid import SendGridDriver
+
+                return SendGridDriver(self._secret(row.api_key_enc), timeout=timeout, **_base_url(self._settings.sendgrid_base_url))
+            case SenderDriver.MAILGUN:
+                from mailqueue.drivers.mailgun import MailgunDriver
+
+                return MailgunDriver(
+                    self._secret(row.api_key_enc), row.mailgun_domain or "", region=row.mailgun_region or "us",
+                    timeout=timeout, **_base_url(self._settings.mailgun_base_url),
+                )
+            case SenderDriver.SES:
+                from mailqueue.drivers.ses import SesDriver
+
+                return SesDriver(
+                    self._secret(row.api_key_enc), self._secret(row.api_secret_enc), row.ses_region or "",
+                    endpoint_url=self._settings.ses_endpoint_url, timeout=timeout,
+                )
+        return self.system
+
+    async def aclose(self) -> None:
+        for driver in [self.system, *self._drivers.values()]:
+            close = getattr(driver, "aclose", None)
+            if close is not None:
+                await close()
+
+
+def _base_url(url: str | None) -> dict[str, str]:
+    return {"base_url": url} if url else {}
+
+
+SECRET_COLUMNS = ("smtp_password_enc", "api_key_enc", "api_secret_enc")
+
+
+async def rotate_secrets(sessions: async_sessionmaker[AsyncSession], box: SecretBox) -> int:
+    """Re-encrypt every stored secret with the newest key, in one transaction (all or nothing)."""
+    async with sessions() as session:
+        rows = (await session.exec(select(SenderSettings))).all()
+        changed = 0
+        for row in rows:
+            tokens = {c: getattr(row, c) for c in SECRET_COLUMNS if getattr(row, c)}
+            if tokens:
+                for column, token in tokens.items():
+                    setattr(row, column, box.rotate(token))
+                session.add(row)
+                changed += 1
+        await session.commit()
+        return changed

@@ -1,0 +1,184 @@
+"""Users, API keys and isolation; sender settings (encrypted, masked); sending through a user's own SMTP."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trustme
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+from sqlmodel import select
+
+from mailqueue.models import SenderSettings
+from mailqueue.net import free_port
+from tests.helpers import ScriptedHandler, Stack, email, wait_status
+
+PASSWORD = "user-Smtp-passw0rd-9d1f"
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> Iterator[trustme.CA]:
+    """A private CA the worker trusts (SSL_CERT_FILE), as a company relay's would be."""
+    authority = trustme.CA()
+    pem = tmp_path_factory.mktemp("ca") / "ca.pem"
+    authority.cert_pem.write_to_path(str(pem))
+    old = os.environ.get("SSL_CERT_FILE")
+    os.environ["SSL_CERT_FILE"] = str(pem)
+    yield authority
+    if old is None:
+        os.environ.pop("SSL_CERT_FILE", None)
+    else:
+        os.environ["SSL_CERT_FILE"] = old
+
+
+@pytest.fixture(scope="module")
+def user_smtp(ca: trustme.CA) -> Iterator[tuple[ScriptedHandler, int]]:
+    """The user's own relay: STARTTLS required, AUTH PLAIN with one login."""
+
+    def auth(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        text = lambda v: v.decode() if isinstance(v, bytes) else v  # noqa: E731
+        ok = isinstance(data, LoginPassword) and text(data.login) == "ann" and text(data.password) == PASSWORD
+        return AuthResult(success=ok, handled=False)
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    handler, port = ScriptedHandler(), free_port()
+    controller = Controller(
+        handler, hostname="127.0.0.1", port=port, tls_context=ctx, require_starttls=True,
+        authenticator=auth, auth_require_tls=True, auth_exclude_mechanism=["LOGIN"],
+    )
+    controller.start()
+    yield handler, port
+    controller.stop()
+
+
+async def _user(stack: Stack, name: str, **fields: Any) -> tuple[dict[str, Any], httpx.AsyncClient]:
+    made = await stack.http.post("/v1/users", json={"name": name, **fields})
+    assert made.status_code == 201, made.text
+    user = made.json()
+    issued = await stack.http.post(f"/v1/users/{user['id']}/api-keys", json={"name": "tests"})
+    assert issued.status_code == 201, issued.text
+    key = issued.json()["key"]
+    client = httpx.AsyncClient(base_url=str(stack.http.base_url), headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    return user | {"key": key, "key_id": issued.json()["id"]}, client
+
+
+@pytest.fixture
+async def ann_and_bob(stack: Stack) -> AsyncIterator[tuple[dict[str, Any], httpx.AsyncClient, dict[str, Any], httpx.AsyncClient]]:
+    suffix = os.urandom(3).hex()
+    ann, ann_http = await _user(stack, f"ann-{suffix}", email="ann@example.com")
+    bob, bob_http = await _user(stack, f"bob-{suffix}")
+    yield ann, ann_http, bob, bob_http
+    await ann_http.aclose()
+    await bob_http.aclose()
+
+
+async def test_keys_are_shown_once_stored_hashed_and_revocable(stack: Stack, sessions: Any) -> None:
+    user, http = await _user(stack, f"keys-{os.urandom(3).hex()}")
+    try:
+        listed = (await stack.http.get(f"/v1/users/{user['id']}")).json()
+        assert [k["prefix"] for k in listed["api_keys"]] == [user["key"][:10]]
+        assert user["key"] not in json.dumps(listed) and "key_hash" not in json.dumps(listed)
+        assert (await http.get("/v1/emails")).status_code == 200
+        used = (await stack.http.get(f"/v1/users/{user['id']}")).json()["api_keys"][0]
+        assert used["last_used_at"] is not None
+        assert (await http.post("/v1/users", json={"name": "x"})).status_code == 403  # users cannot make users
+
+        gone = await stack.http.delete(f"/v1/users/{user['id']}/api-keys/{user['key_id']}")
+        assert gone.status_code == 204
+        assert (await http.get("/v1/emails")).status_code == 401
+        assert (await stack.http.post("/v1/users", json={"name": user["name"]})).status_code == 409
+    finally:
+        await http.aclose()
+
+
+async def test_a_user_sees_and_touches_only_their_own_emails(stack: Stack, ann_and_bob: Any) -> None:
+    ann, ann_http, bob, bob_http = ann_and_bob
+    later = datetime.now(UTC) + timedelta(days=30)
+    scheduled = await ann_http.post("/v1/emails", json=email(send_at=later.isoformat()))
+    assert scheduled.status_code == 202, scheduled.text
+    email_id = scheduled.json()["id"]
+    await wait_status(ann_http, email_id, "scheduled")
+
+    assert (await bob_http.get(f"/v1/emails/{email_id}")).status_code == 404
+    assert email_id not in {e["id"] for e in (await bob_http.get("/v1/emails", params={"page_size": 100})).json()["items"]}
+    assert (await bob_http.post(f"/v1/emails/{email_id}/cancel", json={})).status_code == 404
+    assert (await bob_http.post(f"/v1/emails/{email_id}/retry")).status_code == 404
+    assert (await bob_http.patch(f"/v1/emails/{email_id}", json={"send_at": (later + timedelta(days=1)).isoformat()})).status_code == 404
+    assert (await bob_http.get("/v1/settings/mail", params={"user_id": ann["id"]})).status_code == 404
+
+    mine = (await ann_http.get("/v1/emails", params={"page_size": 100})).json()
+    assert {e["id"] for e in mine["items"]} == {email_id} and mine["total"] == 1
+    assert (await stack.http.get(f"/v1/emails/{email_id}")).status_code == 200  # the admin sees all
+    assert (await ann_http.post(f"/v1/emails/{email_id}/cancel", json={})).status_code == 200
+
+
+async def test_settings_are_validated_encrypted_and_never_shown(stack: Stack, ann_and_bob: Any, sessions: Any) -> None:
+    ann, ann_http, _, _ = ann_and_bob
+    assert (await ann_http.get("/v1/settings/mail")).json()["driver"] == "system_smtp"
+    lacking = await ann_http.put("/v1/settings/mail", json={"driver": "mailgun", "api_key": "key-123"})
+    assert lacking.status_code == 422 and "mailgun_domain" in lacking.text
+    bad = await ann_http.put("/v1/settings/mail", json={"driver": "ses", "api_key": "AK", "api_secret": "s", "ses_region": "moon"})
+    assert bad.status_code == 422
+
+    put = await ann_http.put("/v1/settings/mail", json={
+        "driver": "user_smtp", "smtp_host": "127.0.0.1", "smtp_port": 2525, "smtp_username": "ann",
+        "smtp_password": PASSWORD, "smtp_security": "starttls", "hourly_limit": 100,
+    })
+    assert put.status_code == 200, put.text
+    assert put.json()["smtp_password_set"] is True and PASSWORD not in put.text
+    got = await ann_http.get("/v1/settings/mail")
+    assert PASSWORD not in got.text and got.json()["smtp_username"] == "ann"
+    async with sessions() as s:
+        row = (await s.exec(select(SenderSettings).where(SenderSettings.user_id == ann["id"]))).one()
+    assert row.smtp_password_enc and PASSWORD not in row.smtp_password_enc
+
+    # A PUT without the password keeps it; "" removes it.
+    kept = await ann_http.put("/v1/settings/mail", json={"driver": "user_smtp", "smtp_host": "127.0.0.1", "smtp_port": 2525})
+    assert kept.json()["smtp_password_set"] is True
+    cleared = await ann_http.put("/v1/settings/mail", json={"driver": "user_smtp", "smtp_host": "127.0.0.1", "smtp_password": ""})
+    assert cleared.json()["smtp_password_set"] is False
+    assert (await stack.http.get("/v1/settings/mail")).status_code == 422  # the bootstrap key must name a user
+    assert (await stack.http.get("/v1/settings/mail", params={"user_id": ann["id"]})).json()["smtp_host"] == "127.0.0.1"
+
+
+async def test_user_smtp_with_starttls_and_auth_sends_and_a_wrong_password_fails_clearly(
+    stack: Stack, ann_and_bob: Any, user_smtp: tuple[ScriptedHandler, int], client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    ann, ann_http, _, _ = ann_and_bob
+    handler, port = user_smtp
+    settings = {"driver": "user_smtp", "smtp_host": "127.0.0.1", "smtp_port": port, "smtp_username": "ann",
+                "smtp_security": "starttls", "default_from": "Ann <ann@example.com>"}
+    assert (await ann_http.put("/v1/settings/mail", json=settings | {"smtp_password": PASSWORD})).status_code == 200
+
+    tested = await ann_http.post("/v1/settings/mail/test", json={"to": "ann@example.com"})
+    assert tested.status_code == 200, tested.text
+    assert tested.json()["status"] == "sent" and tested.json()["provider"] == "smtp", tested.text
+
+    sent = await ann_http.post("/v1/emails", json=email(subject="through Ann's relay"))
+    done = await wait_status(ann_http, sent.json()["id"], "sent")
+    assert done["from"] == "Ann <ann@example.com>"
+    assert [m.message["Subject"] for m in handler.messages] == ["mailqueue test email", "through Ann's relay"]
+    assert not stack.sink.by_message_id(done["message_id"])  # not through the system's server
+
+    wrong = "not-" + PASSWORD
+    assert (await ann_http.put("/v1/settings/mail", json=settings | {"smtp_password": wrong})).status_code == 200
+    refused = await ann_http.post("/v1/emails", json=email(subject="refused"))
+    failed = await wait_status(ann_http, refused.json()["id"], "failed")
+    assert "authentication refused" in failed["last_error"] and failed["attempts"] == 1
+    history = await client.get_workflow_handle(f"email-{refused.json()['id']}").fetch_history()
+    for secret in (PASSWORD, wrong):
+        assert secret not in history.to_json()
+        assert secret not in json.dumps(failed)
+        assert secret not in caplog.text
+        assert secret not in Path(stack.tmp / "api.log").read_text()
