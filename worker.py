@@ -12,6 +12,7 @@ sys.dont_write_bytecode = False
 import asyncio  # noqa: E402
 import logging
 import signal
+from contextlib import AsyncExitStack
 from datetime import timedelta
 
 from temporalio.client import Client
@@ -24,6 +25,7 @@ from activities.send import SendActivities
 from mailqueue.config import Settings, get_settings
 from mailqueue.db import create_engine, sessionmaker
 from mailqueue.drivers import Driver, driver_from_settings
+from mailqueue.contracts import send_queue_name
 from mailqueue.logs import configure_logging
 from mailqueue.senders import DriverFactory
 from mailqueue.temporal import connect
@@ -33,6 +35,28 @@ from workflows.send_email import SendEmailWorkflow
 log = logging.getLogger("mailqueue.worker")
 
 
+class Workers:
+    """The main worker (workflows, local activities, sends without a rate) and one worker per
+    rated driver, polling that driver's send queue (`<task queue>.<driver>`) under Temporal's
+    task-queue rate limit, which holds across every worker process."""
+
+    def __init__(self, workers: list[Worker], drivers: DriverFactory) -> None:
+        self.workers = workers
+        self.drivers = drivers
+        self._stack: AsyncExitStack | None = None
+
+    async def __aenter__(self) -> Workers:
+        self._stack = AsyncExitStack()
+        for worker in self.workers:
+            await self._stack.enter_async_context(worker)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._stack is not None
+        await self._stack.aclose()
+        await self.drivers.aclose()  # pooled SMTP connections, HTTP clients
+
+
 def build_worker(
     client: Client,
     settings: Settings,
@@ -40,17 +64,19 @@ def build_worker(
     driver: Driver | None = None,
     task_queue: str | None = None,
     renderer: Renderer | None = None,
-) -> Worker:
-    """The worker with its activities wired to their dependencies (DB, driver, templates)."""
+) -> Workers:
+    """The workers with their activities wired to their dependencies (DB, drivers, templates)."""
     sessions = sessionmaker(create_engine(settings.database_url))
     audit = AuditActivities(sessions)
     renderer = renderer or Renderer(sessions, TemplateEngine(settings.default_locale))
     render = RenderActivities(renderer)  # for emails queued before the send activity rendered
     drivers = DriverFactory(settings, driver or driver_from_settings(settings))
     send = SendActivities(sessions, drivers, renderer, settings)
-    return Worker(
+    queue = task_queue or settings.task_queue
+    shutdown = timedelta(seconds=settings.smtp_timeout_seconds + 5)  # let sends in flight finish
+    main = Worker(
         client,
-        task_queue=task_queue or settings.task_queue,
+        task_queue=queue,
         workflows=[SendEmailWorkflow],
         activities=[audit.record, QuotaActivities(sessions, settings).reserve, render.render, send.send],
         max_concurrent_activities=200,
@@ -58,9 +84,16 @@ def build_worker(
         max_task_queue_activities_per_second=settings.send_rate_per_second,
         max_concurrent_local_activities=200,
         max_concurrent_workflow_tasks=200,
-        # On shutdown, let sends in flight finish rather than cut them off mid-SMTP.
-        graceful_shutdown_timeout=timedelta(seconds=settings.smtp_timeout_seconds + 5),
+        graceful_shutdown_timeout=shutdown,
     )
+    rated = [
+        Worker(
+            client, task_queue=send_queue_name(queue, name), activities=[send.send],
+            max_concurrent_activities=200, max_task_queue_activities_per_second=rate, graceful_shutdown_timeout=shutdown,
+        )
+        for name, rate in sorted(settings.send_rates.items())
+    ]
+    return Workers([main, *rated], drivers)
 
 
 async def main() -> None:
@@ -73,6 +106,8 @@ async def main() -> None:
         loop.add_signal_handler(sig, stop.set)
     async with build_worker(client, settings):
         log.info("worker running on task queue %s at %s", settings.task_queue, settings.temporal_address)
+        for name, rate in sorted(settings.send_rates.items()):
+            log.info("sends through %s: at most %s per second (queue %s)", name, rate, send_queue_name(settings.task_queue, name))
         await stop.wait()
         log.info("worker stopping: finishing tasks in flight")
 

@@ -202,10 +202,16 @@ class TemplateUsed(BaseModel):
     dependencies: list[dict[str, Any]] = Field(default_factory=list, description="Pinned layouts and partials")
 
 
+class Sender(BaseModel):
+    type: str = Field(description="system (the bootstrap key) or user")
+    id: str | None = Field(default=None, description="the user's id")
+
+
 class EmailSummary(BaseModel):
     id: str
     workflow_id: str
     status: str
+    sender: Sender
     from_: str = Field(serialization_alias="from")
     to: list[str]
     cc: list[str]

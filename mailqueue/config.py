@@ -62,6 +62,21 @@ class Settings(BaseSettings):
     test_redirect_to: str | None = None
     # Sends per second across all workers of the task queue (Temporal task-queue rate limit); unset: no limit.
     send_rate_per_second: float | None = Field(default=None, gt=0)
+    # Per driver (smtp, log, user_smtp, sendgrid, mailgun, ses), e.g. {"sendgrid": 10, "ses": 14}: each
+    # rated driver's sends wait in their own task queue, limited across all workers. API and workers
+    # must share this setting (a worker polls only the queues of the drivers it knows).
+    send_rates: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("send_rates")
+    @classmethod
+    def _positive_rates(cls, value: dict[str, float]) -> dict[str, float]:
+        known = {"smtp", "log", "user_smtp", "sendgrid", "mailgun", "ses"}
+        for name, rate in value.items():
+            if name not in known:
+                raise ValueError(f"unknown driver {name!r} in send_rates; known: {sorted(known)}")
+            if rate <= 0:
+                raise ValueError(f"send rate for {name} must be above 0")
+        return value
     # Quota windows (seconds); shorter only in tests.
     quota_hour_seconds: int = Field(default=3600, ge=1)
     quota_day_seconds: int = Field(default=86400, ge=1)

@@ -19,6 +19,11 @@ def workflow_id_for(email_id: str) -> str:
     return f"{WORKFLOW_ID_PREFIX}{email_id}"
 
 
+def send_queue_name(task_queue: str, driver: str) -> str:
+    """The task queue of one driver's rate-limited sends."""
+    return f"{task_queue}.{driver}"
+
+
 class EmailStatus(StrEnum):
     QUEUED = "queued"
     SCHEDULED = "scheduled"
@@ -113,6 +118,8 @@ class EmailSpec:
     related_entity_id: str | None = None
     sender_type: str = "system"
     sender_id: str | None = None
+    # The driver whose rated send queue this email's send waits in (MAILQUEUE_SEND_RATES); None: the main queue.
+    send_queue: str | None = None
     # True when the caller (the API) already wrote the record and its `queued` event in
     # the same transaction that accepted the email; the workflow then skips that step.
     recorded: bool = False

@@ -112,3 +112,43 @@ async def test_test_mode_sends_everything_to_one_address_and_keeps_the_recipient
     assert msg["To"] == "qa@example.com" and msg["Cc"] is None
     assert msg["X-Original-To"] == "Ann <ann@example.com>" and msg["X-Original-Cc"] == "cc@example.com"
     assert msg["X-Original-Bcc"] == "hidden@example.com"
+
+
+async def test_a_rated_driver_sends_through_its_own_queue_at_its_rate(client: Client, settings: Settings, sink: SmtpSink) -> None:
+    rated = settings.model_copy(update={"send_rates": {"smtp": 2.0}, "task_queue": settings.task_queue + "-rated"})
+    specs = [make_spec(send_queue="smtp") for _ in range(6)]
+    async with build_worker(client, rated) as workers:
+        assert [w.task_queue for w in workers.workers] == [rated.task_queue, rated.task_queue + ".smtp"]
+        handles = [
+            await client.start_workflow(SendEmailWorkflow.run, spec, id=workflow_id_for(spec.email_id), task_queue=rated.task_queue)
+            for spec in specs
+        ]
+        results = await asyncio.gather(*(h.result() for h in handles))
+    assert all(r.status is EmailStatus.SENT for r in results)
+    times = sorted(m.received_at for m in sink.messages)
+    assert len(times) == 6
+    # Six sends at two a second cannot all go out in the first second and a half.
+    assert times[-1] - times[0] >= 1.5, times
+    for h in handles:
+        history = await h.fetch_history()
+        [scheduled] = [e for e in history.events if e.HasField("activity_task_scheduled_event_attributes")]
+        assert scheduled.activity_task_scheduled_event_attributes.task_queue.name == rated.task_queue + ".smtp"
+
+
+async def test_the_api_picks_the_rated_queue_of_the_driver_the_sender_uses(sessions: Any, settings: Settings) -> None:
+    from api.routes.emails import send_queue_for
+
+    rated = settings.model_copy(update={"send_rates": {"smtp": 5.0, "sendgrid": 10.0}})
+    sendgrid_user = await _sender(sessions)
+    system_user = await _sender(sessions)
+    async with sessions() as s:
+        row = await s.get(SenderSettings, sendgrid_user)
+        assert row is not None
+        row.driver = "sendgrid"
+        s.add(row)
+        await s.commit()
+        assert await send_queue_for(s, rated, "system", None) == "smtp"  # the system's driver
+        assert await send_queue_for(s, rated, "user", sendgrid_user) == "sendgrid"
+        assert await send_queue_for(s, rated, "user", system_user) == "smtp"  # system_smtp: the system's driver
+        assert await send_queue_for(s, rated.model_copy(update={"send_rates": {"ses": 1.0}}), "user", sendgrid_user) is None
+        assert await send_queue_for(s, settings, "user", sendgrid_user) is None  # no rates: the main queue

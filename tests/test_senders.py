@@ -118,6 +118,7 @@ async def test_a_user_sees_and_touches_only_their_own_emails(stack: Stack, ann_a
 
     mine = (await ann_http.get("/v1/emails", params={"page_size": 100})).json()
     assert {e["id"] for e in mine["items"]} == {email_id} and mine["total"] == 1
+    assert mine["items"][0]["sender"] == {"type": "user", "id": ann["id"]}
     assert (await stack.http.get(f"/v1/emails/{email_id}")).status_code == 200  # the admin sees all
     assert (await ann_http.post(f"/v1/emails/{email_id}/cancel", json={})).status_code == 200
 

@@ -36,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
         RescheduleRequest,
         SendRequest,
         SendResult,
+        send_queue_name,
     )
 
     from workflows.timer import UpdatableTimer
@@ -177,6 +178,7 @@ class SendEmailWorkflow:
         handle = workflow.start_activity_method(
             SendActivities.send,
             SendRequest(self._spec, content),
+            task_queue=send_queue_name(workflow.info().task_queue, self._spec.send_queue) if self._spec.send_queue else None,
             start_to_close_timeout=timedelta(seconds=retry.send_timeout_seconds),
             retry_policy=RetryPolicy(
                 initial_interval=timedelta(seconds=retry.initial_interval_seconds),

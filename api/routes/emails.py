@@ -21,6 +21,7 @@ from temporalio.service import RPCError
 
 from api.deps import Principal, PrincipalDep, SessionDep, SettingsDep, TemplatesDep, TemporalDep
 from api.schemas import (
+    Sender,
     CancelBody,
     EmailAccepted,
     EmailDetail,
@@ -129,6 +130,18 @@ async def resolve_template(
     return prepared.ref(data, req.locale), prepared.content, row.default_from, row.default_from_name
 
 
+async def send_queue_for(session: SessionDep, settings: Settings, sender_type: str, sender_id: str | None) -> str | None:
+    """The rated send queue of the driver this sender uses now (None: no rate for it)."""
+    if not settings.send_rates:
+        return None
+    driver = settings.driver.value
+    if sender_type == "user" and sender_id:
+        row = await session.get(SenderSettings, sender_id)
+        if row is not None and row.driver != "system_smtp":
+            driver = row.driver
+    return driver if driver in settings.send_rates else None
+
+
 def request_hash(req: EmailRequest) -> str:
     canonical = json.dumps(req.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -212,6 +225,7 @@ async def queue_email(
         related_entity_id=related.id if related else None,
         sender_type=sender_type,
         sender_id=sender_id,
+        send_queue=await send_queue_for(session, settings, sender_type, sender_id),
         recorded=True,  # the record and its `queued` event are written below, before the workflow starts
     )
 
@@ -272,6 +286,7 @@ def summary(email: Email) -> dict[str, Any]:
         id=email.id,
         workflow_id=email.workflow_id,
         status=email.status,
+        sender=Sender(type=email.sender_type, id=email.sender_id),
         from_=email.from_address,
         to=email.to,
         cc=email.cc,
@@ -423,6 +438,7 @@ async def retry_email(
         raise HTTPException(status.HTTP_409_CONFLICT, f"only failed emails can be retried; this one is {email.status}")
     spec = spec_from_record(email, retry_settings(settings, email.max_attempts))
     spec.recorded = True
+    spec.send_queue = await send_queue_for(session, settings, email.sender_type, email.sender_id)
     # Written before the new run starts, so it can never overwrite the run's own steps.
     email.status, email.attempts, email.updated_at = EmailStatus.QUEUED.value, 0, utcnow()
     event = queued_event(email.id, "retry requested")

@@ -13,7 +13,7 @@ from temporalio.client import WorkflowFailureError
 from temporalio.common import WorkflowIDReusePolicy
 
 from api.deps import Principal, PrincipalDep, SessionDep, SettingsDep, TemporalDep
-from api.routes.emails import retry_settings, start_delivery
+from api.routes.emails import retry_settings, send_queue_for, start_delivery
 from api.schemas import normalize_address
 from mailqueue.config import SmtpSecurity
 from mailqueue.contracts import Content, EmailSpec
@@ -166,6 +166,7 @@ async def test_mail_settings(
         content=Content(subject="mailqueue test email",
                         text=f"This test email was sent through your mailqueue settings (driver {driver}) at {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC."),
         retry=retry_settings(settings, 1), tags=["settings-test"], sender_type="user", sender_id=user.id, recorded=True,
+        send_queue=await send_queue_for(session, settings, "user", user.id),
     )
     email = record_from_spec(spec)
     await insert_email(session, email)
