@@ -1,0 +1,83 @@
+"""Amazon SES v2 (boto3 `sesv2.send_email` with the raw MIME message), run in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from email.message import EmailMessage
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError, ReadTimeoutError
+
+from mailqueue.drivers import Delivery
+from mailqueue.drivers._http import MAX_REASON
+from mailqueue.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
+
+TRANSIENT = {"Throttling", "ThrottlingException", "TooManyRequestsException", "LimitExceededException",
+             "ServiceUnavailable", "ServiceUnavailableException", "InternalFailure", "InternalServiceError", "RequestTimeout"}
+CREDENTIALS = {"AccessDeniedException", "AccessDenied", "UnrecognizedClientException", "InvalidClientTokenId",
+               "SignatureDoesNotMatch", "IncompleteSignature", "MissingAuthenticationToken", "ExpiredToken"}
+
+
+def classify(exc: ClientError) -> DeliveryError:
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code") or "Unknown")
+    text = str(error.get("Message") or "")[:MAX_REASON]
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if code in TRANSIENT or (isinstance(status, int) and status >= 500):
+        return TransientDeliveryError(f"ses answered {code}: {text}", code=status)
+    if code in CREDENTIALS:
+        return PermanentDeliveryError(f"ses refused the credentials ({code}): {text}", code=status)
+    return PermanentDeliveryError(f"ses rejected the message ({code}): {text}", code=status)
+
+
+class SesDriver:
+    name = "ses"
+
+    def __init__(
+        self, access_key_id: str, secret_access_key: str, region: str, *, endpoint_url: str | None = None,
+        timeout: float = 30.0, configuration_set: str | None = None,
+    ) -> None:
+        self._access_key_id, self._secret_access_key = access_key_id, secret_access_key
+        self.region, self.endpoint_url, self.configuration_set = region, endpoint_url, configuration_set
+        # Temporal retries the send; botocore must not retry underneath it.
+        self._config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1, "mode": "standard"})
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SesDriver(region={self.region!r})"  # never the keys
+
+    @property
+    def client(self) -> Any:
+        with self._lock:  # boto3 clients are thread-safe; creating one is not
+            if self._client is None:
+                self._client = boto3.session.Session().client(
+                    "sesv2", region_name=self.region, endpoint_url=self.endpoint_url, config=self._config,
+                    aws_access_key_id=self._access_key_id, aws_secret_access_key=self._secret_access_key,
+                )
+            return self._client
+
+    def _send(self, message: EmailMessage, sender: str, recipients: list[str]) -> str:
+        request: dict[str, Any] = {
+            "FromEmailAddress": sender,
+            "Destination": {"ToAddresses": recipients},  # the envelope: Bcc included
+            "Content": {"Raw": {"Data": message.as_bytes()}},
+        }
+        if self.configuration_set:
+            request["ConfigurationSetName"] = self.configuration_set
+        return str(self.client.send_email(**request)["MessageId"])
+
+    async def send(self, message: EmailMessage, sender: str, recipients: list[str]) -> Delivery:
+        try:
+            message_id = await asyncio.to_thread(self._send, message, sender, recipients)
+        except ClientError as exc:
+            raise classify(exc) from None
+        except (ReadTimeoutError, BotoConnectionError) as exc:
+            raise TransientDeliveryError(f"ses could not be reached ({type(exc).__name__})") from None
+        except BotoCoreError as exc:
+            # Configuration faults (no region, bad endpoint): the type only, messages can echo settings.
+            raise PermanentDeliveryError(f"ses client error ({type(exc).__name__})") from None
+        return Delivery(provider_message_id=message_id)

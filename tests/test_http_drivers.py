@@ -1,0 +1,315 @@
+"""SendGrid, Mailgun and SES drivers against local servers that check the documented request shape."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import Iterator
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from email.utils import getaddresses
+from typing import Any
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.server import ThreadedMotoServer
+from moto.ses.models import ses_backends
+
+from mailqueue.contracts import Content
+from mailqueue.drivers.mailgun import MailgunDriver
+from mailqueue.drivers.sendgrid import SendGridDriver
+from mailqueue.drivers.ses import SesDriver
+from mailqueue.errors import PermanentDeliveryError, TransientDeliveryError
+from mailqueue.message import build_message, envelope
+from mailqueue.net import free_port
+from tests.fake_providers import FakeMailgun, FakeSendGrid, Scripted
+from tests.helpers import make_spec
+
+SENDGRID_KEY = "SG.test-key-5f0d2b9c7e"
+MAILGUN_KEY = "key-mailgun-test-71ac0e"
+AWS_KEY_ID, AWS_SECRET = "AKIATESTKEYID000", "aws-secret-test-0c9d8e7f"
+SECRETS = (SENDGRID_KEY, MAILGUN_KEY, AWS_KEY_ID, AWS_SECRET)
+
+
+def rich_message() -> tuple[EmailMessage, str, list[str]]:
+    """Text + html, To, Cc, a Bcc-only recipient, a custom header and a PDF attachment."""
+    spec = make_spec(to=["Ann Smith <ann@example.com>"], cc=["cc@example.com"], bcc=["hidden@example.com"],
+                     headers={"X-Campaign": "spring"}, reply_to="Help <help@example.com>")
+    spec.content = Content(subject="Your order", text="Plain words", html="<p>Rich <b>words</b></p>")
+    msg = build_message(spec, spec.content)
+    msg.add_attachment(b"%PDF-1.4 fake", maintype="application", subtype="pdf", filename="invoice.pdf")
+    sender, recipients = envelope(spec)
+    return msg, sender, recipients
+
+
+@pytest.fixture
+def sendgrid() -> Iterator[FakeSendGrid]:
+    with FakeSendGrid(SENDGRID_KEY) as fake:
+        yield fake
+
+
+@pytest.fixture
+def mailgun() -> Iterator[FakeMailgun]:
+    with FakeMailgun(MAILGUN_KEY, "mg.example.com") as fake:
+        yield fake
+
+
+def assert_no_secret(*texts: str) -> None:
+    for text in texts:
+        for secret in SECRETS:
+            assert secret not in text
+
+
+# --- SendGrid -----------------------------------------------------------------------------------
+
+
+async def test_sendgrid_sends_the_documented_request(sendgrid: FakeSendGrid) -> None:
+    msg, sender, recipients = rich_message()
+    driver = SendGridDriver(SENDGRID_KEY, base_url=sendgrid.url)
+    delivery = await driver.send(msg, sender, recipients)
+    await driver.aclose()
+
+    [got] = sendgrid.received
+    body = got.json
+    assert got.headers["authorization"] == f"Bearer {SENDGRID_KEY}"
+    assert body["personalizations"] == [{
+        "to": [{"email": "ann@example.com", "name": "Ann Smith"}],
+        "cc": [{"email": "cc@example.com"}],
+        "bcc": [{"email": "hidden@example.com"}],
+    }]
+    assert body["from"] == {"email": "sender@example.com", "name": "Sender"}
+    assert body["reply_to"] == {"email": "help@example.com", "name": "Help"}
+    assert body["subject"] == "Your order"
+    assert [c["type"] for c in body["content"]] == ["text/plain", "text/html"]
+    assert body["content"][0]["value"].strip() == "Plain words" and "<b>words</b>" in body["content"][1]["value"]
+    [attachment] = body["attachments"]
+    assert base64.b64decode(attachment["content"]) == b"%PDF-1.4 fake"
+    assert attachment | {"content": ""} == {"content": "", "filename": "invoice.pdf", "type": "application/pdf", "disposition": "attachment"}
+    assert body["headers"]["X-Campaign"] == "spring" and body["headers"]["Message-ID"] == str(msg["Message-ID"])
+    assert "To" not in body["headers"] and "Subject" not in body["headers"]
+    assert delivery.provider_message_id.startswith("sg-")
+
+
+@pytest.mark.parametrize(("status", "body", "error", "words"), [
+    (429, {"errors": [{"message": "too many requests"}]}, TransientDeliveryError, "429: too many requests"),
+    (500, {"errors": [{"message": "internal"}]}, TransientDeliveryError, "500"),
+    (503, None, TransientDeliveryError, "503"),
+    (400, {"errors": [{"message": "Does not contain a valid address.", "field": "personalizations.0.to.0.email"}]},
+     PermanentDeliveryError, "Does not contain a valid address. (personalizations.0.to.0.email)"),
+    (413, {"errors": [{"message": "too big"}]}, PermanentDeliveryError, "rejected the message (413)"),
+    (401, {"errors": [{"message": "authorization grant is invalid"}]}, PermanentDeliveryError, "refused the API key (401)"),
+    (403, {"errors": [{"message": "access forbidden"}]}, PermanentDeliveryError, "refused the API key (403)"),
+])
+async def test_sendgrid_answers_are_classified(
+    sendgrid: FakeSendGrid, status: int, body: Any, error: type[Exception], words: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    sendgrid.script.append(Scripted(status, body))
+    msg, sender, recipients = rich_message()
+    with pytest.raises(error) as caught:
+        await SendGridDriver(SENDGRID_KEY, base_url=sendgrid.url).send(msg, sender, recipients)
+    assert words in str(caught.value) and "sendgrid" in str(caught.value)
+    assert_no_secret(str(caught.value), repr(caught.value), caplog.text)
+
+
+async def test_sendgrid_wrong_key_is_refused_by_the_fake_itself(sendgrid: FakeSendGrid) -> None:
+    msg, sender, recipients = rich_message()
+    with pytest.raises(PermanentDeliveryError, match="refused the API key") as caught:
+        await SendGridDriver("SG.wrong-key", base_url=sendgrid.url).send(msg, sender, recipients)
+    assert "SG.wrong-key" not in str(caught.value) and sendgrid.received == []
+
+
+async def test_sendgrid_bcc_only_email_still_has_a_to(sendgrid: FakeSendGrid) -> None:
+    spec = make_spec(to=["only@example.com"])
+    msg = build_message(spec, spec.content)  # type: ignore[arg-type]
+    del msg["To"]
+    await SendGridDriver(SENDGRID_KEY, base_url=sendgrid.url).send(msg, "sender@example.com", ["only@example.com"])
+    assert sendgrid.received[0].json["personalizations"] == [{"to": [{"email": "only@example.com"}]}]
+
+
+# --- Mailgun ------------------------------------------------------------------------------------
+
+
+async def test_mailgun_sends_the_mime_message_to_every_envelope_recipient(mailgun: FakeMailgun) -> None:
+    msg, sender, recipients = rich_message()
+    driver = MailgunDriver(MAILGUN_KEY, "mg.example.com", base_url=mailgun.url)
+    delivery = await driver.send(msg, sender, recipients)
+    await driver.aclose()
+    [got] = mailgun.received
+    assert got.form["to"] == ["ann@example.com", "cc@example.com", "hidden@example.com"]
+    assert got.mime is not None and got.mime["Subject"] == "Your order" and got.mime["Bcc"] is None
+    assert got.mime.get_body(("plain",)).get_content().strip() == "Plain words"  # type: ignore[union-attr]
+    assert [p.get_filename() for p in got.mime.iter_attachments()] == ["invoice.pdf"]
+    assert delivery.provider_message_id.endswith("@mg.example.com") and "<" not in delivery.provider_message_id
+
+
+def test_mailgun_regions() -> None:
+    assert MailgunDriver("k", "d.example.com").url == "https://api.mailgun.net/v3/d.example.com/messages.mime"
+    assert MailgunDriver("k", "d.example.com", region="eu").url == "https://api.eu.mailgun.net/v3/d.example.com/messages.mime"
+    with pytest.raises(ValueError, match="unknown Mailgun region"):
+        MailgunDriver("k", "d.example.com", region="ap")
+
+
+@pytest.mark.parametrize(("status", "body", "error", "words"), [
+    (429, {"message": "rate limited"}, TransientDeliveryError, "429: rate limited"),
+    (502, {"message": "bad gateway"}, TransientDeliveryError, "502"),
+    (400, {"message": "to parameter is not a valid address"}, PermanentDeliveryError, "not a valid address"),
+    (401, {"message": "Invalid private key"}, PermanentDeliveryError, "refused the API key (401): Invalid private key"),
+    (403, {"message": "Domain is not allowed"}, PermanentDeliveryError, "refused the API key (403)"),
+])
+async def test_mailgun_answers_are_classified(mailgun: FakeMailgun, status: int, body: Any, error: type[Exception], words: str) -> None:
+    mailgun.script.append(Scripted(status, body))
+    msg, sender, recipients = rich_message()
+    with pytest.raises(error) as caught:
+        await MailgunDriver(MAILGUN_KEY, "mg.example.com", base_url=mailgun.url).send(msg, sender, recipients)
+    assert words in str(caught.value)
+    assert_no_secret(str(caught.value), repr(caught.value))
+
+
+async def test_mailgun_wrong_key_and_unknown_domain(mailgun: FakeMailgun) -> None:
+    msg, sender, recipients = rich_message()
+    with pytest.raises(PermanentDeliveryError, match="refused the API key"):
+        await MailgunDriver("key-wrong", "mg.example.com", base_url=mailgun.url).send(msg, sender, recipients)
+    with pytest.raises(PermanentDeliveryError, match=r"\(404\): Domain not found"):
+        await MailgunDriver(MAILGUN_KEY, "other.example.com", base_url=mailgun.url).send(msg, sender, recipients)
+
+
+# --- both HTTP drivers: the network ---------------------------------------------------------------
+
+
+async def test_a_slow_or_absent_provider_is_transient(sendgrid: FakeSendGrid, mailgun: FakeMailgun) -> None:
+    msg, sender, recipients = rich_message()
+    sendgrid.script.append(Scripted(202, None, delay=1.5))
+    mailgun.script.append(Scripted(200, {"id": "x"}, delay=1.5))
+    with pytest.raises(TransientDeliveryError, match="sendgrid timed out"):
+        await SendGridDriver(SENDGRID_KEY, base_url=sendgrid.url, timeout=0.5).send(msg, sender, recipients)
+    with pytest.raises(TransientDeliveryError, match="mailgun timed out"):
+        await MailgunDriver(MAILGUN_KEY, "mg.example.com", base_url=mailgun.url, timeout=0.5).send(msg, sender, recipients)
+    nobody = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TransientDeliveryError, match="could not be reached") as caught:
+        await SendGridDriver(SENDGRID_KEY, base_url=nobody).send(msg, sender, recipients)
+    assert_no_secret(str(caught.value))
+    with pytest.raises(TransientDeliveryError, match="could not be reached"):
+        await MailgunDriver(MAILGUN_KEY, "mg.example.com", base_url=nobody).send(msg, sender, recipients)
+    assert repr(SendGridDriver(SENDGRID_KEY)).count("SG.") == 0 and MAILGUN_KEY not in repr(MailgunDriver(MAILGUN_KEY, "d"))
+
+
+# --- SES ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moto_ses() -> Iterator[str]:
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    boto3.client("sesv2", region_name="eu-west-1", endpoint_url=url, aws_access_key_id=AWS_KEY_ID,
+                 aws_secret_access_key=AWS_SECRET).create_email_identity(EmailIdentity="sender@example.com")
+    yield url
+    server.stop()
+
+
+async def test_ses_sends_the_raw_message_to_every_envelope_recipient(moto_ses: str) -> None:
+    msg, sender, recipients = rich_message()
+    backend = ses_backends[DEFAULT_ACCOUNT_ID]["eu-west-1"]
+    before = len(backend.sent_messages)
+    delivery = await SesDriver(AWS_KEY_ID, AWS_SECRET, "eu-west-1", endpoint_url=moto_ses).send(msg, sender, recipients)
+    [sent] = backend.sent_messages[before:]
+    assert sent.source == "sender@example.com"
+    # moto adds the header addresses to what the request named; the request itself is checked below.
+    assert {a for _, a in getaddresses(sent.destinations)} == {"ann@example.com", "cc@example.com", "hidden@example.com"}
+    raw = message_from_bytes(sent.raw_data.encode() if isinstance(sent.raw_data, str) else sent.raw_data, policy=policy.default)
+    assert raw["Subject"] == "Your order" and raw["Message-ID"] == msg["Message-ID"]
+    assert delivery.provider_message_id and delivery.provider_message_id == sent.id
+
+
+async def test_ses_request_is_the_documented_raw_send() -> None:
+    msg, sender, recipients = rich_message()
+    driver = SesDriver(AWS_KEY_ID, AWS_SECRET, "eu-west-1", configuration_set="transactional")
+    with Stubber(driver.client) as stub:
+        stub.add_response("send_email", {"MessageId": "ses-1"}, expected_params={
+            "FromEmailAddress": "sender@example.com",
+            "Destination": {"ToAddresses": ["ann@example.com", "cc@example.com", "hidden@example.com"]},
+            "Content": {"Raw": {"Data": msg.as_bytes()}},
+            "ConfigurationSetName": "transactional",
+        })
+        delivery = await driver.send(msg, sender, recipients)
+        stub.assert_no_pending_responses()
+    assert delivery.provider_message_id == "ses-1"
+
+
+async def test_ses_unverified_sender_is_permanent(moto_ses: str) -> None:
+    msg, _, recipients = rich_message()
+    with pytest.raises(PermanentDeliveryError, match="MessageRejected") as caught:
+        await SesDriver(AWS_KEY_ID, AWS_SECRET, "eu-west-1", endpoint_url=moto_ses).send(msg, "nobody@unverified.example", recipients)
+    assert_no_secret(str(caught.value))
+
+
+@pytest.mark.parametrize(("code", "status", "error", "words"), [
+    ("TooManyRequestsException", 429, TransientDeliveryError, "ses answered TooManyRequestsException"),
+    ("Throttling", 400, TransientDeliveryError, "Throttling"),
+    ("InternalFailure", 500, TransientDeliveryError, "InternalFailure"),
+    ("MessageRejected", 400, PermanentDeliveryError, "rejected the message (MessageRejected)"),
+    ("AccountSuspendedException", 400, PermanentDeliveryError, "AccountSuspendedException"),
+    ("AccessDeniedException", 403, PermanentDeliveryError, "ses refused the credentials (AccessDeniedException)"),
+    ("UnrecognizedClientException", 403, PermanentDeliveryError, "refused the credentials"),
+    ("SignatureDoesNotMatch", 403, PermanentDeliveryError, "refused the credentials"),
+])
+async def test_ses_errors_are_classified(code: str, status: int, error: type[Exception], words: str) -> None:
+    driver = SesDriver(AWS_KEY_ID, AWS_SECRET, "eu-west-1")
+    msg, sender, recipients = rich_message()
+    with Stubber(driver.client) as stub:
+        stub.add_client_error("send_email", service_error_code=code, service_message=f"the {code} words", http_status_code=status)
+        with pytest.raises(error) as caught:
+            await driver.send(msg, sender, recipients)
+    assert words in str(caught.value) and f"the {code} words" in str(caught.value)
+    assert_no_secret(str(caught.value), repr(driver))
+
+
+async def test_ses_unreachable_is_transient() -> None:
+    driver = SesDriver(AWS_KEY_ID, AWS_SECRET, "eu-west-1", endpoint_url=f"http://127.0.0.1:{free_port()}", timeout=2)
+    msg, sender, recipients = rich_message()
+    with pytest.raises(TransientDeliveryError, match="ses could not be reached") as caught:
+        await asyncio.wait_for(driver.send(msg, sender, recipients), 20)
+    assert_no_secret(str(caught.value))
+
+
+# --- through the worker: a user's provider settings ----------------------------------------------
+
+
+async def test_a_users_sendgrid_settings_carry_their_email_and_the_key_stays_out_of_the_history(
+    client: Any, settings: Any, sessions: Any, sendgrid: FakeSendGrid, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mailqueue.accounts import new_id
+    from mailqueue.contracts import EmailStatus, workflow_id_for
+    from mailqueue.crypto import SecretBox
+    from mailqueue.models import Email, SenderSettings, User
+    from worker import build_worker
+    from workflows.send_email import SendEmailWorkflow
+
+    caplog.set_level(logging.DEBUG)
+    user_id = new_id()
+    box = SecretBox.from_settings(settings)
+    async with sessions() as s:
+        s.add(User(id=user_id, name=f"sg-{user_id}"))
+        await s.commit()
+        s.add(SenderSettings(user_id=user_id, driver="sendgrid", api_key_enc=box.encrypt(SENDGRID_KEY)))
+        await s.commit()
+    routed = settings.model_copy(update={"sendgrid_base_url": sendgrid.url, "task_queue": settings.task_queue + "-sendgrid"})
+    spec = make_spec(sender_type="user", sender_id=user_id)
+    async with build_worker(client, routed):
+        handle = await client.start_workflow(SendEmailWorkflow.run, spec, id=workflow_id_for(spec.email_id), task_queue=routed.task_queue)
+        state = await handle.result()
+        history = (await handle.fetch_history()).to_json()
+    assert state.status is EmailStatus.SENT
+    [got] = sendgrid.received
+    assert got.headers["authorization"] == f"Bearer {SENDGRID_KEY}"
+    assert got.json["personalizations"][0]["to"] == [{"email": "ann@example.com", "name": "Ann"}]
+    async with sessions() as s:
+        email = await s.get(Email, spec.email_id)
+    assert email is not None and email.provider == "sendgrid" and email.provider_message_id == state.provider_message_id
+    assert state.provider_message_id and state.provider_message_id.startswith("sg-")
+    assert SENDGRID_KEY not in history and SENDGRID_KEY not in caplog.text
