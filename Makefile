@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install dev test bench histories clean
+.PHONY: install dev test bench bench-smtp histories clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mailqueue needs Python 3.11 or newer (set PYTHON=...)")'
@@ -25,6 +25,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
+
+bench-smtp: $(STAMP)
+	$(BIN)/python bench/smtp_bench.py
 
 histories: $(STAMP)
 	$(BIN)/python -m tests.record_histories

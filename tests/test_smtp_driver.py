@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 import threading
@@ -165,3 +166,157 @@ async def test_a_silent_server_times_out_as_transient() -> None:
         for s in accepted:
             s.close()
         listener.close()
+
+
+# --- connection reuse ---------------------------------------------------------------------------
+
+
+class Connections:
+    """What the server saw: connections opened, open now, the most open at once, AUTHs."""
+
+    def __init__(self) -> None:
+        self.opened = self.peak = 0
+        self.peers: set[Any] = set()
+        self.live: dict[Any, Any] = {}  # client address -> transport, for the connections open now
+
+    @property
+    def open(self) -> int:
+        return len(self.live)
+
+
+def _counting_server(**kw: Any) -> tuple[Controller, ScriptedHandler, int, Connections]:
+    from aiosmtpd.smtp import SMTP
+
+    seen = Connections()
+
+    class CountingSMTP(SMTP):
+        def connection_made(self, transport: Any) -> None:
+            peer = transport.get_extra_info("peername")  # STARTTLS calls this again for the same connection
+            if peer not in seen.peers:
+                seen.peers.add(peer)
+                seen.opened += 1
+            seen.live[peer] = transport
+            seen.peak = max(seen.peak, seen.open)
+            super().connection_made(transport)
+
+        def connection_lost(self, error: Exception | None) -> None:
+            seen.live.pop(self.session.peer if self.session else None, None)
+            super().connection_lost(error)
+
+    class CountingController(Controller):
+        def factory(self) -> SMTP:
+            return CountingSMTP(self.handler, **self.SMTP_kwargs)
+
+    handler, port = ScriptedHandler(), free_port()
+    controller = CountingController(handler, hostname="127.0.0.1", port=port, **kw)
+    controller.start()
+    seen.opened = seen.peak = 0  # start() made a readiness connection of its own
+    seen.live.clear()
+    return controller, handler, port, seen
+
+
+@pytest.fixture
+def counting() -> Iterator[tuple[ScriptedHandler, int, Connections, Controller]]:
+    controller, handler, port, seen = _counting_server()
+    yield handler, port, seen, controller
+    controller.stop()
+
+
+def numbered(i: int) -> EmailMessage:
+    msg = message()
+    msg.replace_header("Message-ID", f"<m{i}@example.com>")
+    return msg
+
+
+async def test_sequential_sends_share_one_connection(counting: Any) -> None:
+    handler, port, seen, _ = counting
+    driver = SmtpDriver("127.0.0.1", port)
+    for i in range(20):
+        await driver.send(numbered(i), "a@example.com", ["b@example.com"])
+    assert len(handler.messages) == 20 and seen.opened == 1 and driver.connections_opened == 1
+    await driver.aclose()
+
+    one_each = SmtpDriver("127.0.0.1", port, reuse_connections=False)
+    for i in range(20):
+        await one_each.send(numbered(i), "a@example.com", ["b@example.com"])
+    assert len(handler.messages) == 40 and seen.opened == 21
+
+
+async def test_concurrent_sends_never_open_more_than_the_limit(counting: Any) -> None:
+    handler, port, seen, _ = counting
+    driver = SmtpDriver("127.0.0.1", port, max_connections=5)
+    await asyncio.gather(*(driver.send(numbered(i), "a@example.com", ["b@example.com"]) for i in range(30)))
+    assert sorted(m.message["Message-ID"] for m in handler.messages) == sorted(f"<m{i}@example.com>" for i in range(30))
+    assert seen.peak <= 5 and 1 <= seen.opened <= 5
+    await driver.aclose()
+
+
+async def test_a_connection_the_server_dropped_while_idle_is_replaced_and_nothing_is_sent_twice(counting: Any) -> None:
+    handler, port, seen, controller = counting
+    driver = SmtpDriver("127.0.0.1", port)
+    driver.PROBE_AFTER_IDLE_SECONDS = 0  # probe every reuse, so the test need not wait a second
+    await driver.send(numbered(1), "a@example.com", ["b@example.com"])
+    for transport in list(seen.live.values()):  # the server hangs up on its idle client
+        controller.loop.call_soon_threadsafe(transport.close)
+    await asyncio.sleep(0.2)
+    await driver.send(numbered(2), "a@example.com", ["b@example.com"])
+    assert [m.message["Message-ID"] for m in handler.messages] == ["<m1@example.com>", "<m2@example.com>"]
+    assert handler.data_calls == 2 and seen.opened == 2
+    await driver.aclose()
+
+
+async def test_a_connection_is_renewed_after_its_message_limit_and_closed_by_aclose(counting: Any) -> None:
+    handler, port, seen, _ = counting
+    driver = SmtpDriver("127.0.0.1", port, max_messages_per_connection=3)
+    for i in range(7):
+        await driver.send(numbered(i), "a@example.com", ["b@example.com"])
+    assert seen.opened == 3 and seen.open == 1  # 3 + 3 + 1 messages; the full ones were closed
+    await driver.aclose()
+    for _ in range(50):
+        if seen.open == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert seen.open == 0
+
+
+async def test_a_failed_transaction_does_not_keep_its_connection(counting: Any) -> None:
+    handler, port, seen, _ = counting
+    driver = SmtpDriver("127.0.0.1", port)
+    handler.data_replies.append("451 4.3.0 try later")
+    with pytest.raises(TransientDeliveryError):
+        await driver.send(numbered(1), "a@example.com", ["b@example.com"])
+    await driver.send(numbered(2), "a@example.com", ["b@example.com"])
+    assert seen.opened == 2 and [m.message["Message-ID"] for m in handler.messages] == ["<m2@example.com>"]
+    await driver.aclose()
+
+
+async def test_starttls_auth_logs_in_once_for_many_messages_and_a_refused_login_is_not_pooled(
+    server_tls: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    logins: list[str] = []
+
+    def auth(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        logins.append("login")
+        return _auth(server, session, envelope, mechanism, data)
+
+    controller, handler, port, seen = _counting_server(
+        tls_context=server_tls, require_starttls=True, authenticator=auth, auth_require_tls=True, auth_exclude_mechanism=["LOGIN"],
+    )
+    try:
+        driver = SmtpDriver("127.0.0.1", port, security=SmtpSecurity.STARTTLS, username="mailer", password=PASSWORD, validate_certs=False)
+        for i in range(10):
+            await driver.send(numbered(i), "a@example.com", ["b@example.com"])
+        assert len(handler.messages) == 10 and seen.opened == 1 and logins == ["login"]
+        await driver.aclose()
+
+        wrong = "wrong-" + PASSWORD
+        refused = SmtpDriver("127.0.0.1", port, security=SmtpSecurity.STARTTLS, username="mailer", password=wrong, validate_certs=False)
+        for _ in range(2):
+            with pytest.raises(PermanentDeliveryError, match="authentication refused") as caught:
+                await refused.send(numbered(99), "a@example.com", ["b@example.com"])
+            assert wrong not in str(caught.value) and "mailer" not in str(caught.value)
+        assert refused._idle == [] and refused.connections_opened == 2  # each try logs in anew
+        assert wrong not in caplog.text and PASSWORD not in caplog.text
+    finally:
+        controller.stop()
