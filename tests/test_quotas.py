@@ -152,3 +152,23 @@ async def test_the_api_picks_the_rated_queue_of_the_driver_the_sender_uses(sessi
         assert await send_queue_for(s, rated, "user", system_user) == "smtp"  # system_smtp: the system's driver
         assert await send_queue_for(s, rated.model_copy(update={"send_rates": {"ses": 1.0}}), "user", sendgrid_user) is None
         assert await send_queue_for(s, settings, "user", sendgrid_user) is None  # no rates: the main queue
+
+
+async def test_a_deferred_email_can_be_cancelled_and_is_never_sent(client: Client, settings: Settings, sink: SmtpSink, sessions: Any) -> None:
+    from mailqueue.contracts import CancelRequest
+
+    tq = settings.model_copy(update={"task_queue": settings.task_queue + "-cancel-deferred"})
+    user_id = await _sender(sessions, daily_limit=1)
+    async with build_worker(client, tq):
+        first, second = make_spec(sender_type="user", sender_id=user_id), make_spec(sender_type="user", sender_id=user_id)
+        await (await client.start_workflow(SendEmailWorkflow.run, first, id=workflow_id_for(first.email_id), task_queue=tq.task_queue)).result()
+        handle = await client.start_workflow(SendEmailWorkflow.run, second, id=workflow_id_for(second.email_id), task_queue=tq.task_queue)
+        while (await handle.query(SendEmailWorkflow.status)).status is not EmailStatus.DEFERRED:
+            await asyncio.sleep(0.05)
+        state = await handle.execute_update(SendEmailWorkflow.cancel, CancelRequest(reason="not today"))
+        assert state.status is EmailStatus.CANCELLED
+        assert (await handle.result()).status is EmailStatus.CANCELLED
+    assert [m.message["Message-ID"] for m in sink.messages] == [first.message_id]
+    async with sessions() as s:
+        events = [e.event for e in await events_of(s, second.email_id)]
+    assert events == ["queued", "deferred", "cancelled"]
