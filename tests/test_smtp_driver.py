@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from typing import Any
 
@@ -72,6 +73,7 @@ async def test_starttls_with_auth_delivers(starttls_server: tuple[ScriptedHandle
     driver = SmtpDriver("127.0.0.1", port, security=SmtpSecurity.STARTTLS, username="mailer", password=PASSWORD,
                         validate_certs=False, timeout=5)
     delivery = await driver.send(message(), "a@example.com", ["b@example.com"])
+    await driver.aclose()
     assert len(handler.messages) == 1 and delivery.provider_message_id.startswith("C")
 
 
@@ -99,6 +101,7 @@ async def test_implicit_tls_delivers(server_tls: ssl.SSLContext) -> None:
     try:
         driver = SmtpDriver("127.0.0.1", port, security=SmtpSecurity.TLS, validate_certs=False, timeout=5)
         await driver.send(message(), "a@example.com", ["b@example.com"])
+        await driver.aclose()
         assert len(handler.messages) == 1
     finally:
         controller.stop()
@@ -134,9 +137,9 @@ async def test_partly_refused_recipients_are_reported_not_failed() -> None:
     controller, handler, port = _serve()
     handler.rejected_recipients["gone@example.com"] = "550 5.1.1 No such user"
     try:
-        delivery = await SmtpDriver("127.0.0.1", port, timeout=5).send(
-            message(), "a@example.com", ["b@example.com", "gone@example.com"]
-        )
+        driver = SmtpDriver("127.0.0.1", port, timeout=5)
+        delivery = await driver.send(message(), "a@example.com", ["b@example.com", "gone@example.com"])
+        await driver.aclose()
         assert list(delivery.refused_recipients) == ["gone@example.com"]
         assert handler.messages[0].rcpt_tos == ["b@example.com"]
     finally:
@@ -172,42 +175,76 @@ async def test_a_silent_server_times_out_as_transient() -> None:
 
 
 class Connections:
-    """What the server saw: connections opened, open now, the most open at once, AUTHs."""
+    """What the server saw: connections opened, open now, the most open at once, QUITs; and when
+    to hang up on MAIL FROM (given the number of that MAIL on its connection)."""
 
     def __init__(self) -> None:
-        self.opened = self.peak = 0
-        self.peers: set[Any] = set()
-        self.live: dict[Any, Any] = {}  # client address -> transport, for the connections open now
+        self.opened = self.peak = self.quits = 0
+        self.live: dict[Any, Any] = {}  # server protocol (one per connection) -> its transport
+        self.hang_up_at_mail: Callable[[int], bool] = lambda n: False
+        self.refuse_noop = False
 
     @property
     def open(self) -> int:
         return len(self.live)
 
 
-def _counting_server(**kw: Any) -> tuple[Controller, ScriptedHandler, int, Connections]:
+class HangingUpHandler(ScriptedHandler):
+    """When told to, takes the whole message at DATA and hangs up instead of answering: the
+    client cannot know whether it was accepted, the case that must never be retried."""
+
+    hang_up_at_data = False
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.hang_up_at_data:
+            self.data_calls += 1
+            server.transport.close()
+            return "250 OK"  # never reaches the client
+        return await super().handle_DATA(server, session, envelope)
+
+
+def _counting_server(**kw: Any) -> tuple[Controller, HangingUpHandler, int, Connections]:
     from aiosmtpd.smtp import SMTP
 
     seen = Connections()
 
     class CountingSMTP(SMTP):
+        mails = 0
+
         def connection_made(self, transport: Any) -> None:
-            peer = transport.get_extra_info("peername")  # STARTTLS calls this again for the same connection
-            if peer not in seen.peers:
-                seen.peers.add(peer)
+            if self.transport is None:  # STARTTLS calls this again on the same connection
                 seen.opened += 1
-            seen.live[peer] = transport
+            seen.live[self] = transport
             seen.peak = max(seen.peak, seen.open)
             super().connection_made(transport)
 
         def connection_lost(self, error: Exception | None) -> None:
-            seen.live.pop(self.session.peer if self.session else None, None)
+            seen.live.pop(self, None)
             super().connection_lost(error)
+
+        async def smtp_MAIL(self, arg: str | None) -> None:
+            self.mails += 1
+            if seen.hang_up_at_mail(self.mails):
+                self.transport.close()  # no reply: the client finds the connection lost at MAIL FROM
+                return
+            await super().smtp_MAIL(arg)
+
+        async def smtp_NOOP(self, arg: str) -> None:
+            if seen.refuse_noop:  # what a server that has given up on an idle session answers
+                await self.push("421 4.4.2 Idle too long, closing")
+                self.transport.close()
+                return
+            await super().smtp_NOOP(arg)
+
+        async def smtp_QUIT(self, arg: str) -> None:
+            seen.quits += 1
+            await super().smtp_QUIT(arg)
 
     class CountingController(Controller):
         def factory(self) -> SMTP:
             return CountingSMTP(self.handler, **self.SMTP_kwargs)
 
-    handler, port = ScriptedHandler(), free_port()
+    handler, port = HangingUpHandler(), free_port()
     controller = CountingController(handler, hostname="127.0.0.1", port=port, **kw)
     controller.start()
     seen.opened = seen.peak = 0  # start() made a readiness connection of its own
@@ -216,7 +253,7 @@ def _counting_server(**kw: Any) -> tuple[Controller, ScriptedHandler, int, Conne
 
 
 @pytest.fixture
-def counting() -> Iterator[tuple[ScriptedHandler, int, Connections, Controller]]:
+def counting() -> Iterator[tuple[HangingUpHandler, int, Connections, Controller]]:
     controller, handler, port, seen = _counting_server()
     yield handler, port, seen, controller
     controller.stop()
@@ -226,6 +263,19 @@ def numbered(i: int) -> EmailMessage:
     msg = message()
     msg.replace_header("Message-ID", f"<m{i}@example.com>")
     return msg
+
+
+def received(handler: ScriptedHandler) -> list[str]:
+    return [m.message["Message-ID"] for m in handler.messages]
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait for something another thread or the event loop does; fail after 5 s, never pass early."""
+    for _ in range(250):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"never happened: {what}")
 
 
 async def test_sequential_sends_share_one_connection(counting: Any) -> None:
@@ -239,14 +289,14 @@ async def test_sequential_sends_share_one_connection(counting: Any) -> None:
     one_each = SmtpDriver("127.0.0.1", port, reuse_connections=False)
     for i in range(20):
         await one_each.send(numbered(i), "a@example.com", ["b@example.com"])
-    assert len(handler.messages) == 40 and seen.opened == 21
+    assert len(handler.messages) == 40 and seen.opened == 21 and one_each._idle == []
 
 
 async def test_concurrent_sends_never_open_more_than_the_limit(counting: Any) -> None:
     handler, port, seen, _ = counting
     driver = SmtpDriver("127.0.0.1", port, max_connections=5)
     await asyncio.gather(*(driver.send(numbered(i), "a@example.com", ["b@example.com"]) for i in range(30)))
-    assert sorted(m.message["Message-ID"] for m in handler.messages) == sorted(f"<m{i}@example.com>" for i in range(30))
+    assert sorted(received(handler)) == sorted(f"<m{i}@example.com>" for i in range(30))
     assert seen.peak <= 5 and 1 <= seen.opened <= 5
     await driver.aclose()
 
@@ -254,29 +304,80 @@ async def test_concurrent_sends_never_open_more_than_the_limit(counting: Any) ->
 async def test_a_connection_the_server_dropped_while_idle_is_replaced_and_nothing_is_sent_twice(counting: Any) -> None:
     handler, port, seen, controller = counting
     driver = SmtpDriver("127.0.0.1", port)
-    driver.PROBE_AFTER_IDLE_SECONDS = 0  # probe every reuse, so the test need not wait a second
     await driver.send(numbered(1), "a@example.com", ["b@example.com"])
     for transport in list(seen.live.values()):  # the server hangs up on its idle client
         controller.loop.call_soon_threadsafe(transport.close)
-    await asyncio.sleep(0.2)
+    await until(lambda: not driver._idle[0].client.is_connected, "the client sees the server's close")
     await driver.send(numbered(2), "a@example.com", ["b@example.com"])
-    assert [m.message["Message-ID"] for m in handler.messages] == ["<m1@example.com>", "<m2@example.com>"]
+    assert received(handler) == ["<m1@example.com>", "<m2@example.com>"]
     assert handler.data_calls == 2 and seen.opened == 2
     await driver.aclose()
 
 
-async def test_a_connection_is_renewed_after_its_message_limit_and_closed_by_aclose(counting: Any) -> None:
+async def test_a_pooled_connection_that_fails_the_noop_probe_is_not_used(counting: Any) -> None:
+    handler, port, seen, _ = counting
+    driver = SmtpDriver("127.0.0.1", port)
+    driver.PROBE_AFTER_IDLE_SECONDS = 0  # probe every reuse, so the test need not wait a second
+    await driver.send(numbered(1), "a@example.com", ["b@example.com"])
+    seen.refuse_noop = True  # from now on the server ends the session when probed
+    await driver.send(numbered(2), "a@example.com", ["b@example.com"])
+    assert received(handler) == ["<m1@example.com>", "<m2@example.com>"] and seen.opened == 2
+    await driver.aclose()
+
+
+async def test_a_drop_noticed_only_at_mail_from_is_retried_once_on_a_fresh_connection(counting: Any) -> None:
+    handler, port, seen, _ = counting
+    driver = SmtpDriver("127.0.0.1", port)
+    await driver.send(numbered(1), "a@example.com", ["b@example.com"])
+    seen.hang_up_at_mail = lambda n: n == 2  # the pooled connection dies at its second MAIL FROM
+    await driver.send(numbered(2), "a@example.com", ["b@example.com"])
+    assert received(handler) == ["<m1@example.com>", "<m2@example.com>"]
+    assert handler.data_calls == 2 and seen.opened == 2
+    await driver.aclose()
+
+
+async def test_the_retry_after_a_drop_at_mail_from_happens_once_and_never_on_a_fresh_connection(counting: Any) -> None:
+    handler, port, seen, _ = counting
+    driver = SmtpDriver("127.0.0.1", port)
+    await driver.send(numbered(1), "a@example.com", ["b@example.com"])
+    seen.hang_up_at_mail = lambda n: True  # every MAIL FROM, on the pooled and on any new connection
+    with pytest.raises(TransientDeliveryError, match="cannot talk to"):
+        await driver.send(numbered(2), "a@example.com", ["b@example.com"])
+    assert seen.opened == 2 and driver._idle == []  # the pooled one, then one fresh one: no more
+    with pytest.raises(TransientDeliveryError, match="cannot talk to"):
+        await driver.send(numbered(3), "a@example.com", ["b@example.com"])
+    assert seen.opened == 3 and received(handler) == ["<m1@example.com>"]  # a fresh connection is not retried
+
+
+async def test_a_connection_lost_during_data_is_never_retried(counting: Any) -> None:
+    handler, port, seen, _ = counting
+    driver = SmtpDriver("127.0.0.1", port)
+    await driver.send(numbered(1), "a@example.com", ["b@example.com"])
+    handler.hang_up_at_data = True  # the server gets the whole message and hangs up without answering
+    with pytest.raises(TransientDeliveryError, match="cannot talk to"):
+        await driver.send(numbered(2), "a@example.com", ["b@example.com"])
+    assert handler.data_calls == 2 and seen.opened == 1 and driver._idle == []
+
+
+async def test_a_connection_is_renewed_after_its_message_limit(counting: Any) -> None:
     handler, port, seen, _ = counting
     driver = SmtpDriver("127.0.0.1", port, max_messages_per_connection=3)
     for i in range(7):
         await driver.send(numbered(i), "a@example.com", ["b@example.com"])
-    assert seen.opened == 3 and seen.open == 1  # 3 + 3 + 1 messages; the full ones were closed
+    assert len(handler.messages) == 7 and seen.opened == 3  # 3 + 3 + 1 messages
+    assert seen.quits == 2 and len(driver._idle) == 1  # the full ones were closed with QUIT
     await driver.aclose()
-    for _ in range(50):
-        if seen.open == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert seen.open == 0
+
+
+async def test_aclose_quits_every_pooled_connection(counting: Any) -> None:
+    handler, port, seen, _ = counting
+    driver = SmtpDriver("127.0.0.1", port, max_connections=3)
+    await asyncio.gather(*(driver.send(numbered(i), "a@example.com", ["b@example.com"]) for i in range(12)))
+    pooled = len(driver._idle)
+    assert len(handler.messages) == 12 and pooled == seen.opened >= 1 and seen.quits == 0
+    await driver.aclose()
+    assert seen.quits == pooled and driver._idle == []
+    await until(lambda: seen.open == 0, "the server sees every connection closed")
 
 
 async def test_a_failed_transaction_does_not_keep_its_connection(counting: Any) -> None:
@@ -286,7 +387,7 @@ async def test_a_failed_transaction_does_not_keep_its_connection(counting: Any) 
     with pytest.raises(TransientDeliveryError):
         await driver.send(numbered(1), "a@example.com", ["b@example.com"])
     await driver.send(numbered(2), "a@example.com", ["b@example.com"])
-    assert seen.opened == 2 and [m.message["Message-ID"] for m in handler.messages] == ["<m2@example.com>"]
+    assert seen.opened == 2 and received(handler) == ["<m2@example.com>"]
     await driver.aclose()
 
 
@@ -316,7 +417,9 @@ async def test_starttls_auth_logs_in_once_for_many_messages_and_a_refused_login_
             with pytest.raises(PermanentDeliveryError, match="authentication refused") as caught:
                 await refused.send(numbered(99), "a@example.com", ["b@example.com"])
             assert wrong not in str(caught.value) and "mailer" not in str(caught.value)
-        assert refused._idle == [] and refused.connections_opened == 2  # each try logs in anew
-        assert wrong not in caplog.text and PASSWORD not in caplog.text
+        assert refused._idle == [] and refused.connections_opened == 2 and len(logins) == 3  # each try logs in anew
+        await until(lambda: seen.open == 0, "the server sees the refused connections closed")
+        plain_auth = base64.b64encode(f"\0mailer\0{wrong}".encode()).decode()  # what AUTH PLAIN sends
+        assert wrong not in caplog.text and PASSWORD not in caplog.text and plain_auth not in caplog.text
     finally:
         controller.stop()

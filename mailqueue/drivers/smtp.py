@@ -7,8 +7,10 @@ import re
 import time
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from typing import Any
 
 import aiosmtplib
+from aiosmtplib import SMTPResponse
 
 from mailqueue.config import Settings, SmtpSecurity
 from mailqueue.drivers import Delivery
@@ -22,9 +24,23 @@ def _classify(code: int, what: str) -> TransientDeliveryError | PermanentDeliver
     return cls(what, code=code)
 
 
+class _Client(aiosmtplib.SMTP):
+    """aiosmtplib.SMTP that remembers whether the connection was found lost at MAIL FROM, the first
+    command of a transaction: then nothing of the message had reached the server."""
+
+    lost_at_mail_from = False
+
+    async def mail(self, *args: Any, **kwargs: Any) -> SMTPResponse:
+        try:
+            return await super().mail(*args, **kwargs)
+        except ConnectionError:  # SMTPServerDisconnected is one; a 4xx/5xx reply is not
+            self.lost_at_mail_from = True
+            raise
+
+
 @dataclass
 class _Connection:
-    client: aiosmtplib.SMTP
+    client: _Client
     messages: int = 0
     idle_since: float = field(default_factory=time.monotonic)
 
@@ -34,10 +50,12 @@ class SmtpDriver:
     instance (one instance per server and credentials) and reused for the next messages, which
     saves the TCP, TLS and AUTH round trips of every message after the first.
 
-    Nothing is sent twice because of reuse: a connection idle for a second or more is probed
-    with NOOP before use, and one that fails the probe (the server closed it) is dropped before
-    any command of the message was sent; the message then goes over a new connection. A failure
-    during the transaction itself is never retried here: it is reported as before (transient
+    Nothing is sent twice because of reuse. A pooled connection the server has closed is
+    dropped before use: the event loop has usually seen the close already (`is_connected`),
+    and one idle for a second or more must also answer NOOP. If the server's close is only
+    noticed at MAIL FROM, the first command of the transaction, the send is tried once more on
+    a fresh connection: nothing of the message had reached the server. Any other failure, above
+    all one during or after DATA, is never retried here: it is reported as before (transient
     or permanent) and Temporal's retry policy decides, exactly as without reuse.
     """
 
@@ -66,8 +84,10 @@ class SmtpDriver:
         self.max_connections = max_connections
         self.max_messages_per_connection = max_messages_per_connection
         self.idle_timeout = idle_timeout
-        self._idle: list[_Connection] = []
-        self._slots: asyncio.Semaphore | None = None
+        if max_connections < 1 or max_messages_per_connection < 1:
+            raise ValueError("max_connections and max_messages_per_connection must be at least 1")
+        self._idle: list[_Connection] = []  # most recently used last
+        self._slots = asyncio.Semaphore(max_connections)  # binds to the running loop on first use
         self.connections_opened = 0  # for tests and the benchmark
 
     def __repr__(self) -> str:
@@ -86,17 +106,19 @@ class SmtpDriver:
         )
 
     async def send(self, message: EmailMessage, sender: str, recipients: list[str]) -> Delivery:
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_connections)
         server = f"{self.host}:{self.port}"
         async with self._slots:  # at most max_connections talking to this server at once
-            conn = await self._checkout() if self.reuse_connections else None
-            done = False
             try:
+                conn = await self._checkout() if self.reuse_connections else None
+                if conn is not None:
+                    try:
+                        refused, reply = await self._transaction(conn, message, sender, recipients)
+                    except ConnectionError:
+                        if not conn.client.lost_at_mail_from:
+                            raise
+                        conn = None  # closed by the server while pooled, seen only at MAIL FROM: once more, fresh
                 if conn is None:
-                    conn = await self._open()
-                refused, reply = await conn.client.send_message(message, sender=sender, recipients=recipients)
-                done = True
+                    refused, reply = await self._transaction(await self._open(), message, sender, recipients)
             except aiosmtplib.SMTPAuthenticationError as exc:
                 # The server's words only: never the username or password.
                 raise PermanentDeliveryError(
@@ -111,19 +133,29 @@ class SmtpDriver:
                 raise _classify(exc.code, f"{server} answered {exc.code} {exc.message}") from None
             except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
                 raise TransientDeliveryError(f"cannot talk to {server}: {type(exc).__name__}: {exc}") from None
-            finally:
-                if not done and conn is not None:
-                    await self._close(conn)  # after any error the connection's state is unknown: never reuse it
-            conn.messages += 1
-            await self._checkin(conn)
         match = _QUEUED_AS.search(reply)
         return Delivery(
             provider_message_id=match.group(1) if match else str(message["Message-ID"]),
             refused_recipients={addr: f"{r.code} {r.message}" for addr, r in refused.items()},
         )
 
+    async def _transaction(
+        self, conn: _Connection, message: EmailMessage, sender: str, recipients: list[str]
+    ) -> tuple[dict[str, SMTPResponse], str]:
+        """One full transaction (MAIL, RCPT, DATA) on conn, which goes back to the pool only if it succeeded."""
+        try:
+            result = await conn.client.send_message(message, sender=sender, recipients=recipients)
+        except BaseException:
+            # After any error (or cancellation) the connection's state is unknown: drop it at once,
+            # without a QUIT that could wait on a server mid-DATA.
+            conn.client.close()
+            raise
+        conn.messages += 1
+        await self._checkin(conn)
+        return result
+
     async def _open(self) -> _Connection:
-        client = aiosmtplib.SMTP(
+        client = _Client(
             hostname=self.host,
             port=self.port,
             use_tls=self.security is SmtpSecurity.TLS,
@@ -133,28 +165,30 @@ class SmtpDriver:
         )
         await client.connect()
         self.connections_opened += 1
-        conn = _Connection(client)
         try:
             if self._username:
                 await client.login(self._username, self._password or "")
         except BaseException:
-            await self._close(conn)
+            client.close()  # a refused login is never pooled
             raise
-        return conn
+        return _Connection(client)
 
     async def _checkout(self) -> _Connection | None:
-        """The most recently used open connection that still answers, or None."""
+        """The most recently used pooled connection that is still usable, or None."""
         while self._idle:
             conn = self._idle.pop()
             idle = time.monotonic() - conn.idle_since
-            if not conn.client.is_connected or idle > self.idle_timeout:
+            if not conn.client.is_connected:  # the server closed it and the event loop saw it
+                conn.client.close()
+                continue
+            if idle > self.idle_timeout:  # the server may drop it any moment: retire it politely
                 await self._close(conn)
                 continue
             if idle >= self.PROBE_AFTER_IDLE_SECONDS:
                 try:
-                    await conn.client.noop()
+                    await conn.client.noop(timeout=min(self.timeout, 5))
                 except (TimeoutError, aiosmtplib.SMTPException, OSError):
-                    await self._close(conn)  # closed by the server while idle: nothing of the message was sent
+                    conn.client.close()  # dead: nothing of the message was sent on it
                     continue
             return conn
         return None
@@ -167,6 +201,7 @@ class SmtpDriver:
         self._idle.append(conn)
 
     async def _close(self, conn: _Connection) -> None:
+        """QUIT a connection in a clean state (between transactions); close it if the server does not answer."""
         client = conn.client
         if client.is_connected:
             try:
