@@ -37,6 +37,16 @@ from mailqueue.store import apply_audit
 log = logging.getLogger("mailqueue.activities.send")
 
 
+def _store_unavailable(spec: EmailSpec, what: str, exc: BaseException) -> ApplicationError:
+    """Not a delivery attempt: the workflow waits for the database and asks again, so an outage
+    delays the email without using up its attempts. The type only: driver messages can name
+    hosts and users."""
+    log.warning("email %s: %s unavailable (%s); the workflow will ask again", spec.email_id, what, type(exc).__name__)
+    return ApplicationError(
+        f"{what} unavailable ({type(exc).__name__})", {"attempt": 0}, type=TEMPLATE_STORE_UNAVAILABLE, non_retryable=True
+    )
+
+
 def _event_id(run_id: str, attempt: int, event: EventType) -> str:
     # Deterministic, so a repeated write of the same attempt's event is a no-op.
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"mailqueue:{run_id}:{attempt}:{event.value}"))
@@ -122,11 +132,7 @@ class SendActivities:
             # A configuration fault no retry fixes soon; the message names no secret.
             raise ApplicationError(str(exc), {"attempt": 0}, type=PERMANENT_DELIVERY_ERROR, non_retryable=True) from None
         except STORE_ERRORS as exc:
-            log.warning("email %s: sender settings unavailable (%s); the workflow will ask again", spec.email_id, type(exc).__name__)
-            raise ApplicationError(
-                f"sender settings unavailable ({type(exc).__name__})", {"attempt": 0},
-                type=TEMPLATE_STORE_UNAVAILABLE, non_retryable=True,
-            ) from None
+            raise _store_unavailable(spec, "sender settings", exc) from None
 
     async def _content(self, req: SendRequest) -> Content:
         """The mail to send: given by the workflow (emails queued before the send rendered), raw, or rendered now."""
@@ -142,14 +148,7 @@ class SendActivities:
         except TemplateError as exc:
             raise ApplicationError(str(exc), {"attempt": 0}, type=TEMPLATE_ERROR, non_retryable=True) from None
         except STORE_ERRORS as exc:
-            # Not a delivery attempt: the workflow waits for the database and asks again, so an
-            # outage delays the email without using up its attempts. The type only: driver
-            # messages can name hosts and users.
-            log.warning("email %s: template store unavailable (%s); the workflow will ask again", spec.email_id, type(exc).__name__)
-            raise ApplicationError(
-                f"template store unavailable ({type(exc).__name__})", {"attempt": 0},
-                type=TEMPLATE_STORE_UNAVAILABLE, non_retryable=True,
-            ) from None
+            raise _store_unavailable(spec, "template store", exc) from None
 
     def _retrying(self, req: SendRequest, attempt: int, reason: str, run_id: str) -> AuditEntry:
         retry = req.spec.retry
