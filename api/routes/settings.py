@@ -118,7 +118,7 @@ async def get_mail_settings(principal: PrincipalDep, session: SessionDep, user_i
 
 @router.put("/mail", response_model=MailSettingsOut, summary="Replace the caller's sender settings")
 async def put_mail_settings(
-    body: MailSettingsIn, request: Request, principal: PrincipalDep, session: SessionDep, settings: SettingsDep, user_id: UserQuery = None
+    body: MailSettingsIn, request: Request, principal: PrincipalDep, session: SessionDep, user_id: UserQuery = None
 ) -> MailSettingsOut:
     user = await _target(principal, session, user_id)
     row = await session.get(SenderSettings, user.id) or SenderSettings(user_id=user.id)
