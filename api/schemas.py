@@ -176,6 +176,30 @@ class EmailAccepted(BaseModel):
     workflow_id: str
 
 
+class BatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    emails: list[dict[str, Any]] = Field(
+        min_length=1, max_length=100,
+        description="Each as the body of POST /v1/emails, plus an optional `idempotency_key`",
+    )
+    all_or_nothing: bool = Field(default=False, description="One invalid email: 422 and nothing queued")
+
+
+class BatchItemOut(BaseModel):
+    index: int
+    status: int = Field(description="202 queued; 422 invalid; 409 idempotency conflict; 503 not queued, send again")
+    id: str | None = None
+    workflow_id: str | None = None
+    email_status: str | None = None
+    detail: list[dict[str, Any]] | None = None
+
+
+class BatchOut(BaseModel):
+    items: list[BatchItemOut]
+    accepted: int
+    rejected: int
+
+
 class CancelBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: str | None = Field(default=None, max_length=500)

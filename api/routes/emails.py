@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import formataddr
 from typing import Annotated, Any
@@ -12,16 +13,30 @@ from typing import Annotated, Any
 import sqlalchemy as sa
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
-from temporalio.client import Client, WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
+from temporalio.client import (
+    Client,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
-from api.deps import Principal, PrincipalDep, SessionDep, SettingsDep, TemplatesDep, TemporalDep
+from api.deps import (
+    Principal,
+    PrincipalDep,
+    SessionDep,
+    SettingsDep,
+    TemplatesDep,
+    TemporalDep,
+)
 from api.schemas import (
-    Sender,
+    BatchIn,
+    BatchItemOut,
+    BatchOut,
     CancelBody,
     EmailAccepted,
     EmailDetail,
@@ -31,6 +46,7 @@ from api.schemas import (
     EventOut,
     RelatedEntity,
     RescheduleBody,
+    Sender,
     TemplateUsed,
     normalize_address,
 )
@@ -53,7 +69,14 @@ from mailqueue.errors import TemplateError
 from mailqueue.ids import idempotent_email_id, message_id_for, new_email_id
 from mailqueue.message import bare_address, domain_of
 from mailqueue.models import Email, EmailRecipient, SenderSettings, utcnow
-from mailqueue.store import current_template, events_of, insert_email, queued_event, record_from_spec, spec_from_record
+from mailqueue.store import (
+    current_template,
+    events_of,
+    insert_email,
+    queued_event,
+    record_from_spec,
+    spec_from_record,
+)
 from mailqueue.template_library import MissingVariables, prepare
 from mailqueue.templating import TemplateEngine, is_partial
 
@@ -168,27 +191,22 @@ def accepted(email: Email, response: Response) -> EmailAccepted:
     return EmailAccepted(id=email.id, status=email.status, workflow_id=email.workflow_id)
 
 
-@router.post(
-    "",
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=EmailAccepted,
-    responses={409: {"description": "Idempotency-Key reused with a different body"}, 503: {"description": "Temporal unavailable; retry"}},
-    summary="Queue an email",
-)
-async def queue_email(
-    req: EmailRequest,
-    response: Response,
-    principal: PrincipalDep,
-    session: SessionDep,
-    settings: SettingsDep,
-    temporal: TemporalDep,
-    engine: TemplatesDep,
-    idempotency_key: Annotated[
-        str | None,
-        Header(alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
-               description="Same key and body: same answer, one email. Same key, other body: 409."),
-    ] = None,
-) -> EmailAccepted:
+@dataclass
+class PreparedEmail:
+    """A request that passed every check, turned into its workflow input; nothing written yet."""
+
+    spec: EmailSpec
+    content: Content | None  # the rendered subject etc. of a templated email (Jinja only)
+    body_hash: str
+    idempotency_key: str | None
+    send_at: datetime | None
+
+
+async def prepare_email(
+    req: EmailRequest, principal: Principal, session: SessionDep, settings: Settings, engine: TemplateEngine,
+    idempotency_key: str | None,
+) -> PreparedEmail:
+    """Validate beyond the schema (limits, template and its data, sender) and build the spec: 422s come from here."""
     check_limits(req, settings)
     template_ref = content = template_from = template_from_name = None
     if req.template is not None:
@@ -203,7 +221,6 @@ async def queue_email(
 
     sender_type, sender_id = principal.sender
     email_id = idempotent_email_id(sender_type, sender_id, idempotency_key) if idempotency_key else new_email_id()
-    body_hash = request_hash(req)
     related = req.related_entity
     spec = EmailSpec(
         email_id=email_id,
@@ -228,14 +245,23 @@ async def queue_email(
         send_queue=await send_queue_for(session, settings, sender_type, sender_id),
         recorded=True,  # the record and its `queued` event are written below, before the workflow starts
     )
+    return PreparedEmail(spec, content, request_hash(req), idempotency_key, req.send_at)
 
-    email = await session.get(Email, email_id) if idempotency_key else None
+
+async def commit_email(prepared: PreparedEmail, session: SessionDep, settings: Settings, temporal: Client) -> Email:
+    """Write the record, then start the workflow; 409 (idempotency conflict) and 503 (Temporal) come from here.
+
+    A 202 always means the workflow exists: if Temporal cannot be reached, the new record is removed again.
+    """
+    spec, key = prepared.spec, prepared.idempotency_key
+    email_id = spec.email_id
+    email = await session.get(Email, email_id) if key else None
     created = email is None
     if email is None:
-        email = record_from_spec(spec, idempotency_key=idempotency_key, request_hash=body_hash)
-        if content is not None:
-            email.subject = content.subject  # as rendered at acceptance, for people reading the record
-        if req.send_at is not None and req.send_at > datetime.now(UTC):
+        email = record_from_spec(spec, idempotency_key=key, request_hash=prepared.body_hash)
+        if prepared.content is not None:
+            email.subject = prepared.content.subject  # as rendered at acceptance, for people reading the record
+        if prepared.send_at is not None and prepared.send_at > datetime.now(UTC):
             email.status = EmailStatus.SCHEDULED.value
         try:
             await insert_email(session, email)
@@ -246,7 +272,7 @@ async def queue_email(
             created = False
             if email is None:
                 raise
-    if not created and email.request_hash != body_hash:
+    if not created and email.request_hash != prepared.body_hash:
         raise HTTPException(status.HTTP_409_CONFLICT, "this Idempotency-Key was used with a different request body")
 
     await session.commit()  # never hold a database transaction while waiting on Temporal
@@ -259,7 +285,96 @@ async def queue_email(
             await (await session.connection()).execute(sa.delete(Email.__table__).where(Email.__table__.c.id == email_id))
             await session.commit()
         raise
-    return accepted(email, response)
+    return email
+
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
+           description="Same key and body: same answer, one email. Same key, other body: 409."),
+]
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=EmailAccepted,
+    responses={409: {"description": "Idempotency-Key reused with a different body"}, 503: {"description": "Temporal unavailable; retry"}},
+    summary="Queue an email",
+)
+async def queue_email(
+    req: EmailRequest,
+    response: Response,
+    principal: PrincipalDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    temporal: TemporalDep,
+    engine: TemplatesDep,
+    idempotency_key: IdempotencyKey = None,
+) -> EmailAccepted:
+    prepared = await prepare_email(req, principal, session, settings, engine, idempotency_key)
+    return accepted(await commit_email(prepared, session, settings, temporal), response)
+
+
+@router.post(
+    "/batch",
+    response_model=BatchOut,
+    responses={422: {"description": "all_or_nothing, and at least one email is invalid: nothing was queued"}},
+    summary="Queue up to 100 emails; each is validated and answered on its own",
+)
+async def queue_batch(
+    body: BatchIn,
+    principal: PrincipalDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    temporal: TemporalDep,
+    engine: TemplatesDep,
+) -> BatchOut:
+    results: list[BatchItemOut | None] = [None] * len(body.emails)
+    ready: list[tuple[int, PreparedEmail]] = []
+    for index, item in enumerate(body.emails):
+        try:
+            key = item.pop("idempotency_key", None) if isinstance(item, dict) else None
+            if key is not None and not (isinstance(key, str) and _IDEMPOTENCY_KEY.match(key)):
+                raise RequestValidationError([{"type": "value_error", "loc": ("body", "idempotency_key"), "input": None,
+                                               "msg": "1 to 255 printable ASCII characters, no spaces"}])
+            req = EmailRequest.model_validate(item)
+            ready.append((index, await prepare_email(req, principal, session, settings, engine, key)))
+        except ValidationError as exc:
+            results[index] = BatchItemOut(index=index, status=422, detail=_errors(exc.errors()))
+        except RequestValidationError as exc:
+            results[index] = BatchItemOut(index=index, status=422, detail=_errors(exc.errors()))
+    rejected = [r for r in results if r is not None]
+    if body.all_or_nothing and rejected:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, {
+            "msg": f"{len(rejected)} of {len(body.emails)} emails are invalid; nothing was queued (all_or_nothing)",
+            "items": [r.model_dump(exclude_none=True) for r in rejected],
+        })
+    for index, prepared in ready:
+        try:
+            email = await commit_email(prepared, session, settings, temporal)
+            results[index] = BatchItemOut(index=index, status=202, id=email.id, workflow_id=email.workflow_id, email_status=email.status)
+        except HTTPException as exc:
+            results[index] = BatchItemOut(index=index, status=exc.status_code, detail=[{"msg": str(exc.detail)}])
+        except TemporalUnavailable:
+            results[index] = BatchItemOut(index=index, status=503, detail=[{"msg": "Temporal is unavailable; this email was not queued, send it again"}])
+    items = [r for r in results if r is not None]
+    return BatchOut(
+        items=items, accepted=sum(r.status == 202 for r in items), rejected=sum(r.status != 202 for r in items),
+    )
+
+
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+def _errors(errors: Any) -> list[dict[str, Any]]:
+    """Pydantic's errors as JSON (no exception objects in `ctx`), with `body` and the item's place dropped."""
+    out = []
+    for error in errors:
+        loc = [part for part in error.get("loc", ()) if part != "body"]
+        out.append({"type": error.get("type"), "loc": loc, "msg": error.get("msg"),
+                    **({"missing": error["missing"]} if "missing" in error else {})})
+    return out
 
 
 _EMAIL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
