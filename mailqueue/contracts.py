@@ -19,6 +19,14 @@ def workflow_id_for(email_id: str) -> str:
     return f"{WORKFLOW_ID_PREFIX}{email_id}"
 
 
+def priority_key(priority: str) -> int:
+    """Temporal's priority key (1 first … 5 last) for an email's priority: high/normal/low, or 1–10 (1 highest)."""
+    named = {"high": 1, "normal": 3, "low": 5}
+    if priority in named:
+        return named[priority]
+    return (min(max(int(priority), 1), 10) + 1) // 2 if priority.isdigit() else 3
+
+
 def send_queue_name(task_queue: str, driver: str) -> str:
     """The task queue of one driver's rate-limited sends."""
     return f"{task_queue}.{driver}"

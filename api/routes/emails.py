@@ -21,7 +21,7 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
-from temporalio.common import WorkflowIDReusePolicy
+from temporalio.common import Priority, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
@@ -63,6 +63,7 @@ from mailqueue.contracts import (
     RescheduleRequest,
     RetrySettings,
     TemplateRef,
+    priority_key,
     workflow_id_for,
 )
 from mailqueue.errors import TemplateError
@@ -179,6 +180,8 @@ async def start_delivery(temporal: Client, spec: EmailSpec, task_queue: str, reu
             task_queue=task_queue,
             id_reuse_policy=reuse,
             rpc_timeout=RPC_TIMEOUT,
+            # Ordered by the server: with a backlog, high before normal before low. Activities inherit it.
+            priority=Priority(priority_key=priority_key(spec.priority)),
         )
     except WorkflowAlreadyStartedError:
         raise

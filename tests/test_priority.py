@@ -1,0 +1,40 @@
+"""Priority orders work: with a backlog, high-priority emails go out before low ones."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from temporalio.client import Client
+from temporalio.common import WorkflowIDReusePolicy
+
+from api.routes.emails import start_delivery
+from mailqueue.config import Settings
+from mailqueue.contracts import priority_key
+from tests.helpers import SmtpSink, make_spec
+from worker import build_worker
+
+
+def test_priority_keys() -> None:
+    assert [priority_key(p) for p in ("high", "normal", "low")] == [1, 3, 5]
+    assert [priority_key(str(n)) for n in range(1, 11)] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert priority_key("weird") == 3
+
+
+async def test_a_backlog_of_300_goes_out_high_first_low_last(client: Client, settings: Settings, sink: SmtpSink) -> None:
+    queue = settings.task_queue + "-priority"
+    for i in range(300):  # queued while no worker runs: a backlog, interleaved low/normal/high
+        label = ("low", "normal", "high")[i % 3]
+        spec = make_spec(subject=label)
+        spec.priority = label
+        await start_delivery(client, spec, queue, WorkflowIDReusePolicy.REJECT_DUPLICATE)
+    async with build_worker(client, settings.model_copy(update={"task_queue": queue})):
+        await sink.wait_for(300, timeout=120)
+    order = [m.message["Subject"] for m in sink.messages]
+    first, last = order[:100], order[-100:]
+    counts: dict[str, Any] = {"first 100": {k: first.count(k) for k in ("high", "normal", "low")},
+                              "last 100": {k: last.count(k) for k in ("high", "normal", "low")}}
+    # Unordered, each hundred would hold about 33 of each. The server orders what it hands out,
+    # but the worker takes up to 200 tasks at once and they meet again at the database and the
+    # SMTP server in arrival order, and a send that fails once goes to the back: so the first
+    # hundred out is the sharp measure (68–89 high and 0–7 low in our runs), the tail is not.
+    assert first.count("high") >= 60 and first.count("low") <= 10, counts
