@@ -30,3 +30,7 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # At DEBUG these libraries log request details (botocore: the AWS access key id; httpx/httpcore:
+    # URLs and headers): never below WARNING, whatever the level, so that no credential reaches a log.
+    for noisy in ("botocore", "boto3", "urllib3", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -22,9 +22,13 @@ from mailqueue.net import free_port
 
 @dataclass
 class Scripted:
+    """One answer to play instead of checking the request: a JSON body (a str goes as plain
+    text, like a proxy's error page), extra headers, and a delay to outlast a client's timeout."""
+
     status: int
     body: Any = None
     delay: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -43,6 +47,7 @@ class FakeProvider:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.received: list[Received] = []
+        self.paths: list[str] = []  # of every request that arrived, accepted or not: to count retries
         self.script: deque[Scripted] = deque()
         provider = self
 
@@ -50,9 +55,12 @@ class FakeProvider:
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 status, body, headers = provider.answer(self.path, dict(self.headers.items()), raw)
-                data = json.dumps(body).encode() if body is not None else b""
+                if isinstance(body, str):
+                    data, ctype = body.encode(), "text/plain"
+                else:
+                    data, ctype = (json.dumps(body).encode() if body is not None else b""), "application/json"
                 self.send_response(status)
-                for name, value in (headers | {"Content-Type": "application/json", "Content-Length": str(len(data))}).items():
+                for name, value in ({"Content-Type": ctype} | headers | {"Content-Length": str(len(data))}).items():
                     self.send_header(name, value)
                 self.end_headers()
                 try:
@@ -65,7 +73,8 @@ class FakeProvider:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # A short poll: shutdown() waits for the loop to look, 0.5 s per server by default.
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
 
     def __enter__(self) -> FakeProvider:
         self._thread.start()
@@ -74,13 +83,19 @@ class FakeProvider:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+        self._thread.join(timeout=5)
 
     def answer(self, path: str, headers: dict[str, str], raw: bytes) -> tuple[int, Any, dict[str, str]]:
+        self.paths.append(path)  # list.append is atomic: safe from the server's threads
         if self.script:
             scripted = self.script.popleft()
             time.sleep(scripted.delay)
-            return scripted.status, scripted.body, {}
+            return scripted.status, scripted.body, scripted.headers
         return self.check(path, {k.lower(): v for k, v in headers.items()}, raw)
+
+    @property
+    def requests(self) -> int:
+        return len(self.paths)
 
     def check(self, path: str, headers: dict[str, str], raw: bytes) -> tuple[int, Any, dict[str, str]]:
         raise NotImplementedError
@@ -92,6 +107,17 @@ def _b64(value: str) -> bool:
         return True
     except (binascii.Error, ValueError):
         return False
+
+
+# https://www.twilio.com/docs/sendgrid/api-reference/mail-send: headers the `headers` object may not set.
+_RESERVED_HEADERS = {"x-sg-id", "x-sg-eid", "received", "dkim-signature", "content-type", "content-transfer-encoding",
+                     "to", "from", "subject", "reply-to", "cc", "bcc"}
+
+
+def _is_address(value: Any) -> bool:
+    """SendGrid's email object: {"email", "name"?}, nothing else."""
+    return (isinstance(value, dict) and "@" in str(value.get("email", "")) and not set(value) - {"email", "name"}
+            and isinstance(value.get("name", ""), str))
 
 
 class FakeSendGrid(FakeProvider):
@@ -119,12 +145,19 @@ class FakeSendGrid(FakeProvider):
         for p in personalizations:
             if not p.get("to"):
                 return self._error("The to array is required for all personalization objects", "personalizations.0.to")
+            seen: set[str] = set()
             for kind in ("to", "cc", "bcc"):
                 for address in p.get(kind, []):
-                    if set(address) - {"email", "name"} or "@" not in address.get("email", ""):
+                    if not _is_address(address):
                         return self._error(f"Invalid {kind} address", f"personalizations.0.{kind}")
-        if "@" not in (body.get("from") or {}).get("email", ""):
+                    if address["email"].lower() in seen:
+                        return self._error("Each email address in the personalization block should be unique between to, cc, and bcc.",
+                                           f"personalizations.0.{kind}")
+                    seen.add(address["email"].lower())
+        if not _is_address(body.get("from")):
             return self._error("The from object must be provided for every email send.", "from.email")
+        if "reply_to" in body and not _is_address(body["reply_to"]):
+            return self._error("The reply_to email does not contain a valid address.", "reply_to")
         if not isinstance(body.get("subject"), str):
             return self._error("The subject is required.", "subject")
         content = body.get("content") or []
@@ -134,10 +167,19 @@ class FakeSendGrid(FakeProvider):
         if "text/plain" in types and types[0] != "text/plain":
             return self._error("If present, text/plain content must be first, followed by any other content.", "content.0.type")
         for a in body.get("attachments", []):
+            if set(a) - {"content", "filename", "type", "disposition", "content_id"}:
+                return self._error("Unknown attachment field.", "attachments.0")
             if not _b64(a.get("content", "")) or not a.get("filename"):
                 return self._error("The attachment content must be base64 encoded and have a filename.", "attachments.0.content")
-        if not all(isinstance(v, str) for v in (body.get("headers") or {}).values()):
+            if a.get("disposition", "attachment") not in ("attachment", "inline") or not isinstance(a.get("type", ""), str):
+                return self._error("The attachment disposition must be attachment or inline.", "attachments.0.disposition")
+            if a.get("disposition") == "inline" and not a.get("content_id"):
+                return self._error("The content_id is required when the disposition is inline.", "attachments.0.content_id")
+        custom = body.get("headers") or {}
+        if not all(isinstance(v, str) for v in custom.values()):
             return self._error("Headers must be strings.", "headers")
+        if reserved := sorted(k for k in custom if k.lower() in _RESERVED_HEADERS):
+            return self._error(f"The headers {reserved} are reserved and cannot be set.", "headers")
         self.received.append(Received(path=path, headers=headers, json=body))
         return 202, None, {"X-Message-Id": f"sg-{uuid.uuid4().hex[:12]}"}
 
@@ -178,3 +220,12 @@ class FakeMailgun(FakeProvider):
             return 400, {"message": "'to' parameter is missing"}, {}
         self.received.append(Received(path=path, headers=headers, form=form, mime=mime))
         return 200, {"id": f"<{uuid.uuid4().hex[:12]}@{self.domain}>", "message": "Queued. Thank you."}, {}
+
+
+class FakeAws(FakeProvider):
+    """An AWS endpoint that only plays its script: for the answers moto does not produce
+    (throttling, 5xx, a slow answer) and to count how many requests botocore makes.
+    Request signing is not checked here; moto's server covers the real SES exchange."""
+
+    def check(self, path: str, headers: dict[str, str], raw: bytes) -> tuple[int, Any, dict[str, str]]:
+        return 500, {"message": f"nothing scripted for {path}"}, {}

@@ -25,7 +25,7 @@ from mailqueue.drivers.ses import SesDriver
 from mailqueue.errors import PermanentDeliveryError, TransientDeliveryError
 from mailqueue.message import build_message, envelope
 from mailqueue.net import free_port
-from tests.fake_providers import FakeMailgun, FakeSendGrid, Scripted
+from tests.fake_providers import FakeAws, FakeMailgun, FakeSendGrid, Scripted
 from tests.helpers import make_spec
 
 SENDGRID_KEY = "SG.test-key-5f0d2b9c7e"
@@ -61,6 +61,13 @@ def assert_no_secret(*texts: str) -> None:
     for text in texts:
         for secret in SECRETS:
             assert secret not in text
+
+
+def assert_logs_clean(logs: str) -> None:
+    """No key in the log. The AWS access key ID is left out: botocore's own DEBUG log shows it in
+    the signed Authorization header (Credential=...), as AWS treats it as an identifier; the
+    secret access key never appears."""
+    assert_no_secret(logs.replace(f"Credential={AWS_KEY_ID}/", "Credential=<id>/"))
 
 
 # --- SendGrid -----------------------------------------------------------------------------------
@@ -100,6 +107,10 @@ async def test_sendgrid_sends_the_documented_request(sendgrid: FakeSendGrid) -> 
     (400, {"errors": [{"message": "Does not contain a valid address.", "field": "personalizations.0.to.0.email"}]},
      PermanentDeliveryError, "Does not contain a valid address. (personalizations.0.to.0.email)"),
     (413, {"errors": [{"message": "too big"}]}, PermanentDeliveryError, "rejected the message (413)"),
+    (422, {"errors": [{"message": "unprocessable"}]}, PermanentDeliveryError, "rejected the message (422): unprocessable"),
+    (502, "<html>Bad Gateway</html>", TransientDeliveryError, "502: <html>Bad Gateway</html>"),
+    (401, {"errors": [{"message": f"API key {SENDGRID_KEY} is invalid"}]}, PermanentDeliveryError,
+     "refused the API key (401): API key [redacted] is invalid"),
     (401, {"errors": [{"message": "authorization grant is invalid"}]}, PermanentDeliveryError, "refused the API key (401)"),
     (403, {"errors": [{"message": "access forbidden"}]}, PermanentDeliveryError, "refused the API key (403)"),
 ])
@@ -112,7 +123,8 @@ async def test_sendgrid_answers_are_classified(
     with pytest.raises(error) as caught:
         await SendGridDriver(SENDGRID_KEY, base_url=sendgrid.url).send(msg, sender, recipients)
     assert words in str(caught.value) and "sendgrid" in str(caught.value)
-    assert_no_secret(str(caught.value), repr(caught.value), caplog.text)
+    assert_no_secret(str(caught.value), repr(caught.value))
+    assert_logs_clean(caplog.text)
 
 
 async def test_sendgrid_wrong_key_is_refused_by_the_fake_itself(sendgrid: FakeSendGrid) -> None:
@@ -130,6 +142,34 @@ async def test_sendgrid_bcc_only_email_still_has_a_to(sendgrid: FakeSendGrid) ->
     assert sendgrid.received[0].json["personalizations"] == [{"to": [{"email": "only@example.com"}]}]
 
 
+async def test_sendgrid_bcc_only_email_reveals_no_recipient_to_another(sendgrid: FakeSendGrid) -> None:
+    spec = make_spec(to=["x@example.com"])
+    msg = build_message(spec, spec.content)  # type: ignore[arg-type]
+    del msg["To"]
+    await SendGridDriver(SENDGRID_KEY, base_url=sendgrid.url).send(msg, "sender@example.com", ["a@example.com", "b@example.com"])
+    assert sendgrid.received[0].json["personalizations"] == [{"to": [{"email": "a@example.com"}]}, {"to": [{"email": "b@example.com"}]}]
+
+
+async def test_sendgrid_envelope_decides_the_addresses(sendgrid: FakeSendGrid) -> None:
+    """From/Reply-To headers with several addresses do not break the request; `from.email` is the
+    envelope sender; a header recipient missing from the envelope is not sent to; a forwarded
+    message attaches as its bytes."""
+    msg, _, _ = rich_message()
+    del msg["Reply-To"], msg["From"]
+    msg["From"] = "Sender <sender@example.com>, Other <other@example.com>"
+    msg["Reply-To"] = "a@example.com, b@example.com"
+    forwarded = EmailMessage()
+    forwarded["Subject"] = "Earlier"
+    forwarded.set_content("old words")
+    msg.add_attachment(forwarded, filename="earlier.eml")
+    await SendGridDriver(SENDGRID_KEY, base_url=sendgrid.url).send(msg, "bounce@example.com", ["ann@example.com"])
+    body = sendgrid.received[0].json
+    assert body["from"] == {"email": "bounce@example.com"} and body["reply_to"] == {"email": "a@example.com"}
+    assert body["personalizations"] == [{"to": [{"email": "ann@example.com", "name": "Ann Smith"}]}]
+    [_, eml] = body["attachments"]
+    assert eml["type"] == "message/rfc822" and message_from_bytes(base64.b64decode(eml["content"]))["Subject"] == "Earlier"
+
+
 # --- Mailgun ------------------------------------------------------------------------------------
 
 
@@ -143,6 +183,7 @@ async def test_mailgun_sends_the_mime_message_to_every_envelope_recipient(mailgu
     assert got.mime is not None and got.mime["Subject"] == "Your order" and got.mime["Bcc"] is None
     assert got.mime.get_body(("plain",)).get_content().strip() == "Plain words"  # type: ignore[union-attr]
     assert [p.get_filename() for p in got.mime.iter_attachments()] == ["invoice.pdf"]
+    assert got.mime["X-Campaign"] == "spring" and got.mime["Message-ID"] == msg["Message-ID"]
     assert delivery.provider_message_id.endswith("@mg.example.com") and "<" not in delivery.provider_message_id
 
 
@@ -155,45 +196,66 @@ def test_mailgun_regions() -> None:
 
 @pytest.mark.parametrize(("status", "body", "error", "words"), [
     (429, {"message": "rate limited"}, TransientDeliveryError, "429: rate limited"),
+    (500, {"message": "internal error"}, TransientDeliveryError, "mailgun answered 500: internal error"),
     (502, {"message": "bad gateway"}, TransientDeliveryError, "502"),
+    (503, None, TransientDeliveryError, "mailgun answered 503"),
     (400, {"message": "to parameter is not a valid address"}, PermanentDeliveryError, "not a valid address"),
+    (422, {"message": "message is too large"}, PermanentDeliveryError, "rejected the message (422): message is too large"),
+    (401, f"Forbidden: {MAILGUN_KEY}", PermanentDeliveryError, "refused the API key (401): Forbidden: [redacted]"),
     (401, {"message": "Invalid private key"}, PermanentDeliveryError, "refused the API key (401): Invalid private key"),
     (403, {"message": "Domain is not allowed"}, PermanentDeliveryError, "refused the API key (403)"),
 ])
-async def test_mailgun_answers_are_classified(mailgun: FakeMailgun, status: int, body: Any, error: type[Exception], words: str) -> None:
+async def test_mailgun_answers_are_classified(
+    mailgun: FakeMailgun, status: int, body: Any, error: type[Exception], words: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     mailgun.script.append(Scripted(status, body))
     msg, sender, recipients = rich_message()
     with pytest.raises(error) as caught:
         await MailgunDriver(MAILGUN_KEY, "mg.example.com", base_url=mailgun.url).send(msg, sender, recipients)
-    assert words in str(caught.value)
+    assert words in str(caught.value) and "mailgun" in str(caught.value)
     assert_no_secret(str(caught.value), repr(caught.value))
+    assert_logs_clean(caplog.text)
 
 
-async def test_mailgun_wrong_key_and_unknown_domain(mailgun: FakeMailgun) -> None:
+async def test_mailgun_wrong_key_and_unknown_domain(mailgun: FakeMailgun, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     msg, sender, recipients = rich_message()
-    with pytest.raises(PermanentDeliveryError, match="refused the API key"):
+    with pytest.raises(PermanentDeliveryError, match="refused the API key") as wrong:
         await MailgunDriver("key-wrong", "mg.example.com", base_url=mailgun.url).send(msg, sender, recipients)
-    with pytest.raises(PermanentDeliveryError, match=r"\(404\): Domain not found"):
+    with pytest.raises(PermanentDeliveryError, match=r"\(404\): Domain not found") as unknown:
         await MailgunDriver(MAILGUN_KEY, "other.example.com", base_url=mailgun.url).send(msg, sender, recipients)
+    assert "key-wrong" not in str(wrong.value) and mailgun.received == []
+    assert_no_secret(str(unknown.value))
+    assert_logs_clean(caplog.text)
 
 
 # --- both HTTP drivers: the network ---------------------------------------------------------------
 
 
-async def test_a_slow_or_absent_provider_is_transient(sendgrid: FakeSendGrid, mailgun: FakeMailgun) -> None:
+async def test_a_slow_or_absent_provider_is_transient(
+    sendgrid: FakeSendGrid, mailgun: FakeMailgun, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     msg, sender, recipients = rich_message()
     sendgrid.script.append(Scripted(202, None, delay=1.5))
     mailgun.script.append(Scripted(200, {"id": "x"}, delay=1.5))
-    with pytest.raises(TransientDeliveryError, match="sendgrid timed out"):
+    errors = []
+    with pytest.raises(TransientDeliveryError, match="sendgrid timed out") as caught:
         await SendGridDriver(SENDGRID_KEY, base_url=sendgrid.url, timeout=0.5).send(msg, sender, recipients)
-    with pytest.raises(TransientDeliveryError, match="mailgun timed out"):
+    errors.append(caught.value)
+    with pytest.raises(TransientDeliveryError, match="mailgun timed out") as caught:
         await MailgunDriver(MAILGUN_KEY, "mg.example.com", base_url=mailgun.url, timeout=0.5).send(msg, sender, recipients)
+    errors.append(caught.value)
     nobody = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(TransientDeliveryError, match="could not be reached") as caught:
+    with pytest.raises(TransientDeliveryError, match="sendgrid could not be reached") as caught:
         await SendGridDriver(SENDGRID_KEY, base_url=nobody).send(msg, sender, recipients)
-    assert_no_secret(str(caught.value))
-    with pytest.raises(TransientDeliveryError, match="could not be reached"):
+    errors.append(caught.value)
+    with pytest.raises(TransientDeliveryError, match="mailgun could not be reached") as caught:
         await MailgunDriver(MAILGUN_KEY, "mg.example.com", base_url=nobody).send(msg, sender, recipients)
+    errors.append(caught.value)
+    assert_no_secret(*(str(e) for e in errors), *(repr(e) for e in errors))
+    assert_logs_clean(caplog.text)
     assert repr(SendGridDriver(SENDGRID_KEY)).count("SG.") == 0 and MAILGUN_KEY not in repr(MailgunDriver(MAILGUN_KEY, "d"))
 
 
@@ -252,13 +314,24 @@ async def test_ses_unverified_sender_is_permanent(moto_ses: str) -> None:
     ("TooManyRequestsException", 429, TransientDeliveryError, "ses answered TooManyRequestsException"),
     ("Throttling", 400, TransientDeliveryError, "Throttling"),
     ("InternalFailure", 500, TransientDeliveryError, "InternalFailure"),
+    ("LimitExceededException", 400, TransientDeliveryError, "LimitExceededException"),
+    ("SlowDownPlease", 429, TransientDeliveryError, "ses answered SlowDownPlease"),  # an unknown code: its 429 decides
+    ("ServiceUnavailable", 503, TransientDeliveryError, "ServiceUnavailable"),
+    ("MailFromDomainNotVerifiedException", 400, PermanentDeliveryError, "MailFromDomainNotVerifiedException"),
+    ("BadRequestException", 400, PermanentDeliveryError, "rejected the message (BadRequestException)"),
+    ("NotFoundException", 404, PermanentDeliveryError, "NotFoundException"),
+    ("SendingPausedException", 400, PermanentDeliveryError, "SendingPausedException"),
+    ("InvalidClientTokenId", 403, PermanentDeliveryError, "refused the credentials"),
     ("MessageRejected", 400, PermanentDeliveryError, "rejected the message (MessageRejected)"),
     ("AccountSuspendedException", 400, PermanentDeliveryError, "AccountSuspendedException"),
     ("AccessDeniedException", 403, PermanentDeliveryError, "ses refused the credentials (AccessDeniedException)"),
     ("UnrecognizedClientException", 403, PermanentDeliveryError, "refused the credentials"),
     ("SignatureDoesNotMatch", 403, PermanentDeliveryError, "refused the credentials"),
 ])
-async def test_ses_errors_are_classified(code: str, status: int, error: type[Exception], words: str) -> None:
+async def test_ses_errors_are_classified(
+    code: str, status: int, error: type[Exception], words: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     driver = SesDriver(AWS_KEY_ID, AWS_SECRET, "eu-west-1")
     msg, sender, recipients = rich_message()
     with Stubber(driver.client) as stub:
@@ -266,15 +339,54 @@ async def test_ses_errors_are_classified(code: str, status: int, error: type[Exc
         with pytest.raises(error) as caught:
             await driver.send(msg, sender, recipients)
     assert words in str(caught.value) and f"the {code} words" in str(caught.value)
-    assert_no_secret(str(caught.value), repr(driver))
+    assert_no_secret(str(caught.value), repr(caught.value), repr(driver))
+    assert_logs_clean(caplog.text)
 
 
-async def test_ses_unreachable_is_transient() -> None:
+async def test_ses_credentials_echoed_by_aws_are_redacted() -> None:
+    driver = SesDriver(AWS_KEY_ID, AWS_SECRET, "eu-west-1")
+    msg, sender, recipients = rich_message()
+    with Stubber(driver.client) as stub:
+        stub.add_client_error("send_email", service_error_code="SignatureDoesNotMatch", http_status_code=403,
+                              service_message=f"Credential={AWS_KEY_ID}/eu-west-1/ses, secret {AWS_SECRET}")
+        with pytest.raises(PermanentDeliveryError, match="refused the credentials") as caught:
+            await driver.send(msg, sender, recipients)
+    assert "Credential=[redacted]/eu-west-1/ses, secret [redacted]" in str(caught.value)
+    assert_no_secret(str(caught.value))
+
+
+async def test_ses_unreachable_is_transient(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     driver = SesDriver(AWS_KEY_ID, AWS_SECRET, "eu-west-1", endpoint_url=f"http://127.0.0.1:{free_port()}", timeout=2)
     msg, sender, recipients = rich_message()
     with pytest.raises(TransientDeliveryError, match="ses could not be reached") as caught:
         await asyncio.wait_for(driver.send(msg, sender, recipients), 20)
-    assert_no_secret(str(caught.value))
+    assert_no_secret(str(caught.value), repr(caught.value))
+    assert_logs_clean(caplog.text)
+
+
+@pytest.mark.parametrize(("answer", "error", "words"), [
+    (Scripted(503, {"message": "Service Unavailable"}), TransientDeliveryError, "ses answered"),
+    (Scripted(429, {"message": "Maximum sending rate exceeded."}, headers={"x-amzn-ErrorType": "TooManyRequestsException"}),
+     TransientDeliveryError, "TooManyRequestsException: Maximum sending rate exceeded."),
+    (Scripted(400, {"message": "Email address is not verified."}, headers={"x-amzn-ErrorType": "MessageRejected"}),
+     PermanentDeliveryError, "rejected the message (MessageRejected): Email address is not verified."),
+    (Scripted(200, {"MessageId": "late"}, delay=1.5), TransientDeliveryError, "ses could not be reached (ReadTimeoutError)"),
+])
+async def test_ses_over_the_wire_is_tried_once(answer: Scripted, error: type[Exception], words: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Real HTTP answers through botocore, and exactly one request each: Temporal retries, botocore must not."""
+    caplog.set_level(logging.DEBUG)
+    msg, sender, recipients = rich_message()
+    with FakeAws() as aws:
+        aws.script.extend([answer, Scripted(200, {"MessageId": "a-hidden-retry"})])
+        driver = SesDriver(AWS_KEY_ID, AWS_SECRET, "eu-west-1", endpoint_url=aws.url, timeout=0.5)
+        with pytest.raises(error) as caught:
+            await driver.send(msg, sender, recipients)
+        assert aws.requests == 1 and len(aws.script) == 1
+        assert aws.paths == ["/v2/email/outbound-emails"]
+    assert words in str(caught.value)
+    assert_no_secret(str(caught.value), repr(caught.value))
+    assert_logs_clean(caplog.text)
 
 
 # --- through the worker: a user's provider settings ----------------------------------------------

@@ -13,12 +13,21 @@ from mailqueue.errors import DeliveryError, PermanentDeliveryError, TransientDel
 MAX_REASON = 300
 
 
-def provider_text(response: httpx.Response) -> str:
-    """The provider's own words: the message(s) of a JSON error body, else the body's start."""
+def redact(text: str, secrets: tuple[str, ...]) -> str:
+    """`text` without any of `secrets`: providers may quote a refused key back in their error."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
+def provider_text(response: httpx.Response, secrets: tuple[str, ...] = ()) -> str:
+    """The provider's own words: the message(s) of a JSON error body, else the body's start.
+    Secrets are removed before truncating, so that no prefix of one can survive the cut."""
     try:
         body = response.json()
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-        return response.text.strip()[:MAX_REASON]
+        return redact(response.text.strip(), secrets)[:MAX_REASON]
     messages: list[str] = []
     if isinstance(body, dict):
         for error in body.get("errors") or []:  # SendGrid: {"errors": [{"message", "field"}]}
@@ -27,13 +36,14 @@ def provider_text(response: httpx.Response) -> str:
                 messages.append(f"{error['message']}{field}")
         if not messages and body.get("message"):  # Mailgun: {"message": ...}
             messages.append(str(body["message"]))
-    return ("; ".join(messages) or json.dumps(body))[:MAX_REASON]
+    return redact("; ".join(messages) or json.dumps(body), secrets)[:MAX_REASON]
 
 
-def classify(provider: str, response: httpx.Response, credential: str) -> DeliveryError:
-    """429 and 5xx: worth retrying. 401/403: the credentials were refused. Other 4xx: permanent."""
+def classify(provider: str, response: httpx.Response, credential: str, secrets: tuple[str, ...] = ()) -> DeliveryError:
+    """429 and 5xx: worth retrying. 401/403: the credentials were refused. Other 4xx: permanent.
+    `credential` names what was refused ("API key"); `secrets` are the values never to echo."""
     status = response.status_code
-    text = provider_text(response)
+    text = provider_text(response, secrets)
     if status in (401, 403):
         return PermanentDeliveryError(f"{provider} refused the {credential} ({status}): {text}", code=status)
     if status == 429 or status >= 500:

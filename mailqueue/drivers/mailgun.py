@@ -13,6 +13,9 @@ REGIONS = {"us": "https://api.mailgun.net", "eu": "https://api.eu.mailgun.net"}
 
 
 class MailgunDriver:
+    """Mailgun's messages.mime: the MIME message goes as built (attachments and all) and the
+    envelope recipients go alongside it, which is what makes Bcc work."""
+
     name = "mailgun"
 
     def __init__(
@@ -45,11 +48,12 @@ class MailgunDriver:
         except httpx.HTTPError as exc:
             raise transport_error("mailgun", exc) from None
         if response.status_code != 200:
-            raise classify("mailgun", response, "API key") from None
+            raise classify("mailgun", response, "API key", (self._api_key,)) from None
         try:
-            message_id = str(response.json().get("id") or "")
+            answer = response.json()
         except ValueError:
-            message_id = ""
+            answer = None
+        message_id = str(answer.get("id") or "") if isinstance(answer, dict) else ""
         return Delivery(provider_message_id=message_id.strip("<>") or str(message["Message-ID"]))
 
     async def aclose(self) -> None:

@@ -23,17 +23,41 @@ def _address(name: str, addr: str) -> dict[str, str]:
     return {"email": addr, "name": name} if name else {"email": addr}
 
 
+def _first(message: EmailMessage, header: str) -> tuple[str, str]:
+    """(name, address) of the first address in `header`, ("", "") if none: never raises on a header
+    that holds several addresses or none."""
+    found = [(n, a) for n, a in getaddresses([str(v) for v in message.get_all(header, [])]) if a]
+    return found[0] if found else ("", "")
+
+
+def _attachment_bytes(part: EmailMessage) -> bytes:
+    """The attachment's content as a file would hold it; a forwarded message (message/rfc822) is
+    a parsed part without a decodable payload, so it is serialised back."""
+    data = part.get_payload(decode=True)
+    if isinstance(data, bytes):
+        return data
+    inner = part.get_payload()
+    return inner[0].as_bytes() if isinstance(inner, list) and inner else b""
+
+
 def payload(message: EmailMessage, sender: str, recipients: list[str]) -> dict[str, Any]:
-    """The Mail Send body for `message`, as SendGrid documents it."""
+    """The Mail Send body for `message`, as SendGrid documents it. The envelope (`sender`,
+    `recipients`) decides the addresses; the headers only lend display names and the To/Cc split."""
     to, cc, bcc = split_recipients(message, recipients)
-    personalization: dict[str, Any] = {"to": [_address(n, a) for n, a in to]}
-    if not personalization["to"]:  # SendGrid needs a `to`; a Bcc-only email moves its first Bcc there
-        personalization["to"] = [{"email": bcc.pop(0)}]
-    if cc:
-        personalization["cc"] = [_address(n, a) for n, a in cc]
-    if bcc:
-        personalization["bcc"] = [{"email": a} for a in bcc]
-    [(from_name, from_addr)] = getaddresses([message["From"] or sender]) or [("", sender)]
+    if not to and cc:
+        to = [cc.pop(0)]  # SendGrid needs a `to`; a Cc address stands in, it is shown to all anyway
+    if to:
+        personalization: dict[str, Any] = {"to": [_address(n, a) for n, a in to]}
+        if cc:
+            personalization["cc"] = [_address(n, a) for n, a in cc]
+        if bcc:
+            personalization["bcc"] = [{"email": a} for a in bcc]
+        personalizations = [personalization]
+    else:
+        # Bcc only. Each personalization is a copy whose To header shows its `to`: one copy per
+        # recipient, so no Bcc recipient is revealed to another.
+        personalizations = [{"to": [{"email": a}]} for a in bcc]
+    from_name, from_addr = _first(message, "From")
     text, html = body_parts(message)
     content = []
     if text is not None:
@@ -41,22 +65,21 @@ def payload(message: EmailMessage, sender: str, recipients: list[str]) -> dict[s
     if html is not None:
         content.append({"type": "text/html", "value": html})
     body: dict[str, Any] = {
-        "personalizations": [personalization],
-        "from": _address(from_name, from_addr or sender),
+        "personalizations": personalizations,
+        "from": _address(from_name if from_addr.lower() == sender.lower() else "", sender),
         "subject": str(message["Subject"] or ""),
         "content": content or [{"type": "text/plain", "value": " "}],
     }
-    if message["Reply-To"]:
-        [(name, addr)] = getaddresses([message["Reply-To"]])
-        body["reply_to"] = _address(name, addr)
+    reply_name, reply_addr = _first(message, "Reply-To")
+    if reply_addr:
+        body["reply_to"] = _address(reply_name, reply_addr)
     headers = {k: str(v) for k, v in message.items() if k.lower() not in _NOT_CUSTOM}
     if headers:
         body["headers"] = headers
     attachments = []
     for part in message.iter_attachments():
-        data = part.get_payload(decode=True) or b""
         item = {
-            "content": base64.b64encode(data).decode(),  # type: ignore[arg-type]
+            "content": base64.b64encode(_attachment_bytes(part)).decode(),
             "filename": part.get_filename() or "attachment",
             "type": part.get_content_type(),
             "disposition": part.get_content_disposition() or "attachment",
@@ -70,6 +93,9 @@ def payload(message: EmailMessage, sender: str, recipients: list[str]) -> dict[s
 
 
 class SendGridDriver:
+    """SendGrid's v3 Mail Send API. The message is taken apart into SendGrid's JSON (it does not
+    accept raw MIME); one httpx client per driver instance keeps connections alive between sends."""
+
     name = "sendgrid"
 
     def __init__(
@@ -93,7 +119,7 @@ class SendGridDriver:
         except httpx.HTTPError as exc:
             raise transport_error("sendgrid", exc) from None
         if response.status_code not in (200, 202):
-            raise classify("sendgrid", response, "API key") from None
+            raise classify("sendgrid", response, "API key", (self._api_key,)) from None
         return Delivery(provider_message_id=response.headers.get("X-Message-Id") or str(message["Message-ID"]))
 
     async def aclose(self) -> None:

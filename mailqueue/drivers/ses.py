@@ -9,10 +9,11 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError, ReadTimeoutError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from mailqueue.drivers import Delivery
-from mailqueue.drivers._http import MAX_REASON
+from mailqueue.drivers._http import MAX_REASON, redact
 from mailqueue.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 
 TRANSIENT = {"Throttling", "ThrottlingException", "TooManyRequestsException", "LimitExceededException",
@@ -21,12 +22,13 @@ CREDENTIALS = {"AccessDeniedException", "AccessDenied", "UnrecognizedClientExcep
                "SignatureDoesNotMatch", "IncompleteSignature", "MissingAuthenticationToken", "ExpiredToken"}
 
 
-def classify(exc: ClientError) -> DeliveryError:
+def classify(exc: ClientError, secrets: tuple[str, ...] = ()) -> DeliveryError:
+    """Throttling, 429 and 5xx: worth retrying. Refused credentials and every other error: permanent."""
     error = exc.response.get("Error", {})
     code = str(error.get("Code") or "Unknown")
-    text = str(error.get("Message") or "")[:MAX_REASON]
+    text = redact(str(error.get("Message") or ""), secrets)[:MAX_REASON]
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    if code in TRANSIENT or (isinstance(status, int) and status >= 500):
+    if code in TRANSIENT or (isinstance(status, int) and (status == 429 or status >= 500)):
         return TransientDeliveryError(f"ses answered {code}: {text}", code=status)
     if code in CREDENTIALS:
         return PermanentDeliveryError(f"ses refused the credentials ({code}): {text}", code=status)
@@ -34,6 +36,9 @@ def classify(exc: ClientError) -> DeliveryError:
 
 
 class SesDriver:
+    """Amazon SES v2 with the raw MIME message, so attachments and headers go as built. boto3 is
+    synchronous: one client per driver, created on first use and called in a worker thread."""
+
     name = "ses"
 
     def __init__(
@@ -42,8 +47,10 @@ class SesDriver:
     ) -> None:
         self._access_key_id, self._secret_access_key = access_key_id, secret_access_key
         self.region, self.endpoint_url, self.configuration_set = region, endpoint_url, configuration_set
-        # Temporal retries the send; botocore must not retry underneath it.
-        self._config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1, "mode": "standard"})
+        # Temporal retries the send; botocore must not retry underneath it. `total_max_attempts`
+        # counts the first request: botocore's own `max_attempts` counts retries only, so
+        # {"max_attempts": 1} would send twice.
+        self._config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"total_max_attempts": 1, "mode": "standard"})
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -74,8 +81,10 @@ class SesDriver:
         try:
             message_id = await asyncio.to_thread(self._send, message, sender, recipients)
         except ClientError as exc:
-            raise classify(exc) from None
-        except (ReadTimeoutError, BotoConnectionError) as exc:
+            raise classify(exc, (self._access_key_id, self._secret_access_key)) from None
+        except (HTTPClientError, BotoConnectionError) as exc:
+            # Timeouts, refused or dropped connections: ReadTimeoutError and ConnectionClosedError
+            # are HTTPClientErrors, EndpointConnectionError and ConnectTimeoutError ConnectionErrors.
             raise TransientDeliveryError(f"ses could not be reached ({type(exc).__name__})") from None
         except BotoCoreError as exc:
             # Configuration faults (no region, bad endpoint): the type only, messages can echo settings.
