@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.routes import emails, health, settings as mail_settings, templates, users
+from api.routes import emails, health, settings as mail_settings, stats, templates, users
 from mailqueue.config import Settings, get_settings
 from mailqueue.crypto import SecretBox
 from mailqueue.db import create_engine, sessionmaker
@@ -83,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(templates.router)
     app.include_router(users.router)
     app.include_router(mail_settings.router)
+    app.include_router(stats.router)
 
     def unavailable(what: str) -> JSONResponse:
         return JSONResponse({"detail": f"{what} is unavailable; nothing was changed, try again"}, status_code=503, headers={"Retry-After": "5"})
