@@ -101,11 +101,13 @@ async def test_worker_sigkill_mid_batch_loses_nothing(
         print(f"\ncrash test report: {json.dumps(report)}")
     # SMTP has no idempotency: a send the dead worker had in flight may go out twice (same
     # Message-ID, so receivers can drop it). Any other duplicate is a bug: every duplicated
-    # email must have had its first copy accepted before the kill.
+    # email must have had its first copy accepted before the kill, or just after it: bytes the
+    # worker had already written reach the sink (a thread of this busy process) a moment later.
+    # A second's grace against a recovery that takes about ten.
     first_copy: dict[str, float] = {}
     for m in sink.messages:
         mid = str(m.message["Message-ID"])
         first_copy[mid] = min(first_copy.get(mid, m.received_at), m.received_at)
-    late = [mid for mid, n in got.items() if n > 1 and first_copy[mid] > killed_wall]
+    late = [mid for mid, n in got.items() if n > 1 and first_copy[mid] > killed_wall + 1.0]
     assert not late, f"duplicates not explained by the kill: {late}"
     assert all(n <= 2 for n in got.values()), report
