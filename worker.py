@@ -23,9 +23,9 @@ from activities.quota import QuotaActivities
 from activities.render import RenderActivities, Renderer
 from activities.send import SendActivities
 from mailqueue.config import Settings, get_settings
+from mailqueue.contracts import send_queue_name
 from mailqueue.db import create_engine, sessionmaker
 from mailqueue.drivers import Driver, driver_from_settings
-from mailqueue.contracts import send_queue_name
 from mailqueue.logs import configure_logging
 from mailqueue.senders import DriverFactory
 from mailqueue.temporal import connect

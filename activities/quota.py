@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 
@@ -43,26 +43,28 @@ class QuotaActivities:
             return QuotaAnswer(ok=True)
         async with self._sessions() as session:
             row = await session.get(SenderSettings, req.sender_id)
+            now = self._clock()
+            # (label, limit, this window's key, when it ends) for each limit the sender has
             limits = [
-                (label, seconds, limit)
+                (label, limit, f"{label[0]}{int(now // seconds)}", (now // seconds + 1) * seconds)
                 for label, seconds, limit in (("hourly", self._hour, row and row.hourly_limit), ("daily", self._day, row and row.daily_limit))
                 if limit
             ]
             if not limits:
                 return QuotaAnswer(ok=True)
             sender = sender_key(req.sender_type, req.sender_id)
-            now = self._clock()
-            for label, seconds, _ in limits:
-                await _ensure_row(session, sender, _window(label, now, seconds))
+            connection = await session.connection()
+            for _, _, window, _ in limits:
+                await _ensure_row(connection, sender, window)
             full: list[tuple[str, int, float]] = []
-            for label, seconds, limit in limits:
-                taken = await (await session.connection()).execute(
+            for label, limit, window, ends in limits:
+                taken = await connection.execute(
                     sa.update(_usage)
-                    .where(_usage.c.sender == sender, _usage.c.window == _window(label, now, seconds), _usage.c.count < limit)
+                    .where(_usage.c.sender == sender, _usage.c.window == window, _usage.c.count < limit)
                     .values(count=_usage.c.count + 1)
                 )
-                if taken.rowcount != 1:  # type: ignore[attr-defined]
-                    full.append((label, limit, (now // seconds + 1) * seconds))
+                if taken.rowcount != 1:
+                    full.append((label, limit, ends))
             if full:
                 await session.rollback()  # a slot taken in the other window is given back
                 retry_at = max(end for _, _, end in full)
@@ -73,12 +75,7 @@ class QuotaActivities:
             return QuotaAnswer(ok=True)
 
 
-def _window(label: str, now: float, seconds: int) -> str:
-    return f"{label[0]}{int(now // seconds)}"
-
-
-async def _ensure_row(session: AsyncSession, sender: str, window: str) -> None:
+async def _ensure_row(connection: AsyncConnection, sender: str, window: str) -> None:
     """Create the window's counter if it is not there (two sends at once: one insert wins, quietly)."""
-    dialect = session.bind.dialect.name
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    await (await session.connection()).execute(insert(_usage).values(sender=sender, window=window, count=0).on_conflict_do_nothing())
+    insert = pg_insert if connection.dialect.name == "postgresql" else sqlite_insert
+    await connection.execute(insert(_usage).values(sender=sender, window=window, count=0).on_conflict_do_nothing())

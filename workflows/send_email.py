@@ -161,17 +161,15 @@ class SendEmailWorkflow:
             except ActivityError as err:
                 if _error_type(err) != TEMPLATE_STORE_UNAVAILABLE:
                     await self._fail(_reason(err), attempt=_attempt(err, self._spec.retry.max_attempts))
-            # The database that holds the template is away: nothing was sent and no attempt
-            # is used up. Wait (durably) and ask again, as long as it takes.
+            # The database that holds the template or the sender's settings is away: nothing was
+            # sent and no attempt is used up. Wait (durably) and ask again, as long as it takes.
             waits += 1
             delay = min(2 ** (waits - 1), 30)
-            workflow.logger.warning("template store unavailable; asking again in %ss", delay)
+            workflow.logger.warning("template store or sender settings unavailable; asking again in %ss", delay)
             try:
                 await workflow.sleep(delay)
             except asyncio.CancelledError:
-                await self._record(
-                    EventType.CANCEL_REJECTED, detail="cancel requested while sending; the send's outcome stands"
-                )
+                await self._reject_cancel()
 
     async def _send_once(self, content: Content | None) -> SendResult:
         retry = self._spec.retry
@@ -192,10 +190,11 @@ class SendEmailWorkflow:
             # A send in flight is never abandoned: its outcome must be recorded truthfully.
             return await asyncio.shield(handle)
         except asyncio.CancelledError:
-            await self._record(
-                EventType.CANCEL_REJECTED, detail="cancel requested while sending; the send's outcome stands"
-            )
+            await self._reject_cancel()
             return await handle
+
+    async def _reject_cancel(self) -> None:
+        await self._record(EventType.CANCEL_REJECTED, detail="cancel requested while sending; the send's outcome stands")
 
     async def _fail(self, reason: str, *, attempt: int) -> NoReturn:
         self._status = EmailStatus.FAILED
