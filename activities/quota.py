@@ -67,8 +67,7 @@ class QuotaActivities:
                     full.append((label, limit, ends))
             if full:
                 await session.rollback()  # a slot taken in the other window is given back
-                retry_at = max(end for _, _, end in full)
-                label, limit, _ = full[0]
+                label, limit, retry_at = max(full, key=lambda f: f[2])  # the window that opens last decides
                 at = datetime.fromtimestamp(retry_at, UTC)
                 return QuotaAnswer(ok=False, retry_at=at, detail=f"{label} limit of {limit} emails reached; next try at {at.isoformat()}")
             await session.commit()
