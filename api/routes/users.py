@@ -58,9 +58,19 @@ def _key_out(k: ApiKey) -> KeyOut:
     return KeyOut(id=k.id, name=k.name, prefix=k.prefix, created_at=k.created_at, last_used_at=k.last_used_at, revoked_at=k.revoked_at)
 
 
+async def _users_out(session: SessionDep, users: list[User]) -> list[UserOut]:
+    """The users with their keys, in one query for all the keys."""
+    keys = (
+        await session.exec(
+            select(ApiKey).where(col(ApiKey.user_id).in_([u.id for u in users])).order_by(col(ApiKey.created_at))
+        )
+    ).all()
+    return [UserOut(**u.model_dump(), api_keys=[_key_out(k) for k in keys if k.user_id == u.id]) for u in users]
+
+
 async def _user_out(session: SessionDep, user: User) -> UserOut:
-    keys = (await session.exec(select(ApiKey).where(col(ApiKey.user_id) == user.id).order_by(col(ApiKey.created_at)))).all()
-    return UserOut(**user.model_dump(), api_keys=[_key_out(k) for k in keys])
+    [out] = await _users_out(session, [user])
+    return out
 
 
 async def _user_or_404(session: SessionDep, user_id: str) -> User:
@@ -85,8 +95,7 @@ async def create_user(body: UserIn, response: Response, admin: AdminDep, session
 
 @router.get("", response_model=list[UserOut], summary="List users with their keys (never the keys themselves)")
 async def list_users(admin: AdminDep, session: SessionDep) -> list[UserOut]:
-    users = (await session.exec(select(User).order_by(col(User.created_at)))).all()
-    return [await _user_out(session, u) for u in users]
+    return await _users_out(session, list((await session.exec(select(User).order_by(col(User.created_at)))).all()))
 
 
 @router.get("/{user_id}", response_model=UserOut, responses=NOT_FOUND, summary="A user with their keys")
