@@ -85,6 +85,8 @@ async def ann_and_bob(stack: Stack) -> AsyncIterator[tuple[dict[str, Any], httpx
 async def test_keys_are_shown_once_stored_hashed_and_revocable(stack: Stack, sessions: Any) -> None:
     user, http = await _user(stack, f"keys-{os.urandom(3).hex()}")
     try:
+        everyone = {u["id"]: u for u in (await stack.http.get("/v1/users")).json()}
+        assert [k["prefix"] for k in everyone[user["id"]]["api_keys"]] == [user["key"][:10]]
         listed = (await stack.http.get(f"/v1/users/{user['id']}")).json()
         assert [k["prefix"] for k in listed["api_keys"]] == [user["key"][:10]]
         assert user["key"] not in json.dumps(listed) and "key_hash" not in json.dumps(listed)
