@@ -343,9 +343,7 @@ async def queue_batch(
                                                "msg": "1 to 255 printable ASCII characters, no spaces"}])
             req = EmailRequest.model_validate(item)
             ready.append((index, await prepare_email(req, principal, session, settings, engine, key)))
-        except ValidationError as exc:
-            results[index] = BatchItemOut(index=index, status=422, detail=_errors(exc.errors()))
-        except RequestValidationError as exc:
+        except (ValidationError, RequestValidationError) as exc:
             results[index] = BatchItemOut(index=index, status=422, detail=_errors(exc.errors()))
     rejected = [r for r in results if r is not None]
     if body.all_or_nothing and rejected:

@@ -10,10 +10,9 @@ from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from temporalio.client import WorkflowFailureError
-from temporalio.common import WorkflowIDReusePolicy
 
 from api.deps import Principal, PrincipalDep, SessionDep, SettingsDep, TemporalDep
-from api.routes.emails import retry_settings, send_queue_for, start_delivery
+from api.routes.emails import PreparedEmail, commit_email, retry_settings, send_queue_for
 from api.schemas import normalize_address
 from mailqueue.config import SmtpSecurity
 from mailqueue.contracts import Content, EmailSpec
@@ -22,7 +21,6 @@ from mailqueue.ids import message_id_for, new_email_id
 from mailqueue.message import domain_of
 from mailqueue.models import SenderSettings, User, utcnow
 from mailqueue.senders import REQUIRED, SenderDriver
-from mailqueue.store import insert_email, record_from_spec
 
 router = APIRouter(prefix="/v1/settings", tags=["settings"])
 SECRETS = {"smtp_password": "smtp_password_enc", "api_key": "api_key_enc", "api_secret": "api_secret_enc"}
@@ -168,10 +166,8 @@ async def test_mail_settings(
         retry=retry_settings(settings, 1), tags=["settings-test"], sender_type="user", sender_id=user.id, recorded=True,
         send_queue=await send_queue_for(session, settings, "user", user.id),
     )
-    email = record_from_spec(spec)
-    await insert_email(session, email)
-    await session.commit()
-    await start_delivery(temporal, spec, settings.task_queue, WorkflowIDReusePolicy.REJECT_DUPLICATE)
+    # The same path as POST /v1/emails: no record is left behind if Temporal cannot take it (503).
+    email = await commit_email(PreparedEmail(spec, None, "", None, None), session, settings, temporal)
     handle = temporal.get_workflow_handle(email.workflow_id)
     error: str | None = None
     try:
