@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -108,6 +109,8 @@ def settings_env(settings: Any) -> dict[str, str]:
             continue
         if hasattr(value, "get_secret_value"):
             value = value.get_secret_value()
+        if isinstance(value, dict | list):
+            value = json.dumps(value)  # pydantic-settings reads complex values as JSON
         env[f"MAILQUEUE_{name.upper()}"] = str(value.value if hasattr(value, "value") else value)
     return env
 
