@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install dev test bench bench-smtp histories clean
+.PHONY: install dev test test-faults bench bench-smtp histories clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mailqueue needs Python 3.11 or newer (set PYTHON=...)")'
@@ -22,6 +22,9 @@ dev: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -s -m faults
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py

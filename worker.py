@@ -20,6 +20,7 @@ from temporalio.worker import Worker
 
 from activities.audit import AuditActivities
 from activities.quota import QuotaActivities
+from activities.reconcile import ReconcileActivities
 from activities.render import RenderActivities, Renderer
 from activities.send import SendActivities
 from mailqueue.config import Settings, get_settings
@@ -28,8 +29,9 @@ from mailqueue.db import create_engine, sessionmaker
 from mailqueue.drivers import Driver, driver_from_settings
 from mailqueue.logs import configure_logging
 from mailqueue.senders import DriverFactory
-from mailqueue.temporal import connect
+from mailqueue.temporal import connect, ensure_reconcile_schedule
 from mailqueue.templating import TemplateEngine
+from workflows.reconcile import ReconcileEmailsWorkflow
 from workflows.send_email import SendEmailWorkflow
 
 log = logging.getLogger("mailqueue.worker")
@@ -77,10 +79,14 @@ def build_worker(
     main = Worker(
         client,
         task_queue=queue,
-        workflows=[SendEmailWorkflow],
-        activities=[audit.record, QuotaActivities(sessions, settings).reserve, render.render, send.send],
+        workflows=[SendEmailWorkflow, ReconcileEmailsWorkflow],
+        activities=[
+            audit.record, QuotaActivities(sessions, settings).reserve, render.render, send.send,
+            ReconcileActivities(sessions, client, settings).reconcile,
+        ],
         max_concurrent_activities=200,
-        # Sends are the task queue's only ordinary activity: this caps sends per second across all workers.
+        # Sends are the task queue's ordinary activities (but for one reconciler run a minute):
+        # this caps sends per second across all workers.
         max_task_queue_activities_per_second=settings.send_rate_per_second,
         max_concurrent_local_activities=200,
         max_concurrent_workflow_tasks=200,
@@ -104,6 +110,7 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    await ensure_reconcile_schedule(client, settings)
     async with build_worker(client, settings):
         log.info("worker running on task queue %s at %s", settings.task_queue, settings.temporal_address)
         for name, rate in sorted(settings.send_rates.items()):

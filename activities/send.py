@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -32,19 +34,43 @@ from mailqueue.errors import PermanentDeliveryError, TemplateError, TransientDel
 from mailqueue.message import build_message, envelope, redirect
 from mailqueue.models import SenderSettings
 from mailqueue.senders import DriverFactory
-from mailqueue.store import apply_audit
+from mailqueue.store import PriorDelivery, apply_audit
 
 log = logging.getLogger("mailqueue.activities.send")
 
+CLAIM_SECONDS = 2.0  # the `sending` write may not eat the attempt's time (it is best effort)
+SAFETY_SECONDS = 0.5  # a send ends this long before the attempt's deadline
+# A send starts only with this much of its attempt left (a send takes milliseconds to a second;
+# one cut short by the deadline is retried). Waiting for more would send a busy worker's mail to
+# the back of the queue for nothing.
+MIN_SEND_SECONDS = 2.0
+
+
+def _ask_again(spec: EmailSpec, reason: str) -> ApplicationError:
+    """Not a delivery attempt (nothing was sent): the workflow waits and asks again, so the email
+    is delayed without using up its attempts."""
+    log.warning("email %s: %s; the workflow will ask again", spec.email_id, reason)
+    return ApplicationError(reason, {"attempt": 0}, type=TEMPLATE_STORE_UNAVAILABLE, non_retryable=True)
+
 
 def _store_unavailable(spec: EmailSpec, what: str, exc: BaseException) -> ApplicationError:
-    """Not a delivery attempt: the workflow waits for the database and asks again, so an outage
-    delays the email without using up its attempts. The type only: driver messages can name
-    hosts and users."""
-    log.warning("email %s: %s unavailable (%s); the workflow will ask again", spec.email_id, what, type(exc).__name__)
-    return ApplicationError(
-        f"{what} unavailable ({type(exc).__name__})", {"attempt": 0}, type=TEMPLATE_STORE_UNAVAILABLE, non_retryable=True
-    )
+    """The database is away. The exception's type only: driver messages can name hosts and users."""
+    return _ask_again(spec, f"{what} unavailable ({type(exc).__name__})")
+
+
+class AttemptClock:
+    """How long until Temporal gives this attempt up (its start-to-close timeout)."""
+
+    def __init__(self, info: activity.Info) -> None:
+        self.limit = info.start_to_close_timeout.total_seconds() if info.start_to_close_timeout else 0.0
+        # The server started the clock when it handed the task out; a busy worker can take
+        # seconds to begin running it (5 s seen under load), and those count too. This relies on
+        # the worker's and the server's clocks agreeing (NTP), as Temporal's own timeouts do.
+        delay = (datetime.now(UTC) - info.started_time).total_seconds()
+        self._deadline = time.monotonic() + self.limit - max(delay, 0.0)
+
+    def left(self) -> float | None:
+        return self._deadline - time.monotonic() if self.limit else None
 
 
 def _event_id(run_id: str, attempt: int, event: EventType) -> str:
@@ -64,11 +90,12 @@ class SendActivities:
     @activity.defn(name="send_email")
     async def send(self, req: SendRequest) -> SendResult:
         info = activity.info()
+        clock = AttemptClock(info)
         attempt = info.attempt
         spec = req.spec
         content = await self._content(req)  # before `sending`: a template that cannot render was never sent
         driver = await self._driver_for(spec)
-        await self._audit(
+        prior = await self._claim(
             AuditEntry(
                 email_id=spec.email_id,
                 event_id=_event_id(info.workflow_run_id, attempt, EventType.SENDING),
@@ -80,19 +107,45 @@ class SendActivities:
                 spec=spec,
             )
         )
+        if prior is not None:
+            # An earlier attempt's mail was accepted and recorded, but its completion never
+            # reached Temporal (the worker died, or the completion was lost): do not send again.
+            log.warning(
+                "email %s: attempt %s was accepted by %s; attempt %s does not send again",
+                spec.email_id, prior.attempt, prior.provider, attempt,
+            )
+            return SendResult(
+                provider=prior.provider or driver.name,
+                provider_message_id=prior.provider_message_id or "",
+                attempt=prior.attempt,
+                accepted_at=prior.sent_at or datetime.now(UTC),
+                recorded=True,
+            )
         message = build_message(spec, content)
         sender, recipients = envelope(spec)
         if self._redirect_to:
             recipients = redirect(message, recipients, self._redirect_to)
+        # Once this attempt's time is up, Temporal starts the next one, whether or not this one is
+        # still running: a send must neither start without the time to finish nor outlive it, or
+        # two attempts could send at once. Not starting is not an attempt: the workflow asks again.
+        left = clock.left()
+        if left is not None and left < min(MIN_SEND_SECONDS, clock.limit / 4):
+            raise _ask_again(spec, f"not sent: {left:.1f}s left of attempt {attempt}, too little to send (the steps before the send were slow)")
         try:
-            delivery = await driver.send(message, sender, recipients)
+            async with asyncio.timeout(None if left is None else left - SAFETY_SECONDS):
+                delivery = await driver.send(message, sender, recipients)
+        except TimeoutError:
+            exc = TransientDeliveryError("the send did not finish within the attempt's time limit")
+            if attempt < spec.retry.max_attempts:
+                await self._audit(self._retrying(req, attempt, exc.reason, info.workflow_run_id), within=clock.left())
+            raise ApplicationError(exc.reason, {"attempt": attempt}, type=TRANSIENT_DELIVERY_ERROR) from None
         except PermanentDeliveryError as exc:
             raise ApplicationError(
                 exc.reason, {"attempt": attempt}, type=PERMANENT_DELIVERY_ERROR, non_retryable=True
             ) from None
         except TransientDeliveryError as exc:
             if attempt < spec.retry.max_attempts:
-                await self._audit(self._retrying(req, attempt, exc.reason, info.workflow_run_id))
+                await self._audit(self._retrying(req, attempt, exc.reason, info.workflow_run_id), within=clock.left())
             raise ApplicationError(exc.reason, {"attempt": attempt}, type=TRANSIENT_DELIVERY_ERROR) from None
         result = SendResult(
             provider=driver.name,
@@ -101,10 +154,13 @@ class SendActivities:
             accepted_at=datetime.now(UTC),
             refused_recipients=delivery.refused_recipients,
         )
-        # Recorded here, right after the server accepted, so the record never lags the mail;
-        # if the database is away, the workflow records it once it is back.
+        # Recorded here, right after the server accepted, so the record never lags the mail (and
+        # a later attempt knows not to send again). If the database is away or slow, the attempt
+        # still ends in time, so Temporal hears of the delivery and no other attempt starts; the
+        # workflow records it once the database is back.
         result.recorded = await self._audit(
-            AuditEntry(
+            within=clock.left(),
+            entry=AuditEntry(
                 email_id=spec.email_id,
                 event_id=_event_id(info.workflow_run_id, attempt, EventType.SENT),
                 event=EventType.SENT,
@@ -170,12 +226,23 @@ class SendActivities:
             spec=req.spec,
         )
 
-    async def _audit(self, entry: AuditEntry) -> bool:
-        """Best effort: a database outage must not stop or repeat a send; the workflow
-        records the outcome itself when this returns False."""
+    async def _claim(self, entry: AuditEntry) -> PriorDelivery | None:
+        """Record `sending`, or learn that the mail already went. Best effort like `_audit`: with
+        the database away or slow the send goes ahead (the duplicate guard needs the database)."""
         try:
-            async with self._sessions() as session:
-                await apply_audit(session, entry)
+            async with asyncio.timeout(CLAIM_SECONDS), self._sessions() as session:
+                return await apply_audit(session, entry, unless_sent=True)
+        except Exception as exc:  # noqa: BLE001 - logged; delivery must not wait for the audit
+            log.warning("could not record sending for email %s: %s: %s", entry.email_id, type(exc).__name__, exc)
+            return None
+
+    async def _audit(self, entry: AuditEntry, within: float | None = None) -> bool:
+        """Best effort: a database outage must not stop or repeat a send; the workflow
+        records the outcome itself when this returns False. `within`: the attempt's time left."""
+        try:
+            async with asyncio.timeout(None if within is None else max(within - SAFETY_SECONDS, 0.1)):
+                async with self._sessions() as session:
+                    await apply_audit(session, entry)
             return True
         except Exception as exc:  # noqa: BLE001 - logged here, and the workflow records the outcome
             log.warning(

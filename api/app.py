@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
@@ -16,6 +19,7 @@ from api.routes import emails, health, settings as mail_settings, stats, templat
 from mailqueue.config import Settings, get_settings
 from mailqueue.crypto import SecretBox
 from mailqueue.db import create_engine, sessionmaker
+from mailqueue.delivery import TemporalUnavailable
 from mailqueue.logs import configure_logging
 from mailqueue.temporal import connect
 from mailqueue.templating import TemplateEngine
@@ -55,6 +59,19 @@ def reject_nul_in_query(request: Request) -> None:
             )
 
 
+def _printable(value: Any) -> Any:
+    """What UTF-8 JSON can carry: unpaired surrogates escaped, NaN and infinities as text."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    return value
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -88,7 +105,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def unavailable(what: str) -> JSONResponse:
         return JSONResponse({"detail": f"{what} is unavailable; nothing was changed, try again"}, status_code=503, headers={"Retry-After": "5"})
 
-    @app.exception_handler(emails.TemporalUnavailable)
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input back as given: "\ud800" or NaN in a body made its 422 a 500.
+        return JSONResponse({"detail": _printable(jsonable_encoder(exc.errors()))}, status_code=422)
+
+    @app.exception_handler(TemporalUnavailable)
     async def _temporal_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("temporal unavailable: %s", exc)
         return unavailable("Temporal")

@@ -9,7 +9,7 @@ from email.utils import formataddr
 from typing import Annotated, Any, Literal
 
 from email_validator import EmailNotValidError, validate_email
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mailqueue.templating import check_locale
 
@@ -19,12 +19,43 @@ _RESERVED_HEADERS = {
     "from", "to", "cc", "bcc", "reply-to", "subject", "date", "message-id", "sender",
     "mime-version", "content-type", "content-transfer-encoding", "return-path", "received",
 }
+# Template versions are PostgreSQL integers: a larger one can never exist, and must not reach a query.
+MAX_VERSION = 2**31 - 1
+
+
+def storable(value: str, what: str = "the value") -> str:
+    """PostgreSQL text holds neither NUL nor lone surrogates (not UTF-8): refused here as a 422, not at the database."""
+    if "\x00" in value:
+        raise ValueError(f"{what} must not contain NUL characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} must be valid Unicode (no unpaired surrogates)") from None
+    return value
+
+
+def storable_json(value: Any) -> Any:
+    """The same for every key and string inside a JSON value (stored as JSONB)."""
+    if isinstance(value, str):
+        storable(value, "a string in this object")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            storable(key, "a key in this object")
+            storable_json(item)
+    elif isinstance(value, list):
+        for item in value:
+            storable_json(item)
+    return value
+
+
+Text = Annotated[str, AfterValidator(storable)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(storable_json)]
+
+
 def _no_line_breaks(value: str, what: str) -> str:
     if "\r" in value or "\n" in value:
         raise ValueError(f"{what} must not contain CR or LF characters")
-    if "\x00" in value:
-        raise ValueError(f"{what} must not contain NUL characters")
-    return value
+    return storable(value, what)
 
 
 _NAMED_ADDRESS = re.compile(r"^\s*(?P<name>[^<>]*?)\s*<(?P<addr>[^<>]*)>\s*$")
@@ -54,8 +85,8 @@ Address = Annotated[str, Field(max_length=512, examples=["Ann Smith <ann@example
 
 class RelatedEntity(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: str = Field(min_length=1, max_length=100, examples=["StockIssue"])
-    id: str = Field(min_length=1, max_length=200, examples=["SI-2024-0042"])
+    type: Text = Field(min_length=1, max_length=100, examples=["StockIssue"])
+    id: Text = Field(min_length=1, max_length=200, examples=["SI-2024-0042"])
 
 
 class EmailRequest(BaseModel):
@@ -91,10 +122,10 @@ class EmailRequest(BaseModel):
     from_: Address | None = Field(default=None, alias="from", description="Defaults to the template's or the system's sender")
     reply_to: Address | None = None
     subject: str | None = Field(default=None, max_length=998)
-    html: str | None = None
-    text: str | None = None
-    template: str | None = Field(default=None, min_length=1, max_length=200)
-    template_data: dict[str, Any] | None = None
+    html: Text | None = None
+    text: Text | None = None
+    template: Text | None = Field(default=None, min_length=1, max_length=200)
+    template_data: JsonObject | None = None
     locale: str | None = Field(default=None, max_length=35, examples=["en-GB"])
     priority: Literal["high", "normal", "low"] | Annotated[int, Field(ge=1, le=10)] = Field(
         default="normal", description="high/normal/low, or 1 (highest) to 10"
@@ -102,8 +133,8 @@ class EmailRequest(BaseModel):
     send_at: AwareDatetime | None = Field(default=None, description="ISO 8601 with a time zone; omit to send now")
     max_attempts: int | None = Field(default=None, ge=1, le=20)
     headers: dict[str, str] = Field(default_factory=dict, max_length=50)
-    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=20)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    tags: list[Annotated[Text, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=20)
+    metadata: JsonObject = Field(default_factory=dict)
     related_entity: RelatedEntity | None = None
 
     @field_validator("to", "cc", "bcc")
@@ -120,13 +151,6 @@ class EmailRequest(BaseModel):
     @classmethod
     def _subject(cls, value: str | None) -> str | None:
         return _no_line_breaks(value, "subject") if value is not None else None
-
-    @field_validator("html", "text")
-    @classmethod
-    def _body(cls, value: str | None) -> str | None:
-        if value is not None and "\x00" in value:
-            raise ValueError("must not contain NUL characters")
-        return value
 
     @field_validator("locale")
     @classmethod
@@ -202,7 +226,7 @@ class BatchOut(BaseModel):
 
 class CancelBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    reason: str | None = Field(default=None, max_length=500)
+    reason: Text | None = Field(default=None, max_length=500)
 
 
 class RescheduleBody(BaseModel):
@@ -281,13 +305,13 @@ class TemplateBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     locale: str = Field(default="", max_length=35, description="'' is the default variant; 'de', 'pt-BR', ...")
-    subject: str | None = Field(default=None, max_length=2000)
-    html: str | None = Field(default=None, max_length=1_000_000)
-    text: str | None = Field(default=None, max_length=1_000_000)
+    subject: Text | None = Field(default=None, max_length=2000)
+    html: Text | None = Field(default=None, max_length=1_000_000)
+    text: Text | None = Field(default=None, max_length=1_000_000)
     default_from: Address | None = None
     default_from_name: str | None = Field(default=None, max_length=200)
-    description: str | None = Field(default=None, max_length=2000)
-    sample_data: dict[str, Any] | None = Field(default=None, description="Data for previews; checked to render on save")
+    description: Text | None = Field(default=None, max_length=2000)
+    sample_data: JsonObject | None = Field(default=None, description="Data for previews; checked to render on save")
 
     @field_validator("default_from")
     @classmethod
@@ -361,9 +385,9 @@ class TemplatePinOut(BaseModel):
 
 class PreviewIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    data: dict[str, Any] | None = Field(default=None, description="Template data; the stored sample data when absent")
+    data: JsonObject | None = Field(default=None, description="Template data; the stored sample data when absent")
     locale: str | None = Field(default=None, max_length=35)
-    version: int | None = Field(default=None, ge=1, description="A stored version; the current one when absent")
+    version: int | None = Field(default=None, ge=1, le=MAX_VERSION, description="A stored version; the current one when absent")
 
     @field_validator("locale")
     @classmethod

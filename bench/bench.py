@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench.py [--emails 1000] [--clients 50] [--rate 20] [--steady-seconds 30]
                                     [--workers 1] [--database-url URL] [--json-out FILE]
                                     [--template StockIssueApproved [--template-items 50]]
-                                    [--render-only] [--render-seconds 5]
+                                    [--render-only] [--render-seconds 5] [--scheduled 200]
 
 Starts its own stack on free ports in a temporary directory (Temporal dev server persisted
 to a file with WAL, SQLite unless --database-url, N workers, the API under uvicorn, a sink
@@ -12,6 +12,8 @@ process) and measures:
   B. end-to-end throughput: N emails posted by C concurrent clients, first POST -> last
      message received, with a count of missing and duplicated deliveries;
   C. the raw-SMTP ceiling: aiosmtplib straight to the same sink;
+  E. scheduled sends: 200 emails due at the same second (posted ~15 s ahead), each one's
+     lateness = SMTP acceptance at the sink - the due second (and how many went early: must be 0);
   D. template rendering in one process: StockIssueApproved (layout, header, footer) with
      50 items, compiled templates cached; full renders (Jinja + CSS inlining + text part)
      and the Jinja step alone. `--render-only` runs just D.
@@ -224,6 +226,39 @@ async def steady(stack: Stack, http: Any, rate: float, seconds: float) -> dict[s
     }
 
 
+async def scheduled(stack: Stack, http: Any, emails: int, lead: float) -> dict[str, Any]:
+    """`emails` emails all due at the same second, posted well before it: how late each goes out."""
+    from datetime import UTC, datetime
+
+    due = datetime.fromtimestamp(int(time.time() + lead), UTC)
+    body = dict(BODY, send_at=due.isoformat())
+    sent: dict[str, float] = {}
+    errors: Counter[str] = Counter()
+    limit = asyncio.Semaphore(20)
+
+    async def one() -> None:
+        async with limit:
+            resp = await http.post("/v1/emails", json=body)
+            if resp.status_code == 202:
+                sent[resp.json()["id"]] = 0.0
+            else:
+                errors[str(resp.status_code)] += 1
+
+    await asyncio.gather(*(one() for _ in range(emails)))
+    posted_before_due = due.timestamp() - time.time()
+    rows = await wait_delivered(stack, set(sent), lead + 120)
+    first_seen: dict[str, float] = {}
+    for mid, at in rows:
+        first_seen.setdefault(mid, at)
+    lateness = [at - due.timestamp() for at in first_seen.values()]
+    return {
+        "emails": emails, "due": due.isoformat(), "posted_seconds_before_due": round(posted_before_due, 1),
+        "errors": dict(errors), "delivered": len(first_seen), "early": sum(1 for x in lateness if x < 0),
+        "lateness_ms": ms(lateness),
+        "all_out_seconds_after_due": round(max(lateness, default=float("nan")), 2),
+    }
+
+
 async def throughput(stack: Stack, http: Any, emails: int, clients: int) -> dict[str, Any]:
     sent: dict[str, float] = {}
     latencies: list[float] = []
@@ -326,6 +361,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await warm_up(stack, http)
             print(f"A. steady {args.rate}/s for {args.steady_seconds}s", flush=True)
             results["steady"] = await steady(stack, http, args.rate, args.steady_seconds)
+            if args.scheduled:
+                print(f"E. {args.scheduled} emails due at the same second", flush=True)
+                results["scheduled"] = await scheduled(stack, http, args.scheduled, args.scheduled_lead)
             print(f"B. {args.emails} emails from {args.clients} clients", flush=True)
             results["throughput"] = await throughput(stack, http, args.emails, args.clients)
         print("C. raw SMTP to the same sink", flush=True)
@@ -394,7 +432,17 @@ def summary(r: dict[str, Any]) -> str:
         f"errors {t['errors'] or 0}",
         f"C. raw SMTP {raw['emails']} messages / {raw['clients']} clients: {raw['emails_per_s']} messages/s",
         render_summary(r["render"]),
+        *([scheduled_summary(r["scheduled"])] if r.get("scheduled") else []),
     ])
+
+
+def scheduled_summary(e: dict[str, Any]) -> str:
+    late = e["lateness_ms"]
+    return (
+        f"E. schedule {e['emails']} emails due at {e['due']} (posted {e['posted_seconds_before_due']} s before): lateness "
+        f"p50 {late['p50']} ms, p99 {late['p99']} ms, max {late['max']} ms; early {e['early']}; delivered {e['delivered']}, "
+        f"errors {e['errors'] or 0}"
+    )
 
 
 def render_summary(d: dict[str, Any]) -> str:
@@ -420,6 +468,8 @@ def main() -> None:
     parser.add_argument("--template", default=None, help="A and B send this shipped template (e.g. StockIssueApproved) instead of a raw email")
     parser.add_argument("--template-items", type=int, default=50, help="rows in the template's list of items")
     parser.add_argument("--render-seconds", type=float, default=5.0)
+    parser.add_argument("--scheduled", type=int, default=200, help="E: emails due at the same second (0: skip E)")
+    parser.add_argument("--scheduled-lead", type=float, default=15.0, help="E: seconds from the first POST to the due second")
     parser.add_argument("--render-only", action="store_true", help="run only D (template rendering)")
     args = parser.parse_args()
     if args.render_only:

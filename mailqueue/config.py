@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     quota_hour_seconds: int = Field(default=3600, ge=1)
     quota_day_seconds: int = Field(default=86400, ge=1)
 
+    # Recovery: a Temporal Schedule (created by the workers) runs the reconciler this often; it
+    # sets right records left unfinished and unchanged for `reconcile_after_seconds` whose
+    # workflow is closed or missing. 0 turns the schedule off.
+    reconcile_interval_seconds: float = Field(default=60.0, ge=0)
+    reconcile_after_seconds: float = Field(default=300.0, gt=0)
+
     # Templates: the folder `POST /v1/templates/reload` and `mailqueue dev` load, and the
     # locale dates, numbers and money are formatted in when an email names none.
     templates_dir: Path = Path("templates")

@@ -62,6 +62,7 @@ class EventType(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     CANCEL_REJECTED = "cancel_rejected"
+    RECONCILED = "reconciled"  # set right from Temporal's state by the reconciler
 
 
 @dataclass
@@ -235,6 +236,27 @@ EMAIL_FAILED = "EmailDeliveryFailed"
 
 # Names shared by the workflow and its callers (the API starts and updates by name).
 SEND_EMAIL_WORKFLOW = "SendEmailWorkflow"
+RECONCILE_WORKFLOW = "ReconcileEmailsWorkflow"
 CANCEL_UPDATE = "cancel"
 RESCHEDULE_UPDATE = "reschedule"
 STATUS_QUERY = "status"
+
+
+@dataclass
+class ReconcileRequest:
+    """Records not finished and unchanged for `stale_after_seconds` are checked against Temporal."""
+
+    stale_after_seconds: float = 300.0
+    limit: int = 5000  # records checked per run, oldest first
+
+
+@dataclass
+class ReconcileReport:
+    checked: int = 0
+    running: int = 0  # their workflows are alive: they record their own progress
+    restarted: int = 0  # no workflow in Temporal: delivery started again
+    settled: dict[str, int] = field(default_factory=dict)  # closed workflows: record set to this status
+
+
+def reconcile_schedule_id(task_queue: str) -> str:
+    return f"{task_queue}-reconcile"

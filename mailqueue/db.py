@@ -61,7 +61,8 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         _tune_sqlite(engine.sync_engine)
         return engine
     return create_async_engine(
-        target, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_recycle=1800
+        target, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_recycle=1800,
+        connect_args={"connect_timeout": 10},  # an unreachable server fails the step, never hangs it
     )
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from datetime import datetime
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
@@ -12,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from mailqueue.contracts import AuditEntry, Content, EmailSpec, RetrySettings, TemplatePin, TemplateRef, workflow_id_for
+from mailqueue.contracts import AuditEntry, Content, EmailSpec, EmailStatus, RetrySettings, TemplatePin, TemplateRef, workflow_id_for
 from mailqueue.errors import TemplateError
 from mailqueue.message import bare_address
 from mailqueue.models import Email, EmailEvent, EmailRecipient, EmailTemplate, utcnow
@@ -119,11 +120,25 @@ def queued_event(email_id: str, detail: str) -> EmailEvent:
 _AUDITED_FIELDS = ("scheduled_for", "sent_at", "provider", "provider_message_id", "last_error")
 
 
-async def apply_audit(session: AsyncSession, entry: AuditEntry) -> None:
+@dataclass(frozen=True)
+class PriorDelivery:
+    """What the record says of a delivery that already happened."""
+
+    attempt: int
+    sent_at: datetime | None
+    provider: str | None
+    provider_message_id: str | None
+
+
+async def apply_audit(session: AsyncSession, entry: AuditEntry, *, unless_sent: bool = False) -> PriorDelivery | None:
     """Record one audit step: update the record, add the event, in one transaction.
 
     Idempotent: the event id makes a repeated step a no-op. Plain SQL statements (two in the
-    common case) because this runs for every step of every email."""
+    common case) because this runs for every step of every email.
+
+    `unless_sent` (the `sending` step): when the record already says `sent`, change nothing and
+    return what it says, so that a send retried after the mail went out does not go out again.
+    The check rides on the same UPDATE, so it costs nothing when the record is not sent."""
     values: dict[str, object] = {"updated_at": utcnow(), "next_attempt_at": entry.next_attempt_at}
     if entry.status is not None:
         values["status"] = entry.status.value
@@ -135,7 +150,20 @@ async def apply_audit(session: AsyncSession, entry: AuditEntry) -> None:
             values[name] = value
     emails, events = Email.__table__, EmailEvent.__table__  # type: ignore[attr-defined]
     conn = await session.connection()
-    updated = await conn.execute(sa.update(emails).where(emails.c.id == entry.email_id).values(**values))
+    update = sa.update(emails).where(emails.c.id == entry.email_id)
+    if unless_sent:
+        update = update.where(emails.c.status != EmailStatus.SENT.value)
+    updated = await conn.execute(update.values(**values))
+    if updated.rowcount == 0 and unless_sent:  # type: ignore[attr-defined]
+        row = (
+            await conn.execute(
+                sa.select(emails.c.status, emails.c.attempts, emails.c.sent_at, emails.c.provider, emails.c.provider_message_id)
+                .where(emails.c.id == entry.email_id)
+            )
+        ).first()
+        if row is not None and row.status == EmailStatus.SENT.value:
+            await session.rollback()
+            return PriorDelivery(row.attempts, row.sent_at, row.provider, row.provider_message_id)
     if updated.rowcount == 0:  # type: ignore[attr-defined]
         if entry.spec is None:
             raise LookupError(f"email {entry.email_id} has no record")
@@ -162,6 +190,7 @@ async def apply_audit(session: AsyncSession, entry: AuditEntry) -> None:
         await session.rollback()  # this step was recorded before (a retried activity)
         if await session.get(EmailEvent, entry.event_id) is None:
             raise
+    return None
 
 
 async def events_of(session: AsyncSession, email_id: str) -> Sequence[EmailEvent]:

@@ -12,6 +12,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -46,10 +47,11 @@ def _database_kind() -> str:
     return kind
 
 
-@pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextmanager
+def scratch_database(tmp: Path) -> Iterator[str]:
+    """A migrated, empty database of the kind this run tests, dropped afterwards."""
     if _database_kind() == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'mailqueue.db'}"
+        url = f"sqlite:///{tmp / 'mailqueue.db'}"
         migrate(url)
         yield url
         return
@@ -63,6 +65,12 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with scratch_database(tmp_path_factory.mktemp("db")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

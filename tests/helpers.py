@@ -49,7 +49,7 @@ class SmtpSink:
     def __init__(self) -> None:
         self.handler = ScriptedHandler()
         self.port = free_port()
-        self._controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
+        self._running = False
 
     @property
     def messages(self) -> list[CaughtMessage]:
@@ -67,11 +67,23 @@ class SmtpSink:
         return self.messages
 
     def __enter__(self) -> SmtpSink:
-        self._controller.start()
+        self.up()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._controller.stop()
+        self.down()
+
+    def down(self) -> None:
+        """The server goes away: connections are refused until `up()`."""
+        if self._running:
+            self._controller.stop()
+            self._running = False
+
+    def up(self) -> None:
+        """(Back) on its port, keeping what it caught."""
+        self._controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
+        self._controller.start()
+        self._running = True
 
 
 def make_spec(
@@ -160,6 +172,17 @@ class ApiProcess:
         self._log.close()
 
 
+def start_worker(settings: Any, log: Path) -> Any:
+    """`python worker.py` in a child process with exactly these settings (kill it to crash it)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILQUEUE_")} | settings_env(settings)
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.Popen([sys.executable, "worker.py"], cwd=root, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+
 # A fixed Fernet key for test stacks (never used outside tests).
 TEST_SECRET_KEY = "bWFpbHF1ZXVlLXRlc3Qtc2VjcmV0LWtleS0wMDAwMDA="
 
@@ -181,6 +204,7 @@ def fast_settings(database_url: str, temporal_address: str, smtp_port: int, task
         "bootstrap_api_key": "test-admin-key",
         "secret_key": TEST_SECRET_KEY,
         "templates_dir": Path(__file__).resolve().parent.parent / "templates",
+        "reconcile_interval_seconds": 0,  # the tests share one database: a reconciler would touch other tests' records
     }
     return Settings(**(values | overrides), _env_file=None)
 

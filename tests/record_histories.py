@@ -1,4 +1,4 @@
-"""Record the histories that tests/test_replay.py replays: one per shape of SendEmailWorkflow.
+"""Record the histories that tests/test_replay.py replays: one per shape of each workflow.
 
     .venv/bin/python -m tests.record_histories [--out tests/histories] [--prefix v1] [--only SCENARIO ...]
 
@@ -23,7 +23,16 @@ from temporalio.common import WorkflowIDReusePolicy
 
 from activities.render import Renderer
 from mailqueue.config import Settings
-from mailqueue.contracts import CancelRequest, EmailSpec, EmailStatus, RescheduleRequest, TemplatePin, TemplateRef, workflow_id_for
+from mailqueue.contracts import (
+    CancelRequest,
+    EmailSpec,
+    EmailStatus,
+    ReconcileRequest,
+    RescheduleRequest,
+    TemplatePin,
+    TemplateRef,
+    workflow_id_for,
+)
 from mailqueue.db import create_engine, migrate, sessionmaker
 from mailqueue.devserver import TemporalDevServer
 from mailqueue.accounts import new_id
@@ -33,6 +42,7 @@ from mailqueue.store import save_template_version
 from mailqueue.templating import TemplateEngine
 from tests.helpers import UNREACHABLE_DATABASE, SmtpSink, make_spec
 from worker import build_worker
+from workflows.reconcile import ReconcileEmailsWorkflow
 from workflows.send_email import SendEmailWorkflow
 
 Scenario = Callable[[Client, str, SmtpSink], Awaitable[WorkflowHandle]]
@@ -179,6 +189,13 @@ def deferred_by_quota(sessions) -> Scenario:  # type: ignore[no-untyped-def]
     return run
 
 
+async def reconcile(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+    """One run of the reconciler (ReconcileEmailsWorkflow, started by the reconcile Schedule)."""
+    return await _settle(
+        await client.start_workflow(ReconcileEmailsWorkflow.run, ReconcileRequest(), id=f"reconcile-{uuid.uuid4()}", task_queue=tq)
+    )
+
+
 async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
     tmp = Path(tempfile.mkdtemp())
     url = f"sqlite:///{tmp / 'db.sqlite'}"
@@ -199,6 +216,7 @@ async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
         "templated_with_layout": templated_with_layout(sessions),
         "template_store_outage": template_store_outage(sessions, renderer),
         "deferred_by_quota": deferred_by_quota(sessions),
+        "reconcile": reconcile,  # record with --prefix rN: a shape of ReconcileEmailsWorkflow
     }
     if only:
         unknown = only - set(scenarios)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from mailqueue.net import free_port
-from tests.helpers import AUTH, ApiProcess, Stack, delivered, email, total_emails, wait_status
+from tests.helpers import AUTH, UNREACHABLE_DATABASE, ApiProcess, Stack, delivered, email, total_emails, wait_status
 
 # --- auth and probes ---------------------------------------------------------------
 
@@ -294,3 +294,38 @@ async def test_temporal_down_gives_503_and_records_nothing(stack: Stack) -> None
             assert resp.headers["Retry-After"] == "5" and "Temporal" in resp.json()["detail"]
             assert await total_emails(http) == before
             assert (await http.get("/readyz")).status_code == 503
+
+
+async def test_database_down_gives_503_never_500(stack: Stack) -> None:
+    """The door's choice (README, "When something is down"): 503 with Retry-After, nothing accepted."""
+    dead = stack.settings.model_copy(update={"database_url": UNREACHABLE_DATABASE})
+    with ApiProcess(dead, stack.tmp / "api-no-db.log") as api:
+        async with httpx.AsyncClient(base_url=api.url, headers=AUTH, timeout=60) as http:
+            for method, path, body in (
+                ("POST", "/v1/emails", email()),
+                ("POST", "/v1/emails/batch", {"emails": [email()]}),
+                ("GET", "/v1/emails", None),
+                ("GET", "/v1/stats", None),
+                ("GET", "/v1/templates", None),
+            ):
+                resp = await http.request(method, path, json=body)
+                assert resp.status_code == 503, (path, resp.status_code, resp.text)
+                assert resp.headers["Retry-After"] == "5" and "database" in resp.json()["detail"], path
+            assert (await http.get("/readyz")).status_code == 503
+
+
+async def test_inputs_json_cannot_echo_are_422_not_500(stack: Stack) -> None:
+    """FastAPI's 422 echoes the input; an unpaired surrogate or NaN in it used to make that a 500."""
+    http = stack.http
+    raw = {"Content-Type": "application/json"}
+    for path, body in (
+        ("/v1/emails", '{"to": ["a@example.com"], "subject": "s", "html": "\\ud800"}'),
+        ("/v1/emails", '{"to": ["a@example.com"], "subject": "s", "text": "t", "max_attempts": NaN}'),
+        ("/v1/users", '{"name": "u\\ud800"}'),
+    ):
+        resp = await http.post(path, content=body, headers=raw)
+        assert resp.status_code == 422, (path, body, resp.status_code, resp.text)
+        assert resp.json()["detail"]
+    for name, value in (("created_after", "0001-01-01T00:00:00+23:59"), ("created_before", "9999-12-31T23:59:59-23:59")):
+        resp = await http.get("/v1/emails", params={name: value})
+        assert resp.status_code == 422 and "out of range" in resp.text, resp.text

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -16,17 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mailqueue.config import Settings
 from mailqueue.devserver import TemporalDevServer
-from tests.helpers import ApiProcess, SmtpSink, fast_settings, settings_env
+from tests.helpers import ApiProcess, SmtpSink, fast_settings, start_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 100
-
-
-def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILQUEUE_")} | settings_env(settings)
-    return subprocess.Popen([sys.executable, "worker.py"], cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
 @pytest.mark.slow

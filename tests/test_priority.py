@@ -7,7 +7,7 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.common import WorkflowIDReusePolicy
 
-from api.routes.emails import start_delivery
+from mailqueue.delivery import start_delivery
 from mailqueue.config import Settings
 from mailqueue.contracts import priority_key
 from tests.helpers import SmtpSink, make_spec

@@ -136,7 +136,7 @@ async def test_a_rated_driver_sends_through_its_own_queue_at_its_rate(client: Cl
 
 
 async def test_the_api_picks_the_rated_queue_of_the_driver_the_sender_uses(sessions: Any, settings: Settings) -> None:
-    from api.routes.emails import send_queue_for
+    from mailqueue.delivery import send_queue_for
 
     rated = settings.model_copy(update={"send_rates": {"smtp": 5.0, "sendgrid": 10.0}})
     sendgrid_user = await _sender(sessions)

@@ -1,4 +1,4 @@
-"""Every recorded history of SendEmailWorkflow replays against today's code (determinism)."""
+"""Every recorded history of our workflows replays against today's code (determinism)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,17 @@ import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
+from workflows.reconcile import ReconcileEmailsWorkflow
 from workflows.send_email import SendEmailWorkflow
+
+WORKFLOWS = [SendEmailWorkflow, ReconcileEmailsWorkflow]
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 SHAPES = {
     "sent", "scheduled_then_sent", "cancelled_while_scheduled", "cancelled_from_temporal", "rescheduled_then_sent",
     "transient_then_sent", "permanent_failure", "retried_after_failure", "cancel_rejected_while_sending", "templated",
     "templated_with_layout", "template_store_outage", "deferred_by_quota",
+    "reconcile",  # ReconcileEmailsWorkflow
 }
 
 
@@ -28,7 +32,7 @@ def test_every_workflow_shape_has_a_recorded_history() -> None:
 async def test_history_replays(path: Path) -> None:
     raw = json.loads(path.read_text())
     history = WorkflowHistory.from_json("email-replay", raw)
-    result = await Replayer(workflows=[SendEmailWorkflow]).replay_workflow(history, raise_on_replay_failure=True)
+    result = await Replayer(workflows=WORKFLOWS).replay_workflow(history, raise_on_replay_failure=True)
     assert result.replay_failure is None
 
 

@@ -161,11 +161,12 @@ class SendEmailWorkflow:
             except ActivityError as err:
                 if _error_type(err) != TEMPLATE_STORE_UNAVAILABLE:
                     await self._fail(_reason(err), attempt=_attempt(err, self._spec.retry.max_attempts))
-            # The database that holds the template or the sender's settings is away: nothing was
-            # sent and no attempt is used up. Wait (durably) and ask again, as long as it takes.
+            # The database that holds the template or the sender's settings is away (or so slow the
+            # attempt had no time left to send): nothing was sent and no attempt is used up. Wait
+            # (durably) and ask again, as long as it takes.
             waits += 1
             delay = min(2 ** (waits - 1), 30)
-            workflow.logger.warning("template store or sender settings unavailable; asking again in %ss", delay)
+            workflow.logger.warning("the send step could not start (template store or sender settings unavailable, or no time left); asking again in %ss", delay)
             try:
                 await workflow.sleep(delay)
             except asyncio.CancelledError:

@@ -21,7 +21,7 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
-from temporalio.common import Priority, WorkflowIDReusePolicy
+from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
@@ -54,18 +54,15 @@ from mailqueue.config import Settings
 from mailqueue.contracts import (
     CANCEL_UPDATE,
     RESCHEDULE_UPDATE,
-    SEND_EMAIL_WORKFLOW,
     CancelRequest,
     Content,
     EmailSpec,
     EmailState,
     EmailStatus,
     RescheduleRequest,
-    RetrySettings,
     TemplateRef,
-    priority_key,
-    workflow_id_for,
 )
+from mailqueue.delivery import RPC_TIMEOUT, TemporalUnavailable, retry_settings, send_queue_for, start_delivery
 from mailqueue.errors import TemplateError
 from mailqueue.ids import idempotent_email_id, message_id_for, new_email_id
 from mailqueue.message import bare_address, domain_of
@@ -83,27 +80,12 @@ from mailqueue.templating import TemplateEngine, is_partial
 
 router = APIRouter(prefix="/v1/emails", tags=["emails"])
 
-RPC_TIMEOUT = timedelta(seconds=10)
 NOT_FOUND = {404: {"description": "No such email"}}
 CONFLICT = {409: {"description": "Not possible in the email's current state"}}
 
 
-class TemporalUnavailable(Exception):
-    """Temporal did not answer: the caller should try again later (HTTP 503)."""
-
-
 def invalid(field: tuple[str | int, ...], message: str, value: Any = None) -> RequestValidationError:
     return RequestValidationError([{"type": "value_error", "loc": ("body", *field), "msg": message, "input": value}])
-
-
-def retry_settings(settings: Settings, max_attempts: int | None) -> RetrySettings:
-    return RetrySettings(
-        max_attempts=max_attempts or settings.default_max_attempts,
-        initial_interval_seconds=settings.retry_initial_interval_seconds,
-        backoff_coefficient=settings.retry_backoff_coefficient,
-        maximum_interval_seconds=settings.retry_maximum_interval_seconds,
-        send_timeout_seconds=settings.send_timeout_seconds,
-    )
 
 
 def check_send_at(send_at: datetime | None, settings: Settings, field: tuple[str, ...] = ("send_at",)) -> None:
@@ -154,39 +136,9 @@ async def resolve_template(
     return prepared.ref(data, req.locale), prepared.content, row.default_from, row.default_from_name
 
 
-async def send_queue_for(session: SessionDep, settings: Settings, sender_type: str, sender_id: str | None) -> str | None:
-    """The rated send queue of the driver this sender uses now (None: no rate for it)."""
-    if not settings.send_rates:
-        return None
-    driver = settings.driver.value
-    if sender_type == "user" and sender_id:
-        row = await session.get(SenderSettings, sender_id)
-        if row is not None and row.driver != "system_smtp":
-            driver = row.driver
-    return driver if driver in settings.send_rates else None
-
-
 def request_hash(req: EmailRequest) -> str:
     canonical = json.dumps(req.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-async def start_delivery(temporal: Client, spec: EmailSpec, task_queue: str, reuse: WorkflowIDReusePolicy) -> None:
-    try:
-        await temporal.start_workflow(
-            SEND_EMAIL_WORKFLOW,
-            spec,
-            id=workflow_id_for(spec.email_id),
-            task_queue=task_queue,
-            id_reuse_policy=reuse,
-            rpc_timeout=RPC_TIMEOUT,
-            # Ordered by the server: with a backlog, high before normal before low. Activities inherit it.
-            priority=Priority(priority_key=priority_key(spec.priority)),
-        )
-    except WorkflowAlreadyStartedError:
-        raise
-    except (RPCError, RuntimeError) as exc:
-        raise TemporalUnavailable(str(exc)) from exc
 
 
 def accepted(email: Email, response: Response) -> EmailAccepted:
@@ -490,6 +442,11 @@ async def list_emails(
     for name, bound in (("created_after", created_after), ("created_before", created_before)):
         if bound is not None and bound.tzinfo is None:
             raise RequestValidationError([{"type": "value_error", "loc": ("query", name), "msg": "needs a time zone", "input": str(bound)}])
+        if bound is not None:
+            try:
+                bound.astimezone(UTC)  # compared in UTC: 0001-01-01T00:00+01:00 is before the first UTC instant
+            except OverflowError:
+                raise RequestValidationError([{"type": "value_error", "loc": ("query", name), "msg": "out of range in UTC", "input": str(bound)}]) from None
     if created_after:
         filters.append(col(Email.created_at) >= created_after)
     if created_before:

@@ -12,8 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from temporalio.client import WorkflowFailureError
 
 from api.deps import Principal, PrincipalDep, SessionDep, SettingsDep, TemporalDep
-from api.routes.emails import PreparedEmail, commit_email, retry_settings, send_queue_for
-from api.schemas import normalize_address
+from api.routes.emails import PreparedEmail, commit_email
+from mailqueue.delivery import retry_settings, send_queue_for
+from api.schemas import Text, normalize_address
 from mailqueue.config import SmtpSecurity
 from mailqueue.contracts import Content, EmailSpec
 from mailqueue.crypto import SecretBox
@@ -23,6 +24,7 @@ from mailqueue.models import SenderSettings, User, utcnow
 from mailqueue.senders import REQUIRED, SenderDriver
 
 router = APIRouter(prefix="/v1/settings", tags=["settings"])
+NOT_FOUND = {404: {"description": "No such user (or not yours)"}}
 SECRETS = {"smtp_password": "smtp_password_enc", "api_key": "api_key_enc", "api_secret": "api_secret_enc"}
 
 
@@ -33,7 +35,7 @@ class MailSettingsIn(BaseModel):
     driver: SenderDriver = SenderDriver.SYSTEM_SMTP
     smtp_host: str | None = Field(default=None, max_length=255, pattern=r"^[A-Za-z0-9.-]+$")
     smtp_port: int | None = Field(default=None, ge=1, le=65535)
-    smtp_username: str | None = Field(default=None, max_length=255)
+    smtp_username: Text | None = Field(default=None, max_length=255)
     smtp_password: str | None = Field(default=None, max_length=1000)
     smtp_security: SmtpSecurity | None = None
     api_key: str | None = Field(default=None, max_length=1000, description="SendGrid or Mailgun API key; SES access key id")
@@ -74,6 +76,11 @@ class TestIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     to: str | None = Field(default=None, max_length=512, description="Default: the user's email address")
 
+    @field_validator("to")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        return normalize_address(value) if value else None
+
 
 class TestOut(BaseModel):
     email_id: str
@@ -108,13 +115,13 @@ async def _target(principal: Principal, session: SessionDep, user_id: str | None
 UserQuery = Annotated[str | None, Query(max_length=36, description="Admins: whose settings")]
 
 
-@router.get("/mail", response_model=MailSettingsOut, summary="The caller's sender settings (secrets never shown)")
+@router.get("/mail", response_model=MailSettingsOut, responses=NOT_FOUND, summary="The caller's sender settings (secrets never shown)")
 async def get_mail_settings(principal: PrincipalDep, session: SessionDep, user_id: UserQuery = None) -> MailSettingsOut:
     user = await _target(principal, session, user_id)
     return _out(user.id, await session.get(SenderSettings, user.id))
 
 
-@router.put("/mail", response_model=MailSettingsOut, summary="Replace the caller's sender settings")
+@router.put("/mail", response_model=MailSettingsOut, responses=NOT_FOUND, summary="Replace the caller's sender settings")
 async def put_mail_settings(
     body: MailSettingsIn, request: Request, principal: PrincipalDep, session: SessionDep, user_id: UserQuery = None
 ) -> MailSettingsOut:
@@ -143,7 +150,12 @@ async def put_mail_settings(
     return _out(user.id, row)
 
 
-@router.post("/mail/test", response_model=TestOut, summary="Send a test email now through these settings and report the answer")
+@router.post(
+    "/mail/test",
+    response_model=TestOut,
+    responses={**NOT_FOUND, 503: {"description": "Temporal unavailable; retry"}},
+    summary="Send a test email now through these settings and report the answer",
+)
 async def test_mail_settings(
     principal: PrincipalDep, session: SessionDep, settings: SettingsDep, temporal: TemporalDep,
     body: TestIn | None = None, user_id: UserQuery = None,
@@ -153,7 +165,10 @@ async def test_mail_settings(
     to = (body.to if body and body.to else None) or user.email
     if not to:
         raise RequestValidationError([{"type": "missing", "loc": ("body", "to"), "input": None, "msg": "the user has no email address: give `to`"}])
-    to = normalize_address(to)
+    try:
+        to = normalize_address(to)
+    except ValueError as exc:  # the user's own address, stored before addresses were checked
+        raise RequestValidationError([{"type": "value_error", "loc": ("body", "to"), "input": None, "msg": f"{exc}: give `to`"}]) from None
     from_address = (row.default_from if row else None) or normalize_address(settings.default_from)
     email_id = new_email_id()
     driver = SenderDriver(row.driver).value if row else SenderDriver.SYSTEM_SMTP.value

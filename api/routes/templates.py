@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
@@ -10,7 +11,7 @@ from fastapi.responses import HTMLResponse
 from sqlmodel import col, select
 
 from api.deps import AdminDep, BrowserPrincipalDep, PrincipalDep, SessionDep, SettingsDep, TemplatesDep
-from api.schemas import PreviewIn, PreviewOut, ReloadOut, TemplateBody, TemplateIn, TemplateOut, TemplatePinOut
+from api.schemas import MAX_VERSION, PreviewIn, PreviewOut, ReloadOut, TemplateBody, TemplateIn, TemplateOut, TemplatePinOut
 from mailqueue.contracts import TemplatePin
 from mailqueue.errors import TemplateError
 from mailqueue.models import EmailTemplate
@@ -29,6 +30,9 @@ router = APIRouter(prefix="/v1/templates", tags=["templates"])
 
 NOT_FOUND = {404: {"description": "No such template"}}
 LocaleQuery = Annotated[str, Query(max_length=35, description="The variant: '' (default), 'de', 'pt-BR', ...")]
+VersionQuery = Annotated[int | None, Query(ge=1, le=MAX_VERSION)]
+# What TemplateIn accepts: a name outside it was never stored, so it is a 404 without a query (NUL cannot be searched).
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 
 # Template HTML is written by untrusted authors: shown in a browser it must not run scripts
 # or reach anything, and it gets an opaque origin of its own (CSP sandbox).
@@ -132,10 +136,13 @@ async def get_template(
     principal: PrincipalDep,
     session: SessionDep,
     locale: LocaleQuery = "",
-    version: Annotated[int | None, Query(ge=1)] = None,
+    version: VersionQuery = None,
 ) -> TemplateOut:
     locale = _locale(locale)
-    row = await (template_version(session, name, locale, version) if version else current_exact(session, name, locale))
+    if not _NAME.match(name):
+        row = None
+    else:
+        row = await (template_version(session, name, locale, version) if version else current_exact(session, name, locale))
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no template {name!r}" + (f" ({locale})" if locale else "") + (f" version {version}" if version else ""))
     return _out(row)
@@ -144,7 +151,10 @@ async def get_template(
 @router.put(
     "/{name}",
     response_model=TemplateOut,
-    responses={422: {"description": "Syntax or sample-data error, with the line"}},
+    responses={
+        201: {"model": TemplateOut, "description": "The first version of the template (or of this locale variant)"},
+        422: {"description": "Syntax or sample-data error, with the line"},
+    },
     summary="Save a new version (or the first one); unchanged content keeps the current version",
 )
 async def put_template(
@@ -183,6 +193,8 @@ async def delete_template(
     name: str, principal: AdminDep, session: SessionDep, locale: Annotated[str | None, Query(max_length=35)] = None
 ) -> Response:
     locale = _locale(locale) if locale is not None else None
+    if not _NAME.match(name):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no template {name!r}")
     changed = await deactivate_template(session, name, locale)
     if not changed:  # already inactive is fine (DELETE is idempotent); never stored is a 404
         query = select(EmailTemplate.id).where(EmailTemplate.name == name)
@@ -195,7 +207,7 @@ async def delete_template(
 
 @router.get("/{name}/versions", response_model=list[TemplateOut], responses=NOT_FOUND, summary="Every stored version, newest first")
 async def list_versions(name: str, principal: PrincipalDep, session: SessionDep, locale: LocaleQuery = "") -> list[TemplateOut]:
-    rows = await template_versions(session, name, _locale(locale))
+    rows = await template_versions(session, name, _locale(locale)) if _NAME.match(name) else []
     if not rows:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no template {name!r}" + (f" ({locale})" if locale else ""))
     return [_out(t) for t in rows]
@@ -204,7 +216,9 @@ async def list_versions(name: str, principal: PrincipalDep, session: SessionDep,
 async def _preview(
     session: SessionDep, engine: TemplateEngine, name: str, locale: str | None, version: int | None, data: dict[str, Any] | None
 ) -> PreviewOut:
-    if version is not None:
+    if not _NAME.match(name):
+        row = None
+    elif version is not None:
         row = await template_version(session, name, locale or "", version)
     else:
         row = await current_template(session, name, locale)
@@ -252,7 +266,7 @@ async def preview_html(
     session: SessionDep,
     engine: TemplatesDep,
     locale: Annotated[str | None, Query(max_length=35)] = None,
-    version: Annotated[int | None, Query(ge=1)] = None,
+    version: VersionQuery = None,
     part: Annotated[str, Query(pattern="^(html|text)$")] = "html",
 ) -> Response:
     preview = await _preview(session, engine, name, _locale(locale) if locale else None, version, None)

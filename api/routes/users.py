@@ -6,24 +6,31 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Response, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
 from api.deps import AdminDep, SessionDep
+from api.schemas import Text, normalize_address
 from mailqueue.accounts import issue_key, new_id
 from mailqueue.models import ApiKey, User, utcnow
 
 router = APIRouter(prefix="/v1/users", tags=["users"])
 NOT_FOUND = {404: {"description": "No such user (or key)"}}
 UserId = Annotated[str, Path(max_length=36, pattern=r"^[0-9a-f-]{36}$")]
+KeyId = UserId  # keys get their ids as users do (new_id)
 
 
 class UserIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")
-    email: str | None = Field(default=None, max_length=512)
+    email: str | None = Field(default=None, max_length=512, description="Where POST /v1/settings/mail/test sends by default")
     role: str = Field(default="user", pattern=r"^(user|admin)$")
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, value: str | None) -> str | None:
+        return normalize_address(value) if value is not None else None
 
 
 class KeyOut(BaseModel):
@@ -47,7 +54,7 @@ class UserOut(BaseModel):
 
 class KeyIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(default=None, max_length=200)
+    name: Text | None = Field(default=None, max_length=200)
 
 
 class IssuedKeyOut(KeyOut):
@@ -113,7 +120,7 @@ async def create_key(user_id: UserId, admin: AdminDep, session: SessionDep, body
 
 @router.delete("/{user_id}/api-keys/{key_id}", status_code=status.HTTP_204_NO_CONTENT, responses=NOT_FOUND,
                summary="Revoke an API key (at once: its next request gets 401)")
-async def revoke_key(user_id: UserId, key_id: Annotated[str, Path(max_length=36)], admin: AdminDep, session: SessionDep) -> Response:
+async def revoke_key(user_id: UserId, key_id: KeyId, admin: AdminDep, session: SessionDep) -> Response:
     key = await session.get(ApiKey, key_id)
     if key is None or key.user_id != user_id:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"user {user_id!r} has no key {key_id!r}")

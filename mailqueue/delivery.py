@@ -1,0 +1,62 @@
+"""Starting an email's delivery: shared by the API (accept, retry) and the reconciler (restart)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.client import Client
+from temporalio.common import Priority, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
+
+from mailqueue.config import Settings
+from mailqueue.contracts import SEND_EMAIL_WORKFLOW, EmailSpec, RetrySettings, priority_key, workflow_id_for
+from mailqueue.models import SenderSettings
+
+RPC_TIMEOUT = timedelta(seconds=10)
+
+
+class TemporalUnavailable(Exception):
+    """Temporal did not answer: the caller should try again later (HTTP 503)."""
+
+
+def retry_settings(settings: Settings, max_attempts: int | None) -> RetrySettings:
+    return RetrySettings(
+        max_attempts=max_attempts or settings.default_max_attempts,
+        initial_interval_seconds=settings.retry_initial_interval_seconds,
+        backoff_coefficient=settings.retry_backoff_coefficient,
+        maximum_interval_seconds=settings.retry_maximum_interval_seconds,
+        send_timeout_seconds=settings.send_timeout_seconds,
+    )
+
+
+async def send_queue_for(session: AsyncSession, settings: Settings, sender_type: str, sender_id: str | None) -> str | None:
+    """The rated send queue of the driver this sender uses now (None: no rate for it)."""
+    if not settings.send_rates:
+        return None
+    driver = settings.driver.value
+    if sender_type == "user" and sender_id:
+        row = await session.get(SenderSettings, sender_id)
+        if row is not None and row.driver != "system_smtp":
+            driver = row.driver
+    return driver if driver in settings.send_rates else None
+
+
+async def start_delivery(temporal: Client, spec: EmailSpec, task_queue: str, reuse: WorkflowIDReusePolicy) -> None:
+    try:
+        await temporal.start_workflow(
+            SEND_EMAIL_WORKFLOW,
+            spec,
+            id=workflow_id_for(spec.email_id),
+            task_queue=task_queue,
+            id_reuse_policy=reuse,
+            rpc_timeout=RPC_TIMEOUT,
+            # Ordered by the server: with a backlog, high before normal before low. Activities inherit it.
+            priority=Priority(priority_key=priority_key(spec.priority)),
+        )
+    except WorkflowAlreadyStartedError:
+        raise
+    except (RPCError, RuntimeError) as exc:
+        raise TemporalUnavailable(str(exc)) from exc
+

@@ -1,0 +1,92 @@
+"""The duplicate window: a send retried after its mail went out does not send it again.
+
+An attempt records `sending` before it talks to the mail server and `sent` right after the
+server accepts. When the worker dies after that, Temporal retries the activity; the retry sees
+`sent` on the record and returns that delivery instead of sending a second copy. Only a death
+between the server's acceptance and that write (milliseconds) can still double a mail, and then
+both copies carry the same Message-ID.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+from temporalio.testing import ActivityEnvironment
+
+from activities.render import Renderer
+from activities.send import SendActivities
+from mailqueue.config import Settings
+from mailqueue.contracts import SendRequest, SendResult
+from mailqueue.drivers import driver_from_settings
+from mailqueue.models import Email
+from mailqueue.senders import DriverFactory
+from mailqueue.store import events_of, insert_email, record_from_spec
+from mailqueue.templating import TemplateEngine
+from tests.helpers import SmtpSink, make_spec
+
+RUN_ID = str(uuid.uuid4())
+
+
+async def attempt(acts: SendActivities, req: SendRequest, n: int) -> SendResult:
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(
+        env.info, attempt=n, workflow_run_id=RUN_ID, activity_type="send_email",
+        started_time=datetime.now(UTC), start_to_close_timeout=timedelta(seconds=10),
+    )
+    return await env.run(acts.send, req)
+
+
+def send_activities(settings: Settings, sessions) -> SendActivities:  # type: ignore[no-untyped-def]
+    return SendActivities(
+        sessions, DriverFactory(settings, driver_from_settings(settings)),
+        Renderer(sessions, TemplateEngine(settings.default_locale)), settings,
+    )
+
+
+async def queued(sessions, req: SendRequest) -> None:  # type: ignore[no-untyped-def]
+    async with sessions() as s:
+        await insert_email(s, record_from_spec(req.spec))
+        await s.commit()
+
+
+async def test_retry_after_the_mail_went_out_does_not_send_again(settings: Settings, sessions, sink: SmtpSink) -> None:
+    acts = send_activities(settings, sessions)
+    req = SendRequest(make_spec())
+    await queued(sessions, req)
+
+    first = await attempt(acts, req, 1)
+    # The worker died here, before Temporal heard of the completion: the activity runs again.
+    second = await attempt(acts, req, 2)
+
+    assert len(sink.messages) == 1
+    assert second.recorded and second.attempt == 1
+    assert (second.provider, second.provider_message_id) == (first.provider, first.provider_message_id)
+    async with sessions() as s:
+        email = await s.get(Email, req.spec.email_id)
+        assert email is not None and (email.status, email.attempts) == ("sent", 1)
+        assert [e.event for e in await events_of(s, req.spec.email_id)] == ["queued", "sending", "sent"]
+    await acts._drivers.aclose()
+
+
+async def test_outcome_unknown_sends_again_with_the_same_message_id(settings: Settings, sessions, sink: SmtpSink) -> None:
+    acts = send_activities(settings, sessions)
+    req = SendRequest(make_spec())
+    await queued(sessions, req)
+
+    await attempt(acts, req, 1)
+    # As if the worker died between the server's acceptance and the `sent` write: the record
+    # still says `sending`, so nobody can know the mail went; the retry sends it again.
+    async with sessions() as s:
+        await (await s.connection()).execute(sa.update(Email).where(Email.id == req.spec.email_id).values(status="sending"))
+        await s.commit()
+    second = await attempt(acts, req, 2)
+
+    assert second.attempt == 2
+    assert [str(m.message["Message-ID"]) for m in sink.messages] == [req.spec.message_id] * 2
+    async with sessions() as s:
+        email = await s.get(Email, req.spec.email_id)
+        assert email is not None and (email.status, email.attempts) == ("sent", 2)
+    await acts._drivers.aclose()
