@@ -16,6 +16,7 @@ from temporalio.exceptions import ApplicationError
 from activities.render import STORE_ERRORS, Renderer
 from mailqueue.contracts import (
     PERMANENT_DELIVERY_ERROR,
+    SERVER_UNREACHABLE,
     TEMPLATE_ERROR,
     TEMPLATE_STORE_UNAVAILABLE,
     TRANSIENT_DELIVERY_ERROR,
@@ -30,7 +31,7 @@ from mailqueue.contracts import (
 from mailqueue.config import Settings
 from mailqueue.crypto import SecretKeyError
 from mailqueue.drivers import Driver
-from mailqueue.errors import PermanentDeliveryError, TemplateError, TransientDeliveryError
+from mailqueue.errors import PermanentDeliveryError, ServerUnreachable, TemplateError, TransientDeliveryError
 from mailqueue.message import build_message, envelope, redirect
 from mailqueue.models import SenderSettings
 from mailqueue.senders import DriverFactory
@@ -73,9 +74,10 @@ class AttemptClock:
         return self._deadline - time.monotonic() if self.limit else None
 
 
-def _event_id(run_id: str, attempt: int, event: EventType) -> str:
-    # Deterministic, so a repeated write of the same attempt's event is a no-op.
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"mailqueue:{run_id}:{attempt}:{event.value}"))
+def _event_id(info: activity.Info, event: EventType) -> str:
+    # Deterministic, so a repeated write of the same attempt's event is a no-op. The activity id
+    # tells apart the send steps of one run (the workflow asks again after an outage).
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"mailqueue:{info.workflow_run_id}:{info.activity_id}:{info.attempt}:{event.value}"))
 
 
 class SendActivities:
@@ -98,7 +100,7 @@ class SendActivities:
         prior = await self._claim(
             AuditEntry(
                 email_id=spec.email_id,
-                event_id=_event_id(info.workflow_run_id, attempt, EventType.SENDING),
+                event_id=_event_id(info, EventType.SENDING),
                 event=EventType.SENDING,
                 at=datetime.now(UTC),
                 status=EmailStatus.SENDING,
@@ -137,15 +139,19 @@ class SendActivities:
         except TimeoutError:
             exc = TransientDeliveryError("the send did not finish within the attempt's time limit")
             if attempt < spec.retry.max_attempts:
-                await self._audit(self._retrying(req, attempt, exc.reason, info.workflow_run_id), within=clock.left())
+                await self._audit(self._retrying(req, info, exc.reason), within=clock.left())
             raise ApplicationError(exc.reason, {"attempt": attempt}, type=TRANSIENT_DELIVERY_ERROR) from None
         except PermanentDeliveryError as exc:
             raise ApplicationError(
                 exc.reason, {"attempt": attempt}, type=PERMANENT_DELIVERY_ERROR, non_retryable=True
             ) from None
         except TransientDeliveryError as exc:
+            if isinstance(exc, ServerUnreachable) and spec.retry.unreachable_wait_seconds > 0:
+                # Nothing was handed over: not an attempt. The workflow waits for the server.
+                await self._audit(self._retrying(req, info, exc.reason, unreachable=True), within=clock.left())
+                raise ApplicationError(exc.reason, {"attempt": attempt - 1}, type=SERVER_UNREACHABLE, non_retryable=True) from None
             if attempt < spec.retry.max_attempts:
-                await self._audit(self._retrying(req, attempt, exc.reason, info.workflow_run_id), within=clock.left())
+                await self._audit(self._retrying(req, info, exc.reason), within=clock.left())
             raise ApplicationError(exc.reason, {"attempt": attempt}, type=TRANSIENT_DELIVERY_ERROR) from None
         result = SendResult(
             provider=driver.name,
@@ -162,7 +168,7 @@ class SendActivities:
             within=clock.left(),
             entry=AuditEntry(
                 email_id=spec.email_id,
-                event_id=_event_id(info.workflow_run_id, attempt, EventType.SENT),
+                event_id=_event_id(info, EventType.SENT),
                 event=EventType.SENT,
                 at=result.accepted_at,
                 status=EmailStatus.SENT,
@@ -206,23 +212,31 @@ class SendActivities:
         except STORE_ERRORS as exc:
             raise _store_unavailable(spec, "template store", exc) from None
 
-    def _retrying(self, req: SendRequest, attempt: int, reason: str, run_id: str) -> AuditEntry:
-        retry = req.spec.retry
-        delay = min(
-            retry.initial_interval_seconds * retry.backoff_coefficient ** (attempt - 1),
-            retry.maximum_interval_seconds,
-        )
-        now = datetime.now(UTC)
+    def _retrying(self, req: SendRequest, info: activity.Info, reason: str, *, unreachable: bool = False) -> AuditEntry:
+        retry, attempt, now = req.spec.retry, info.attempt, datetime.now(UTC)
+        if unreachable:
+            detail = (
+                f"not sent: {reason}; not counted as an attempt, waiting for the server "
+                f"(up to {retry.unreachable_wait_seconds:.0f}s in all)"
+            )
+            next_at = None  # the workflow asks again, at most a minute later
+        else:
+            delay = min(
+                retry.initial_interval_seconds * retry.backoff_coefficient ** (attempt - 1),
+                retry.maximum_interval_seconds,
+            )
+            detail = f"attempt {attempt} failed, next attempt in about {delay:.0f}s: {reason}"
+            next_at = now + timedelta(seconds=delay)
         return AuditEntry(
             email_id=req.spec.email_id,
-            event_id=_event_id(run_id, attempt, EventType.RETRYING),
+            event_id=_event_id(info, EventType.RETRYING),
             event=EventType.RETRYING,
             at=now,
             status=EmailStatus.RETRYING,
-            attempt=attempt,
+            attempt=attempt - 1 if unreachable else attempt,
             last_error=reason,
-            detail=f"attempt {attempt} failed, next attempt in about {delay:.0f}s: {reason}",
-            next_attempt_at=now + timedelta(seconds=delay),
+            detail=detail,
+            next_attempt_at=next_at,
             spec=req.spec,
         )
 

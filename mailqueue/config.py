@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     retry_backoff_coefficient: float = Field(default=2.0, ge=1)
     retry_maximum_interval_seconds: float = Field(default=600.0, gt=0)
     send_timeout_seconds: float = Field(default=60.0, gt=0)
+    # A mail server or provider that cannot be reached at all (refused, connect timeout, SMTP 421
+    # greeting) is waited for this long, asking again at most a minute apart, without using up
+    # attempts: an outage delays mail instead of failing it. 0: count it as a failed attempt.
+    unreachable_wait_seconds: float = Field(default=21600.0, ge=0)
 
     # Limits at the door.
     max_recipients: int = 50

@@ -74,6 +74,9 @@ class RetrySettings:
     backoff_coefficient: float = 2.0
     maximum_interval_seconds: float = 600.0
     send_timeout_seconds: float = 60.0
+    # How long the workflow waits for a server that cannot be reached (SERVER_UNREACHABLE):
+    # that waiting uses up no attempt. 0: an unreachable server is an ordinary failed attempt.
+    unreachable_wait_seconds: float = 21600.0
 
 
 @dataclass
@@ -232,6 +235,9 @@ TEMPLATE_ERROR = "TemplateRenderError"
 # The send could not load what it needs from the database (template, sender settings): the
 # workflow waits and asks again. The value is in recorded histories: never change it.
 TEMPLATE_STORE_UNAVAILABLE = "TemplateStoreUnavailable"
+# The mail server or provider could not be reached: nothing was handed over. The workflow waits
+# and asks again, for up to RetrySettings.unreachable_wait_seconds, without using up attempts.
+SERVER_UNREACHABLE = "ServerUnreachable"
 EMAIL_FAILED = "EmailDeliveryFailed"
 
 # Names shared by the workflow and its callers (the API starts and updates by name).

@@ -28,6 +28,7 @@ def retry_settings(settings: Settings, max_attempts: int | None) -> RetrySetting
         backoff_coefficient=settings.retry_backoff_coefficient,
         maximum_interval_seconds=settings.retry_maximum_interval_seconds,
         send_timeout_seconds=settings.send_timeout_seconds,
+        unreachable_wait_seconds=settings.unreachable_wait_seconds,
     )
 
 

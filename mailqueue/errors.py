@@ -16,6 +16,12 @@ class TransientDeliveryError(DeliveryError):
     """Worth retrying: connection trouble, timeouts, SMTP 4xx."""
 
 
+class ServerUnreachable(TransientDeliveryError):
+    """Nothing was handed over: the server could not be reached (connection refused, timed out
+    while connecting, name not resolved) or turned the session away before any mail (SMTP 421
+    greeting). Waiting for the server to come back is not a delivery attempt."""
+
+
 class PermanentDeliveryError(DeliveryError):
     """Retrying cannot help: SMTP 5xx, invalid recipients, authentication refused."""
 

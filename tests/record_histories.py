@@ -189,6 +189,28 @@ def deferred_by_quota(sessions) -> Scenario:  # type: ignore[no-untyped-def]
     return run
 
 
+async def server_unreachable_then_sent(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+    """The SMTP server refuses connections for a while: the workflow waits (no attempt used), then sends."""
+    sink.down()
+    try:
+        h = await _start(client, make_spec(max_attempts=1), tq)
+        await asyncio.sleep(2.5)  # two asks, two waits
+    finally:
+        sink.up()
+    return await _settle(h)
+
+
+async def server_unreachable_gave_up(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+    """Unreachable for longer than the email's unreachable wait: failed, with the reason."""
+    spec = make_spec()
+    spec.retry.unreachable_wait_seconds = 2
+    sink.down()
+    try:
+        return await _settle(await _start(client, spec, tq))
+    finally:
+        sink.up()
+
+
 async def reconcile(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
     """One run of the reconciler (ReconcileEmailsWorkflow, started by the reconcile Schedule)."""
     return await _settle(
@@ -216,6 +238,8 @@ async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
         "templated_with_layout": templated_with_layout(sessions),
         "template_store_outage": template_store_outage(sessions, renderer),
         "deferred_by_quota": deferred_by_quota(sessions),
+        "server_unreachable_then_sent": server_unreachable_then_sent,
+        "server_unreachable_gave_up": server_unreachable_gave_up,
         "reconcile": reconcile,  # record with --prefix rN: a shape of ReconcileEmailsWorkflow
     }
     if only:

@@ -19,7 +19,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from mailqueue.config import SmtpSecurity
 from mailqueue.drivers.smtp import SmtpDriver
-from mailqueue.errors import PermanentDeliveryError, TransientDeliveryError
+from mailqueue.errors import PermanentDeliveryError, ServerUnreachable, TransientDeliveryError
 from mailqueue.net import free_port
 from tests.helpers import ScriptedHandler
 
@@ -146,9 +146,32 @@ async def test_partly_refused_recipients_are_reported_not_failed() -> None:
         controller.stop()
 
 
-async def test_nothing_listening_is_transient() -> None:
-    with pytest.raises(TransientDeliveryError, match="cannot talk to"):
+async def test_nothing_listening_is_an_unreachable_server() -> None:
+    """Unreachable (a transient error the workflow waits out without using attempts)."""
+    with pytest.raises(ServerUnreachable, match="could not be reached"):
         await SmtpDriver("127.0.0.1", free_port(), timeout=2).send(message(), "a@example.com", ["b@example.com"])
+
+
+@pytest.mark.parametrize(("greeting", "error"), [("421 4.3.2 Service not available, closing", ServerUnreachable),
+                                                  ("554 5.7.1 No SMTP service here", PermanentDeliveryError)])
+async def test_a_server_that_turns_the_session_away_at_the_greeting(greeting: str, error: type[Exception]) -> None:
+    """421 at the greeting: busy or going down, nothing handed over (unreachable). 554: its final word."""
+
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(f"{greeting}\r\n".encode())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(greet, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(error, match=greeting.split()[0]) as caught:
+            await SmtpDriver("127.0.0.1", port, timeout=2).send(message(), "a@example.com", ["b@example.com"])
+        if error is PermanentDeliveryError:
+            assert not isinstance(caught.value, TransientDeliveryError)
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_a_silent_server_times_out_as_transient() -> None:
@@ -160,10 +183,12 @@ async def test_a_silent_server_times_out_as_transient() -> None:
     thread.start()
     try:
         started = asyncio.get_running_loop().time()
-        with pytest.raises(TransientDeliveryError):
+        with pytest.raises(TransientDeliveryError) as caught:
             await SmtpDriver("127.0.0.1", listener.getsockname()[1], timeout=1).send(
                 message(), "a@example.com", ["b@example.com"]
             )
+        # Connected, but no greeting in time: aiosmtplib reports a connect timeout, nothing was sent.
+        assert isinstance(caught.value, ServerUnreachable), caught.value
         assert asyncio.get_running_loop().time() - started < 5
     finally:
         for s in accepted:

@@ -317,3 +317,52 @@ async def test_log_driver_delivers_without_a_mail_server(client, settings, sessi
     assert state.status is EmailStatus.SENT and state.provider_message_id == spec.message_id
     email, events = await record(sessions, spec.email_id)
     assert email.provider == "log" and events == ["queued", "sending", "sent"]
+
+
+async def test_unreachable_mail_server_is_waited_for_without_using_attempts(client, task_queue, sink: SmtpSink, sessions) -> None:
+    sink.down()  # connections refused: nothing can be handed over
+    spec = make_spec(max_attempts=1)  # a used-up attempt would fail it
+    handle = await start(client, spec, task_queue)
+    await asyncio.sleep(3.5)  # asks at about 0, 1 and 3 s
+    assert (await handle.describe()).status is WorkflowExecutionStatus.RUNNING
+    email, events = await record(sessions, spec.email_id)
+    assert email.status == "retrying" and email.attempts == 0, (email.status, email.attempts)
+    assert "could not be reached" in (email.last_error or "")
+    assert events.count("retrying") >= 2 and "failed" not in events, events
+    async with sessions() as s:
+        details = [e.detail for e in await events_of(s, spec.email_id) if e.event == "retrying"]
+    assert all("not counted as an attempt" in (d or "") for d in details), details
+
+    sink.up()
+    state = await asyncio.wait_for(handle.result(), 15)
+    assert state.status is EmailStatus.SENT and state.attempts == 1
+    [caught] = await sink.wait_for(1)
+    assert caught.message["Message-ID"] == spec.message_id
+    email, events = await record(sessions, spec.email_id)
+    assert email.status == "sent" and events[-2:] == ["sending", "sent"]
+
+
+async def test_a_server_unreachable_for_longer_than_the_wait_fails_the_email_with_the_reason(client, task_queue, sink: SmtpSink, sessions) -> None:
+    sink.down()
+    spec = make_spec(max_attempts=3)
+    spec.retry.unreachable_wait_seconds = 2.5
+    handle = await start(client, spec, task_queue)
+    with pytest.raises(WorkflowFailureError) as caught:
+        await asyncio.wait_for(handle.result(), 20)
+    assert "still unreachable after waiting" in str(caught.value.cause)
+    email, events = await record(sessions, spec.email_id)
+    assert email.status == "failed" and "could not be reached" in (email.last_error or "")
+    assert "still unreachable after waiting" in (email.last_error or "") and events[-1] == "failed"
+    assert sink.messages == []
+
+
+async def test_with_no_unreachable_wait_an_unreachable_server_is_an_ordinary_failed_attempt(client, task_queue, sink: SmtpSink, sessions) -> None:
+    sink.down()
+    spec = make_spec(max_attempts=2)
+    spec.retry.unreachable_wait_seconds = 0
+    with pytest.raises(WorkflowFailureError):
+        await asyncio.wait_for((await start(client, spec, task_queue)).result(), 20)
+    email, events = await record(sessions, spec.email_id)
+    assert email.status == "failed" and email.attempts == 2
+    assert events == ["queued", "sending", "retrying", "sending", "failed"]
+    assert "could not be reached" in (email.last_error or "") and "still unreachable" not in (email.last_error or "")

@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
         SEND_EMAIL_WORKFLOW,
         STATUS_QUERY,
         TEMPLATE_ERROR,
+        SERVER_UNREACHABLE,
         TEMPLATE_STORE_UNAVAILABLE,
         AuditEntry,
         CancelRequest,
@@ -64,6 +65,14 @@ _RENDER = dict(
 SEND_RENDERS = "send-renders-the-template"
 # Emails of users with hourly/daily limits take a quota slot before sending, or wait (deferred).
 SENDER_QUOTA = "sender-quota"
+# A server that cannot be reached is waited for (up to RetrySettings.unreachable_wait_seconds),
+# asking again at most UNREACHABLE_MAX_DELAY apart, without using up attempts.
+SERVER_UNREACHABLE_WAITS = "server-unreachable-waits"
+# The waits of one run must not outgrow its history (Temporal ends a run at 51,200 events or
+# 50 MB; each ask carries the email): past these, a wait gives up and the email fails, recorded.
+HISTORY_BUDGET_EVENTS = 20_000
+HISTORY_BUDGET_BYTES = 25_000_000
+UNREACHABLE_MAX_DELAY = 60
 
 
 @workflow.defn(name=SEND_EMAIL_WORKFLOW)
@@ -155,22 +164,47 @@ class SendEmailWorkflow:
 
     async def _send(self, content: Content | None) -> SendResult:
         waits = 0
+        unreachable_since = None
         while True:
             try:
                 return await self._send_once(content)
             except ActivityError as err:
-                if _error_type(err) != TEMPLATE_STORE_UNAVAILABLE:
+                kind, reason = _error_type(err), _reason(err)
+                if kind == SERVER_UNREACHABLE and workflow.patched(SERVER_UNREACHABLE_WAITS):
+                    # Nothing was handed over and no attempt is used up: wait for the server.
+                    unreachable_since = unreachable_since or workflow.now()
+                    waited = (workflow.now() - unreachable_since).total_seconds()
+                    if waited >= self._spec.retry.unreachable_wait_seconds:
+                        await self._fail(
+                            f"{reason} (still unreachable after waiting {waited:.0f}s)",
+                            attempt=_attempt(err, self._spec.retry.max_attempts),
+                        )
+                elif kind != TEMPLATE_STORE_UNAVAILABLE:
                     await self._fail(_reason(err), attempt=_attempt(err, self._spec.retry.max_attempts))
+                else:
+                    unreachable_since = None
+                if self._history_spent() and workflow.patched(SERVER_UNREACHABLE_WAITS):
+                    await self._fail(
+                        f"{reason} (gave up waiting after {waits} asks: the workflow's history is full)",
+                        attempt=_attempt(err, self._spec.retry.max_attempts),
+                    )
             # The database that holds the template or the sender's settings is away (or so slow the
-            # attempt had no time left to send): nothing was sent and no attempt is used up. Wait
-            # (durably) and ask again, as long as it takes.
+            # attempt had no time left to send), or the mail server cannot be reached: nothing was
+            # sent and no attempt is used up. Wait (durably) and ask again.
             waits += 1
-            delay = min(2 ** (waits - 1), 30)
-            workflow.logger.warning("the send step could not start (template store or sender settings unavailable, or no time left); asking again in %ss", delay)
+            delay = min(2 ** (waits - 1), UNREACHABLE_MAX_DELAY if unreachable_since is not None else 30)
+            workflow.logger.warning("the send step could not send (%s); asking again in %ss", reason, delay)
             try:
                 await workflow.sleep(delay)
             except asyncio.CancelledError:
                 await self._reject_cancel()
+
+    def _history_spent(self) -> bool:
+        info = workflow.info()
+        return (
+            info.get_current_history_length() > HISTORY_BUDGET_EVENTS
+            or info.get_current_history_size() > HISTORY_BUDGET_BYTES
+        )
 
     async def _send_once(self, content: Content | None) -> SendResult:
         retry = self._spec.retry

@@ -8,7 +8,7 @@ from email.utils import getaddresses
 
 import httpx
 
-from mailqueue.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
+from mailqueue.errors import DeliveryError, PermanentDeliveryError, ServerUnreachable, TransientDeliveryError
 
 MAX_REASON = 300
 
@@ -53,6 +53,9 @@ def classify(provider: str, response: httpx.Response, credential: str, secrets: 
 
 def transport_error(provider: str, exc: httpx.HTTPError) -> TransientDeliveryError:
     # The type only: httpx messages can carry the URL, and some APIs put keys in URLs.
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+        # No request left this machine: the provider is unreachable, nothing was handed over.
+        return ServerUnreachable(f"{provider} could not be reached ({type(exc).__name__})")
     kind = "timed out" if isinstance(exc, httpx.TimeoutException) else f"could not be reached ({type(exc).__name__})"
     return TransientDeliveryError(f"{provider} {kind}")
 

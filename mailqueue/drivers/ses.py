@@ -11,10 +11,11 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
 
 from mailqueue.drivers import Delivery
 from mailqueue.drivers._http import MAX_REASON, redact
-from mailqueue.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
+from mailqueue.errors import DeliveryError, PermanentDeliveryError, ServerUnreachable, TransientDeliveryError
 
 TRANSIENT = {"Throttling", "ThrottlingException", "TooManyRequestsException", "LimitExceededException",
              "ServiceUnavailable", "ServiceUnavailableException", "InternalFailure", "InternalServiceError", "RequestTimeout"}
@@ -82,6 +83,9 @@ class SesDriver:
             message_id = await asyncio.to_thread(self._send, message, sender, recipients)
         except ClientError as exc:
             raise classify(exc, (self._access_key_id, self._secret_access_key)) from None
+        except (EndpointConnectionError, ConnectTimeoutError) as exc:
+            # No connection to the endpoint: no request was sent.
+            raise ServerUnreachable(f"ses could not be reached ({type(exc).__name__})") from None
         except (HTTPClientError, BotoConnectionError) as exc:
             # Timeouts, refused or dropped connections: ReadTimeoutError and ConnectionClosedError
             # are HTTPClientErrors, EndpointConnectionError and ConnectTimeoutError ConnectionErrors.

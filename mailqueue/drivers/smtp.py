@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import time
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -14,7 +15,7 @@ from aiosmtplib import SMTPResponse
 
 from mailqueue.config import Settings, SmtpSecurity
 from mailqueue.drivers import Delivery
-from mailqueue.errors import PermanentDeliveryError, TransientDeliveryError
+from mailqueue.errors import PermanentDeliveryError, ServerUnreachable, TransientDeliveryError
 
 _QUEUED_AS = re.compile(r"queued as\s+(\S+)", re.IGNORECASE)
 
@@ -163,7 +164,16 @@ class SmtpDriver:
             validate_certs=self.validate_certs,
             timeout=self.timeout,
         )
-        await client.connect()
+        try:
+            await client.connect()
+        except aiosmtplib.SMTPConnectError as exc:
+            # Refused, timed out or unresolved (aiosmtplib wraps the OSError), or a greeting other
+            # than 220. A 5xx greeting is the server's final word (permanent, handled by send); the
+            # rest mean the server is away or busy: nothing of the message was handed over.
+            code = getattr(exc, "code", None)
+            if (isinstance(code, int) and code >= 500) or isinstance(exc.__cause__, ssl.SSLError):
+                raise  # reached, but refused for good, or its certificate is not trusted: not an outage
+            raise ServerUnreachable(f"{self.host}:{self.port} could not be reached: {type(exc).__name__}: {exc}", code=code) from None
         self.connections_opened += 1
         try:
             if self._username:
