@@ -106,6 +106,7 @@ class SendActivities:
                 status=EmailStatus.SENDING,
                 attempt=attempt,
                 detail=f"attempt {attempt} of {spec.retry.max_attempts} via {driver.name}",
+                content=content if spec.template is not None else None,  # what a templated email says
                 spec=spec,
             )
         )

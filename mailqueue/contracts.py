@@ -194,6 +194,8 @@ class AuditEntry:
     provider_message_id: str | None = None
     last_error: str | None = None
     next_attempt_at: datetime | None = None
+    # The mail as rendered for sending (templated emails), kept on the record for people reading it.
+    content: Content | None = None
     # So that any step can create the record if it is missing (a workflow started from the
     # Temporal CLI, or a record lost to a race); unchanged if the record exists.
     spec: EmailSpec | None = None

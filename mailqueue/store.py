@@ -148,6 +148,8 @@ async def apply_audit(session: AsyncSession, entry: AuditEntry, *, unless_sent: 
         value = getattr(entry, name)
         if value is not None:
             values[name] = value
+    if entry.content is not None:
+        values.update(subject=entry.content.subject, html=entry.content.html, text=entry.content.text)
     emails, events = Email.__table__, EmailEvent.__table__  # type: ignore[attr-defined]
     conn = await session.connection()
     update = sa.update(emails).where(emails.c.id == entry.email_id)

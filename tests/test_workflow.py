@@ -261,6 +261,9 @@ async def test_templated_email_renders_pinned_version(client, task_queue, sink: 
     assert msg["Subject"] == "Welcome <Ann>"
     html = msg.get_body(("html",)).get_content()
     assert "&lt;Ann&gt;" in html and "<Ann>" not in html
+    email, _ = await record(sessions, spec.email_id)  # the record keeps what was sent, for people reading it
+    assert email.subject == "Welcome <Ann>" and email.text == "Hi <Ann>"
+    assert email.html is not None and "<p>Hi &lt;Ann&gt;</p>" in email.html
 
 
 async def test_template_error_fails_permanently(client, task_queue, sink: SmtpSink, sessions) -> None:
