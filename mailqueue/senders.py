@@ -1,12 +1,13 @@
 """Who sends an email, and through what: sender settings -> a driver (inside the worker only).
 
 Secrets are decrypted here, in the send activity's process, and nowhere else. Drivers are
-kept per distinct configuration so that SMTP connections and HTTP clients are reused; a
-change of settings is a new configuration (and a new driver) on the next send.
+kept per sender so that SMTP connections and HTTP clients are reused; a change of the
+settings a driver is built from is a new driver on the next send (the old one is closed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from enum import StrEnum
 
@@ -42,14 +43,28 @@ def sender_key(sender_type: str, sender_id: str | None) -> str:
     return f"{sender_type}:{sender_id or ''}"
 
 
+# What a driver is built from: a change to any of these is a new driver; limits, the default
+# From and the like are read per email and need none.
+_DRIVER_FIELDS = (
+    "driver", "smtp_host", "smtp_port", "smtp_username", "smtp_security", "smtp_password_enc",
+    "api_key_enc", "api_secret_enc", "mailgun_domain", "mailgun_region", "ses_region",
+)
+
+
 class DriverFactory:
-    """One driver per distinct sender configuration, built on first use and kept."""
+    """One driver per sender, built on first use and kept (its SMTP connections and HTTP client
+    are reused). When the sender's settings change, the next send builds a new one and the old
+    one is closed once no send can still be using it."""
+
+    RETIRE_MARGIN_SECONDS = 5.0
 
     def __init__(self, settings: Settings, system: Driver, secrets: SecretBox | None = None) -> None:
         self._settings = settings
         self.system = system
         self._secrets = secrets
-        self._drivers: dict[str, Driver] = {}
+        self._drivers: dict[str, tuple[str, Driver]] = {}  # user id -> (settings fingerprint, driver)
+        self._retiring: dict[int, tuple[Driver, asyncio.TimerHandle]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     def _box(self) -> SecretBox:
         if self._secrets is None:
@@ -59,14 +74,35 @@ class DriverFactory:
     def for_sender(self, row: SenderSettings | None) -> Driver:
         if row is None or row.driver == SenderDriver.SYSTEM_SMTP:
             return self.system
-        fingerprint = hashlib.sha256(
-            repr(sorted((k, v) for k, v in row.model_dump().items() if k != "updated_at")).encode()
-        ).hexdigest()
-        driver = self._drivers.get(fingerprint)
-        if driver is None:
-            driver = self._build(row)
-            self._drivers[fingerprint] = driver
+        fingerprint = hashlib.sha256(repr([(f, getattr(row, f)) for f in _DRIVER_FIELDS]).encode()).hexdigest()
+        kept = self._drivers.get(row.user_id)
+        if kept is not None and kept[0] == fingerprint:
+            return kept[1]
+        driver = self._build(row)
+        self._drivers[row.user_id] = (fingerprint, driver)
+        if kept is not None:
+            self._retire(kept[1])
         return driver
+
+    def _retire(self, driver: Driver) -> None:
+        """Close a replaced driver after the longest a send that already took it can still run
+        (its attempt's time limit): closing it earlier could cut a send off mid-way."""
+        if getattr(driver, "aclose", None) is None:
+            return
+        loop = asyncio.get_running_loop()  # for_sender runs in the send activity
+        handle = loop.call_later(self._settings.send_timeout_seconds + self.RETIRE_MARGIN_SECONDS, self._close_retired, id(driver))
+        self._retiring[id(driver)] = (driver, handle)
+
+    def _close_retired(self, key: int) -> None:
+        driver, _ = self._retiring.pop(key)
+        task = asyncio.get_running_loop().create_task(driver.aclose())  # type: ignore[attr-defined]
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    @property
+    def retiring(self) -> int:
+        """Replaced drivers not closed yet (for tests)."""
+        return len(self._retiring) + len(self._closing)
 
     def _secret(self, token: str | None) -> str:
         return self._box().decrypt(token) if token else ""
@@ -104,7 +140,13 @@ class DriverFactory:
         return self.system
 
     async def aclose(self) -> None:
-        for driver in [self.system, *self._drivers.values()]:
+        """On worker shutdown: every driver, the replaced ones too."""
+        retiring, self._retiring = list(self._retiring.values()), {}
+        for _, handle in retiring:
+            handle.cancel()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+        for driver in [self.system, *(d for _, d in self._drivers.values()), *(d for d, _ in retiring)]:
             close = getattr(driver, "aclose", None)
             if close is not None:
                 await close()

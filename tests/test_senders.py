@@ -185,3 +185,43 @@ async def test_user_smtp_with_starttls_and_auth_sends_and_a_wrong_password_fails
         assert secret not in json.dumps(failed)
         assert secret not in caplog.text
         assert secret not in Path(stack.tmp / "api.log").read_text()
+
+
+async def test_a_senders_driver_is_kept_rebuilt_on_a_settings_change_and_the_old_one_closed() -> None:
+    import asyncio
+    from email.message import EmailMessage
+
+    from mailqueue.config import Settings
+    from mailqueue.drivers.log import LogDriver
+    from mailqueue.senders import DriverFactory
+    from tests.helpers import SmtpSink
+
+    with SmtpSink() as sink:
+        factory = DriverFactory(Settings(send_timeout_seconds=0.2, _env_file=None), LogDriver())  # type: ignore[call-arg]
+        factory.RETIRE_MARGIN_SECONDS = 0.2
+        row = SenderSettings(user_id="u1", driver="user_smtp", smtp_host="127.0.0.1", smtp_port=sink.port, smtp_security="none")
+        first = factory.for_sender(row)
+        msg = EmailMessage()
+        msg["Subject"], msg["Message-ID"] = "pooled", "<pooled@example.com>"
+        msg.set_content("x")
+        await first.send(msg, "a@example.com", ["b@example.com"])  # leaves a pooled connection open
+        assert first._idle  # type: ignore[attr-defined]
+
+        row.hourly_limit, row.default_from = 5, "Other <other@example.com>"  # read per email: same driver
+        assert factory.for_sender(row) is first and factory.retiring == 0
+
+        row.smtp_username = "someone"  # what the driver is built from: a new one, the old one retired
+        second = factory.for_sender(row)
+        assert second is not first and factory.retiring == 1
+        assert first._idle, "closed too early: a send that took it may still be running"  # type: ignore[attr-defined]
+        for _ in range(100):
+            if factory.retiring == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert factory.retiring == 0 and not first._idle, "the replaced driver was never closed"  # type: ignore[attr-defined]
+
+        row.smtp_username = None
+        third = factory.for_sender(row)
+        assert factory.retiring == 1
+        await factory.aclose()  # shutdown closes the retiring ones at once
+        assert factory.retiring == 0 and third is not second
