@@ -20,6 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 
+from activities.audit import database_error
+from activities.render import STORE_ERRORS
 from mailqueue.config import Settings
 from mailqueue.contracts import QuotaAnswer, QuotaRequest
 from mailqueue.models import SenderSettings, SenderUsage
@@ -41,6 +43,12 @@ class QuotaActivities:
     async def reserve(self, req: QuotaRequest) -> QuotaAnswer:
         if req.sender_type != "user" or not req.sender_id:
             return QuotaAnswer(ok=True)
+        try:
+            return await self._reserve(req)
+        except STORE_ERRORS as exc:
+            raise database_error(exc) from None
+
+    async def _reserve(self, req: QuotaRequest) -> QuotaAnswer:
         async with self._sessions() as session:
             row = await session.get(SenderSettings, req.sender_id)
             now = self._clock()
