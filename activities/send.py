@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from activities.render import STORE_ERRORS, Renderer
 from mailqueue.contracts import (
@@ -51,7 +51,11 @@ def _ask_again(spec: EmailSpec, reason: str) -> ApplicationError:
     """Not a delivery attempt (nothing was sent): the workflow waits and asks again, so the email
     is delayed without using up its attempts."""
     log.warning("email %s: %s; the workflow will ask again", spec.email_id, reason)
-    return ApplicationError(reason, {"attempt": 0}, type=TEMPLATE_STORE_UNAVAILABLE, non_retryable=True)
+    # BENIGN: expected while an outage lasts; the SDK then logs it at DEBUG, not with a
+    # traceback at WARNING on every ask (the line above says what happened).
+    return ApplicationError(
+        reason, {"attempt": 0}, type=TEMPLATE_STORE_UNAVAILABLE, non_retryable=True, category=ApplicationErrorCategory.BENIGN
+    )
 
 
 def _store_unavailable(spec: EmailSpec, what: str, exc: BaseException) -> ApplicationError:
@@ -149,8 +153,12 @@ class SendActivities:
         except TransientDeliveryError as exc:
             if isinstance(exc, ServerUnreachable) and spec.retry.unreachable_wait_seconds > 0:
                 # Nothing was handed over: not an attempt. The workflow waits for the server.
+                log.warning("email %s: %s; not counted as an attempt, the workflow will ask again", spec.email_id, exc.reason)
                 await self._audit(self._retrying(req, info, exc.reason, unreachable=True), within=clock.left())
-                raise ApplicationError(exc.reason, {"attempt": attempt - 1}, type=SERVER_UNREACHABLE, non_retryable=True) from None
+                raise ApplicationError(
+                    exc.reason, {"attempt": attempt - 1}, type=SERVER_UNREACHABLE, non_retryable=True,
+                    category=ApplicationErrorCategory.BENIGN,
+                ) from None
             if attempt < spec.retry.max_attempts:
                 await self._audit(self._retrying(req, info, exc.reason), within=clock.left())
             raise ApplicationError(exc.reason, {"attempt": attempt}, type=TRANSIENT_DELIVERY_ERROR) from None

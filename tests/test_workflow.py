@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -322,7 +323,8 @@ async def test_log_driver_delivers_without_a_mail_server(client, settings, sessi
     assert email.provider == "log" and events == ["queued", "sending", "sent"]
 
 
-async def test_unreachable_mail_server_is_waited_for_without_using_attempts(client, task_queue, sink: SmtpSink, sessions) -> None:
+async def test_unreachable_mail_server_is_waited_for_without_using_attempts(client, task_queue, sink: SmtpSink, sessions, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.DEBUG)
     sink.down()  # connections refused: nothing can be handed over
     spec = make_spec(max_attempts=1)  # a used-up attempt would fail it
     handle = await start(client, spec, task_queue)
@@ -335,6 +337,12 @@ async def test_unreachable_mail_server_is_waited_for_without_using_attempts(clie
     async with sessions() as s:
         details = [e.detail for e in await events_of(s, spec.email_id) if e.event == "retrying"]
     assert all("not counted as an attempt" in (d or "") for d in details), details
+    # Each ask is one WARNING line saying why, not the SDK's failed-activity traceback (hours of
+    # an outage, thousands of emails waiting: that would flood the logs).
+    mine = [r for r in caplog.records if spec.email_id in r.getMessage() and "not counted as an attempt" in r.getMessage()]
+    assert len(mine) >= 2 and all(r.levelno == logging.WARNING and not r.exc_info for r in mine)
+    sdk = [r for r in caplog.records if r.getMessage().startswith("Completing activity as failed") and spec.email_id in str(r.__dict__)]
+    assert sdk and all(r.levelno == logging.DEBUG for r in sdk), [(r.levelname, r.getMessage()) for r in sdk]
 
     sink.up()
     state = await asyncio.wait_for(handle.result(), 15)

@@ -193,7 +193,8 @@ class SendEmailWorkflow:
             # sent and no attempt is used up. Wait (durably) and ask again.
             waits += 1
             delay = min(2 ** (waits - 1), UNREACHABLE_MAX_DELAY if unreachable_since is not None else 30)
-            workflow.logger.warning("the send step could not send (%s); asking again in %ss", reason, delay)
+            # The send step logged why (WARNING); this says when the next ask is.
+            workflow.logger.info("the send step could not send (%s); asking again in %ss", reason, delay)
             try:
                 await workflow.sleep(delay)
             except asyncio.CancelledError:
