@@ -47,14 +47,14 @@ SAFETY_SECONDS = 0.5  # a send ends this long before the attempt's deadline
 MIN_SEND_SECONDS = 2.0
 
 
-def _ask_again(spec: EmailSpec, reason: str) -> ApplicationError:
+def _ask_again(spec: EmailSpec, reason: str, *, kind: str = TEMPLATE_STORE_UNAVAILABLE, attempts_used: int = 0) -> ApplicationError:
     """Not a delivery attempt (nothing was sent): the workflow waits and asks again, so the email
-    is delayed without using up its attempts."""
-    log.warning("email %s: %s; the workflow will ask again", spec.email_id, reason)
+    is delayed without using up its attempts. `kind` tells the workflow what it waits for."""
+    log.warning("email %s: %s; not counted as an attempt, the workflow will ask again", spec.email_id, reason)
     # BENIGN: expected while an outage lasts; the SDK then logs it at DEBUG, not with a
     # traceback at WARNING on every ask (the line above says what happened).
     return ApplicationError(
-        reason, {"attempt": 0}, type=TEMPLATE_STORE_UNAVAILABLE, non_retryable=True, category=ApplicationErrorCategory.BENIGN
+        reason, {"attempt": attempts_used}, type=kind, non_retryable=True, category=ApplicationErrorCategory.BENIGN
     )
 
 
@@ -153,12 +153,8 @@ class SendActivities:
         except TransientDeliveryError as exc:
             if isinstance(exc, ServerUnreachable) and spec.retry.unreachable_wait_seconds > 0:
                 # Nothing was handed over: not an attempt. The workflow waits for the server.
-                log.warning("email %s: %s; not counted as an attempt, the workflow will ask again", spec.email_id, exc.reason)
                 await self._audit(self._retrying(req, info, exc.reason, unreachable=True), within=clock.left())
-                raise ApplicationError(
-                    exc.reason, {"attempt": attempt - 1}, type=SERVER_UNREACHABLE, non_retryable=True,
-                    category=ApplicationErrorCategory.BENIGN,
-                ) from None
+                raise _ask_again(spec, exc.reason, kind=SERVER_UNREACHABLE, attempts_used=attempt - 1) from None
             if attempt < spec.retry.max_attempts:
                 await self._audit(self._retrying(req, info, exc.reason), within=clock.left())
             raise ApplicationError(exc.reason, {"attempt": attempt}, type=TRANSIENT_DELIVERY_ERROR) from None
