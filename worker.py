@@ -12,6 +12,8 @@ sys.dont_write_bytecode = False
 import asyncio  # noqa: E402
 import logging
 import signal
+import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from datetime import timedelta
 
@@ -21,14 +23,15 @@ from temporalio.worker import Worker
 from activities.audit import AuditActivities
 from activities.quota import QuotaActivities
 from activities.reconcile import ReconcileActivities
-from activities.render import RenderActivities, Renderer
+from activities.render import RenderActivities
 from activities.send import SendActivities
 from mailqueue.config import Settings, get_settings
 from mailqueue.contracts import send_queue_name
 from mailqueue.db import create_engine, sessionmaker
-from mailqueue.drivers import Driver, driver_from_settings
+from mailqueue.drivers.base import Driver
+from mailqueue.drivers.factory import DriverFactory, driver_from_settings
 from mailqueue.logs import configure_logging
-from mailqueue.senders import DriverFactory
+from mailqueue.template_library import Renderer
 from mailqueue.temporal import connect, ensure_reconcile_schedule
 from mailqueue.templating import TemplateEngine
 from workflows.reconcile import ReconcileEmailsWorkflow
@@ -66,8 +69,10 @@ def build_worker(
     driver: Driver | None = None,
     task_queue: str | None = None,
     renderer: Renderer | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> Workers:
-    """The workers with their activities wired to their dependencies (DB, drivers, templates)."""
+    """The workers with their activities wired to their dependencies (DB, drivers, templates, the
+    clock that decides quota windows)."""
     sessions = sessionmaker(create_engine(settings.database_url))
     audit = AuditActivities(sessions)
     renderer = renderer or Renderer(sessions, TemplateEngine(settings.default_locale))
@@ -81,7 +86,7 @@ def build_worker(
         task_queue=queue,
         workflows=[SendEmailWorkflow, ReconcileEmailsWorkflow],
         activities=[
-            audit.record, QuotaActivities(sessions, settings).reserve, render.render, send.send,
+            audit.record, QuotaActivities(sessions, settings, clock).reserve, render.render, send.send,
             ReconcileActivities(sessions, client, settings).reconcile,
         ],
         max_concurrent_activities=200,

@@ -20,12 +20,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 
-from activities.audit import database_error
-from activities.render import STORE_ERRORS
+from activities.failures import database_error
 from mailqueue.config import Settings
-from mailqueue.contracts import QuotaAnswer, QuotaRequest
-from mailqueue.models import SenderSettings, SenderUsage
-from mailqueue.senders import sender_key
+from mailqueue.contracts import QuotaAnswer, QuotaRequest, SenderType
+from mailqueue.db import STORE_ERRORS
+from mailqueue.models import SenderUsage
+from mailqueue.senders import resolve_sender, sender_key
 
 _usage = SenderUsage.__table__  # type: ignore[attr-defined]
 
@@ -35,13 +35,14 @@ class QuotaActivities:
         self, sessions: async_sessionmaker[AsyncSession], settings: Settings, clock: Callable[[], float] = time.time
     ) -> None:
         self._sessions = sessions
-        self._clock = clock
+        self._settings = settings
+        self._clock = clock  # decides the windows (tests pass one they move by hand)
         self._hour = settings.quota_hour_seconds
         self._day = settings.quota_day_seconds
 
     @activity.defn(name="reserve_send_quota")
     async def reserve(self, req: QuotaRequest) -> QuotaAnswer:
-        if req.sender_type != "user" or not req.sender_id:
+        if req.sender_type != SenderType.USER or not req.sender_id:
             return QuotaAnswer(ok=True)
         try:
             return await self._reserve(req)
@@ -50,12 +51,14 @@ class QuotaActivities:
 
     async def _reserve(self, req: QuotaRequest) -> QuotaAnswer:
         async with self._sessions() as session:
-            row = await session.get(SenderSettings, req.sender_id)
+            route = await resolve_sender(session, self._settings, req.sender_type, req.sender_id)
             now = self._clock()
+            # Real time minus the clock's: 0 with the real clock (to the microsecond).
+            skew = time.time() - now
             # (label, limit, this window's key, when it ends) for each limit the sender has
             limits = [
                 (label, limit, f"{label[0]}{int(now // seconds)}", (now // seconds + 1) * seconds)
-                for label, seconds, limit in (("hourly", self._hour, row and row.hourly_limit), ("daily", self._day, row and row.daily_limit))
+                for label, seconds, limit in (("hourly", self._hour, route.hourly_limit), ("daily", self._day, route.daily_limit))
                 if limit
             ]
             if not limits:
@@ -75,8 +78,10 @@ class QuotaActivities:
                     full.append((label, limit, ends))
             if full:
                 await session.rollback()  # a slot taken in the other window is given back
-                label, limit, retry_at = max(full, key=lambda f: f[2])  # the window that opens last decides
-                at = datetime.fromtimestamp(retry_at, UTC)
+                label, limit, ends = max(full, key=lambda f: f[2])  # the window that opens last decides
+                # Said in real time, which the workflow's durable timer runs on: with the real clock
+                # the window's end itself; with another, the window's remaining length from now.
+                at = datetime.fromtimestamp(round(ends + skew, 3), UTC)
                 return QuotaAnswer(ok=False, retry_at=at, detail=f"{label} limit of {limit} emails reached; next try at {at.isoformat()}")
             await session.commit()
             return QuotaAnswer(ok=True)

@@ -33,10 +33,23 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from mailqueue.config import Settings
-from mailqueue.contracts import AuditEntry, EmailState, EmailStatus, EventType, ReconcileReport, ReconcileRequest
-from mailqueue.delivery import retry_settings, send_queue_for, start_delivery
+from mailqueue.contracts import (
+    CANCELLABLE,
+    IN_FLIGHT,
+    WAITING,
+    AuditEntry,
+    EmailState,
+    EmailStatus,
+    EventType,
+    ReconcileReport,
+    ReconcileRequest,
+    SenderType,
+    status_values,
+)
+from mailqueue.delivery import retry_settings, start_delivery
+from mailqueue.email_store import apply_audit, spec_from_record
 from mailqueue.models import Email
-from mailqueue.store import apply_audit, spec_from_record
+from mailqueue.senders import resolve_sender
 
 log = logging.getLogger("mailqueue.activities.reconcile")
 
@@ -81,15 +94,13 @@ class ReconcileActivities:
     async def _stale(self, cutoff: datetime, after: tuple[datetime, str] | None, n: int) -> list[Email]:
         """Unfinished records with no change since `cutoff`; scheduled and deferred ones only once overdue."""
         e = Email.__table__.c  # type: ignore[attr-defined]
-        waiting = (EmailStatus.SCHEDULED.value, EmailStatus.DEFERRED.value)
-        moving = (EmailStatus.QUEUED.value, EmailStatus.SENDING.value, EmailStatus.RETRYING.value)
         query = (
             select(Email)
             .where(
                 e.updated_at < cutoff,
                 sa.or_(
-                    e.status.in_(moving) & (sa.func.coalesce(e.next_attempt_at, e.updated_at) < cutoff),
-                    e.status.in_(waiting) & (sa.func.coalesce(e.scheduled_for, e.updated_at) < cutoff),
+                    e.status.in_(status_values(IN_FLIGHT)) & (sa.func.coalesce(e.next_attempt_at, e.updated_at) < cutoff),
+                    e.status.in_(status_values(WAITING)) & (sa.func.coalesce(e.scheduled_for, e.updated_at) < cutoff),
                 ),
             )
             .order_by(e.updated_at, e.id)
@@ -132,7 +143,7 @@ class ReconcileActivities:
         # had in flight may or may not have gone out. Failed, with the reason; /retry can send it.
         what = "terminated in Temporal" if status == WorkflowExecutionStatus.TERMINATED else "timed out"
         what += await self._termination_reason(handle, status)
-        before_sending = email.status in (EmailStatus.QUEUED.value, EmailStatus.SCHEDULED.value, EmailStatus.DEFERRED.value)
+        before_sending = email.status in CANCELLABLE  # not handed to the send step yet
         reason = f"its workflow was {what} " + ("before sending; not delivered" if before_sending else "while sending; delivery not confirmed")
         return await self._settle(email, desc, EmailStatus.FAILED, reason, last_error=reason)
 
@@ -162,7 +173,8 @@ class ReconcileActivities:
         if email.status == EmailStatus.SCHEDULED.value:
             spec.send_at = email.scheduled_for
         async with self._sessions() as session:
-            spec.send_queue = await send_queue_for(session, self._settings, email.sender_type, email.sender_id)
+            route = await resolve_sender(session, self._settings, SenderType(email.sender_type), email.sender_id)
+        spec.send_queue = route.send_queue
         # Written before the run starts, so it can never overwrite the run's own steps; if the
         # start fails, the record is stale again after a while and the next run tries again.
         await self._record(

@@ -13,12 +13,13 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
-from activities.render import STORE_ERRORS, Renderer
+from mailqueue.config import Settings
 from mailqueue.contracts import (
+    NOT_SENT_ASK_AGAIN,
     PERMANENT_DELIVERY_ERROR,
+    SEND_QUEUE_CHANGED,
     SERVER_UNREACHABLE,
     TEMPLATE_ERROR,
-    TEMPLATE_STORE_UNAVAILABLE,
     TRANSIENT_DELIVERY_ERROR,
     AuditEntry,
     Content,
@@ -28,14 +29,15 @@ from mailqueue.contracts import (
     SendRequest,
     SendResult,
 )
-from mailqueue.config import Settings
 from mailqueue.crypto import SecretKeyError
-from mailqueue.drivers import Driver
+from mailqueue.db import STORE_ERRORS
+from mailqueue.drivers.base import Driver
+from mailqueue.drivers.factory import DriverFactory
+from mailqueue.email_store import PriorDelivery, apply_audit
 from mailqueue.errors import PermanentDeliveryError, ServerUnreachable, TemplateError, TransientDeliveryError
 from mailqueue.message import build_message, envelope, redirect
-from mailqueue.models import SenderSettings
-from mailqueue.senders import DriverFactory
-from mailqueue.store import PriorDelivery, apply_audit
+from mailqueue.senders import resolve_sender
+from mailqueue.template_library import Renderer
 
 log = logging.getLogger("mailqueue.activities.send")
 
@@ -47,20 +49,26 @@ SAFETY_SECONDS = 0.5  # a send ends this long before the attempt's deadline
 MIN_SEND_SECONDS = 2.0
 
 
-def _ask_again(spec: EmailSpec, reason: str, *, kind: str = TEMPLATE_STORE_UNAVAILABLE, attempts_used: int = 0) -> ApplicationError:
+def _ask_again(
+    spec: EmailSpec, reason: str, *, kind: str = NOT_SENT_ASK_AGAIN, attempts_used: int = 0, **details: object
+) -> ApplicationError:
     """Not a delivery attempt (nothing was sent): the workflow waits and asks again, so the email
     is delayed without using up its attempts. `kind` tells the workflow what it waits for."""
     log.warning("email %s: %s; not counted as an attempt, the workflow will ask again", spec.email_id, reason)
     # BENIGN: expected while an outage lasts; the SDK then logs it at DEBUG, not with a
     # traceback at WARNING on every ask (the line above says what happened).
     return ApplicationError(
-        reason, {"attempt": attempts_used}, type=kind, non_retryable=True, category=ApplicationErrorCategory.BENIGN
+        reason, {"attempt": attempts_used, **details}, type=kind, non_retryable=True, category=ApplicationErrorCategory.BENIGN
     )
 
 
 def _store_unavailable(spec: EmailSpec, what: str, exc: BaseException) -> ApplicationError:
     """The database is away. The exception's type only: driver messages can name hosts and users."""
     return _ask_again(spec, f"{what} unavailable ({type(exc).__name__})")
+
+
+def _queue_name(send_queue: str | None) -> str:
+    return f"the {send_queue} send queue" if send_queue else "the main queue"
 
 
 class AttemptClock:
@@ -91,6 +99,7 @@ class SendActivities:
         self._sessions = sessions
         self._drivers = drivers
         self._renderer = renderer
+        self._settings = settings
         self._redirect_to = settings.test_redirect_to
 
     @activity.defn(name="send_email")
@@ -188,18 +197,27 @@ class SendActivities:
         return result
 
     async def _driver_for(self, spec: EmailSpec) -> Driver:
-        """The system's driver, or the one the sending user configured (secrets decrypted here only)."""
-        if spec.sender_type != "user" or not spec.sender_id:
-            return self._drivers.system
+        """The driver the sender's settings name now: the system's, or the user's own (secrets
+        decrypted here only). If that driver's send queue is not the one this send waits in (the
+        user changed drivers since the email was queued), nothing is sent: the workflow sends
+        again from the right queue, so the new driver's rate limit holds."""
         try:
             async with self._sessions() as session:
-                row = await session.get(SenderSettings, spec.sender_id)
-            return self._drivers.for_sender(row)
+                route = await resolve_sender(session, self._settings, spec.sender_type, spec.sender_id)
+            driver = self._drivers.for_route(route)
         except SecretKeyError as exc:
             # A configuration fault no retry fixes soon; the message names no secret.
             raise ApplicationError(str(exc), {"attempt": 0}, type=PERMANENT_DELIVERY_ERROR, non_retryable=True) from None
         except STORE_ERRORS as exc:
             raise _store_unavailable(spec, "sender settings", exc) from None
+        if route.send_queue != spec.send_queue:
+            raise _ask_again(
+                spec,
+                f"not sent: the sender now sends through {route.driver.value}, whose sends wait in "
+                f"{_queue_name(route.send_queue)}, not in {_queue_name(spec.send_queue)}",
+                kind=SEND_QUEUE_CHANGED, send_queue=route.send_queue,
+            )
+        return driver
 
     async def _content(self, req: SendRequest) -> Content:
         """The mail to send: given by the workflow (emails queued before the send rendered), raw, or rendered now."""

@@ -16,6 +16,7 @@ from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.routes import emails, health, settings as mail_settings, stats, templates, users
+from api.services.errors import Conflict, Invalid, NotFound, ServiceError, invalid
 from mailqueue.config import Settings, get_settings
 from mailqueue.crypto import SecretBox
 from mailqueue.db import create_engine, sessionmaker
@@ -54,9 +55,7 @@ def reject_nul_in_query(request: Request) -> None:
     """NUL cannot be stored or searched in PostgreSQL text: refuse it the same way everywhere."""
     for name, value in request.query_params.multi_items():
         if "\x00" in value:
-            raise RequestValidationError(
-                [{"type": "value_error", "loc": ("query", name), "msg": "must not contain NUL characters", "input": None}]
-            )
+            raise invalid(("query", name), "must not contain NUL characters")
 
 
 def _printable(value: Any) -> Any:
@@ -109,6 +108,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own handler echoes the input back as given: "\ud800" or NaN in a body made its 422 a 500.
         return JSONResponse({"detail": _printable(jsonable_encoder(exc.errors()))}, status_code=422)
+
+    # What the services refuse, in HTTP's terms.
+    statuses: dict[type[ServiceError], int] = {NotFound: 404, Conflict: 409, Invalid: 422}
+
+    @app.exception_handler(ServiceError)
+    async def _refused(request: Request, exc: ServiceError) -> JSONResponse:
+        status = next((code for kind, code in statuses.items() if isinstance(exc, kind)), 400)
+        return JSONResponse({"detail": _printable(jsonable_encoder(exc.detail))}, status_code=status)
 
     @app.exception_handler(TemporalUnavailable)
     async def _temporal_down(request: Request, exc: Exception) -> JSONResponse:

@@ -1,55 +1,25 @@
-"""FastAPI dependencies: settings, DB session, Temporal client, the calling principal."""
+"""FastAPI dependencies: the database session, the calling principal, and the services' `Context`
+made of them and the running app's parts (settings, Temporal client, template engine, secrets)."""
 
 from __future__ import annotations
 
 import base64
 import hmac
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel.ext.asyncio.session import AsyncSession
-from temporalio.client import Client
 
-from mailqueue.accounts import user_for_key
+from api.services.context import Context
+from mailqueue.accounts import Principal, user_for_key
 from mailqueue.config import Settings
-from mailqueue.templating import TemplateEngine
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling: the bootstrap key (admin, sends as the system), or a user (maybe an admin)."""
-
-    kind: str  # "admin" (bootstrap key) | "user"
-    id: str | None
-    role: str = "admin"
-
-    @property
-    def is_admin(self) -> bool:
-        return self.kind == "admin" or self.role == "admin"
-
-    @property
-    def sender(self) -> tuple[str, str | None]:
-        return ("system", None) if self.kind == "admin" else ("user", self.id)
-
-
-def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     async with request.app.state.sessions() as session:
         yield session
-
-
-def get_temporal(request: Request) -> Client:
-    return request.app.state.temporal
-
-
-def get_templates(request: Request) -> TemplateEngine:
-    return request.app.state.templates
 
 
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
@@ -61,10 +31,10 @@ async def _principal_for(request: Request, key: str | None) -> Principal | None:
     settings: Settings = request.app.state.settings
     expected = settings.bootstrap_api_key.get_secret_value() if settings.bootstrap_api_key else None
     if expected and hmac.compare_digest(key.encode(), expected.encode()):
-        return Principal(kind="admin", id=None)
+        return Principal.bootstrap()
     async with request.app.state.sessions() as session:
         user = await user_for_key(session, key)
-    return Principal(kind="user", id=user.id, role=user.role) if user else None
+    return Principal.of(user) if user else None
 
 
 async def get_principal(
@@ -81,7 +51,7 @@ async def get_principal(
     return principal
 
 
-def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+async def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
     if not principal.is_admin:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this needs an admin key")
     return principal
@@ -114,10 +84,35 @@ async def get_browser_principal(request: Request) -> Principal:
     return principal
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
-TemporalDep = Annotated[Client, Depends(get_temporal)]
-TemplatesDep = Annotated[TemplateEngine, Depends(get_templates)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 BrowserPrincipalDep = Annotated[Principal, Depends(get_browser_principal)]
 AdminDep = Annotated[Principal, Depends(require_admin)]
+
+
+def _context(request: Request, principal: Principal, session: AsyncSession) -> Context:
+    state = request.app.state
+    return Context(
+        principal=principal, session=session, settings=state.settings, temporal=state.temporal,
+        templates=state.templates, secrets=state.secrets,
+    )
+
+
+async def get_context(request: Request, principal: PrincipalDep, session: SessionDep) -> Context:
+    """What a service call needs, for any caller with a valid key."""
+    return _context(request, principal, session)
+
+
+async def get_admin_context(request: Request, principal: AdminDep, session: SessionDep) -> Context:
+    """The same, for admins only (403 otherwise)."""
+    return _context(request, principal, session)
+
+
+async def get_browser_context(request: Request, principal: BrowserPrincipalDep, session: SessionDep) -> Context:
+    """The same, for pages a browser opens (Basic auth accepted)."""
+    return _context(request, principal, session)
+
+
+ContextDep = Annotated[Context, Depends(get_context)]
+AdminContextDep = Annotated[Context, Depends(get_admin_context)]
+BrowserContextDep = Annotated[Context, Depends(get_browser_context)]

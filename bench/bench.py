@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 KEY = "bench-key"
 BODY = {"to": ["bench@example.com"], "subject": "bench", "text": "hello"}
@@ -80,8 +79,8 @@ def read_sink(log: Path) -> list[tuple[str, float]]:
 
 class Stack:
     def __init__(self, tmp: Path, database_url: str, workers: int) -> None:
-        from mailqueue.devserver import TemporalDevServer
-        from mailqueue.net import free_port
+        from devstack.devserver import TemporalDevServer
+        from devstack.net import free_port
 
         self.tmp, self.database_url = tmp, database_url
         self.sink_port, self.api_port = free_port(), free_port()
@@ -92,30 +91,28 @@ class Stack:
         self.children: list[subprocess.Popen[bytes]] = []
 
     def env(self) -> dict[str, str]:
-        return {k: v for k, v in os.environ.items() if not k.startswith("MAILQUEUE_")} | {
-            "MAILQUEUE_DATABASE_URL": self.database_url,
-            "MAILQUEUE_TEMPORAL_ADDRESS": self.temporal.address,
-            "MAILQUEUE_TASK_QUEUE": "bench",
-            "MAILQUEUE_SMTP_HOST": "127.0.0.1",
-            "MAILQUEUE_SMTP_PORT": str(self.sink_port),
-            "MAILQUEUE_BOOTSTRAP_API_KEY": KEY,
-            "MAILQUEUE_LOG_LEVEL": "WARNING",
-        }
+        from mailqueue.config import Settings, settings_env
+
+        return settings_env(Settings(
+            database_url=self.database_url, temporal_address=self.temporal.address, task_queue="bench",
+            smtp_host="127.0.0.1", smtp_port=self.sink_port, bootstrap_api_key=KEY, log_level="WARNING",
+            templates_dir=ROOT / "templates", _env_file=None,  # type: ignore[call-arg]
+        ))
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = (self.tmp / f"{name}.log").open("ab")
         self.children.append(subprocess.Popen(args, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT))
 
     def start(self) -> None:
-        from mailqueue.net import wait_for_port
+        from devstack.net import wait_for_port
+        from devstack.supervisor import api_command
 
         self.temporal.start()
         py = sys.executable
         self._spawn("sink", [py, __file__, "--sink", str(self.sink_port), str(self.sink_log)])
         for i in range(self.workers):
             self._spawn(f"worker-{i}", [py, "worker.py"])
-        self._spawn("api", [py, "-m", "uvicorn", "api.app:app", "--port", str(self.api_port),
-                            "--no-access-log", "--log-level", "warning"])
+        self._spawn("api", [*api_command("127.0.0.1", self.api_port), "--log-level", "warning"])
         wait_for_port(self.sink_port)
         wait_for_port(self.api_port, timeout=60)
 
@@ -304,7 +301,7 @@ async def raw_smtp(stack: Stack, emails: int, clients: int) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    from mailqueue.devserver import temporal_cli
+    from devstack.devserver import temporal_cli
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 USER, PASSWORD = "bench", "bench-password"
 
@@ -96,7 +95,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from mailqueue.config import SmtpSecurity
     from mailqueue.drivers.smtp import SmtpDriver
-    from mailqueue.net import free_port, wait_for_port
+    from devstack.net import free_port, wait_for_port
 
     tmp = Path(tempfile.mkdtemp(prefix="mailqueue-smtp-bench-"))
     ca = trustme.CA()

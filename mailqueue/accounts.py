@@ -1,4 +1,4 @@
-"""Users and their API keys: keys are random, shown once, stored as SHA-256 only."""
+"""Users, their API keys, and who is calling: keys are random, shown once, stored as SHA-256 only."""
 
 from __future__ import annotations
 
@@ -6,16 +6,66 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from mailqueue.contracts import SenderType
 from mailqueue.ids import new_email_id
-from mailqueue.models import ApiKey, User, utcnow
+from mailqueue.models import ApiKey, Role, User, utcnow
 
 KEY_PREFIX = "mq_"
 # A key's last-used time is written at most this often: not one write per request.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+class PrincipalKind(StrEnum):
+    BOOTSTRAP = "bootstrap"  # MAILQUEUE_BOOTSTRAP_API_KEY: an admin that sends as the system
+    USER = "user"  # a user's API key (the user may have the admin role)
+
+
+# How templates name the bootstrap key as their author (`created_by`): stored rows and answers say so.
+BOOTSTRAP_AUTHOR = "admin"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the bootstrap key, or a user (maybe an admin)."""
+
+    kind: PrincipalKind
+    id: str | None
+    role: Role = Role.ADMIN
+
+    @classmethod
+    def bootstrap(cls) -> Principal:
+        return cls(kind=PrincipalKind.BOOTSTRAP, id=None)
+
+    @classmethod
+    def of(cls, user: User) -> Principal:
+        return cls(kind=PrincipalKind.USER, id=user.id, role=Role(user.role))
+
+    @property
+    def is_admin(self) -> bool:
+        return self.kind is PrincipalKind.BOOTSTRAP or self.role is Role.ADMIN
+
+    @property
+    def is_user(self) -> bool:
+        return self.kind is PrincipalKind.USER
+
+    @property
+    def sender(self) -> tuple[SenderType, str | None]:
+        """Whom the caller's emails are sent as."""
+        return (SenderType.USER, self.id) if self.is_user else (SenderType.SYSTEM, None)
+
+    @property
+    def author(self) -> str:
+        """The caller as the author of what it saves (templates' `created_by`)."""
+        return self.id or BOOTSTRAP_AUTHOR
+
+    def may_see(self, sender_type: str, sender_id: str | None) -> bool:
+        """A user sees only the emails they sent (and their own settings); admins see all."""
+        return self.is_admin or (sender_type, sender_id) == (SenderType.USER, self.id)
 
 
 def hash_key(key: str) -> str:

@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
+import json
+import os
+from collections.abc import Mapping
+from enum import Enum, StrEnum
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mailqueue.drivers.base import SYSTEM_DRIVERS, DriverName
+
 DATA_DIR = Path(".mailqueue")
+
+# How long the API keeps an idle HTTP connection open (uvicorn --timeout-keep-alive; the
+# Dockerfile and compose pass it too). Above the idle time of common clients' connection pools
+# (httpx and Node 5 s, aiohttp 15 s) and of load balancers (AWS ALB 60 s), so the client side
+# closes an idle connection first: a server that closes first can race a request the client is
+# just sending on it, and that request fails without an answer.
+HTTP_KEEP_ALIVE_SECONDS = 75
 
 
 class SmtpSecurity(StrEnum):
     NONE = "none"
     STARTTLS = "starttls"
     TLS = "tls"
-
-
-class DriverName(StrEnum):
-    SMTP = "smtp"
-    LOG = "log"
 
 
 class Settings(BaseSettings):
@@ -35,7 +42,7 @@ class Settings(BaseSettings):
     task_queue: str = "mailqueue"
     temporal_grpc_gzip: bool = False
 
-    driver: DriverName = DriverName.SMTP
+    driver: DriverName = Field(default=DriverName.SMTP, description="the system's driver: smtp or log")
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 1025
     smtp_username: str | None = None
@@ -67,10 +74,17 @@ class Settings(BaseSettings):
     # must share this setting (a worker polls only the queues of the drivers it knows).
     send_rates: dict[str, float] = Field(default_factory=dict)
 
+    @field_validator("driver")
+    @classmethod
+    def _system_driver(cls, value: DriverName) -> DriverName:
+        if value not in SYSTEM_DRIVERS:
+            raise ValueError(f"the system's driver is one of {[d.value for d in SYSTEM_DRIVERS]}, not {value.value!r}")
+        return value
+
     @field_validator("send_rates")
     @classmethod
     def _positive_rates(cls, value: dict[str, float]) -> dict[str, float]:
-        known = {"smtp", "log", "user_smtp", "sendgrid", "mailgun", "ses"}
+        known = [d.value for d in DriverName]
         for name, rate in value.items():
             if name not in known:
                 raise ValueError(f"unknown driver {name!r} in send_rates; known: {sorted(known)}")
@@ -124,3 +138,26 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+ENV_PREFIX = "MAILQUEUE_"
+
+
+def settings_env(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child process that must run with exactly these settings: `environ`
+    (default: this process's) without its MAILQUEUE_* variables, plus one variable per setting.
+
+    The dev stack, the tests and the benchmark start the worker and the API this way."""
+    base = os.environ if environ is None else environ
+    env = {k: v for k, v in base.items() if not k.startswith(ENV_PREFIX)}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue  # unset: the child's default (or its .env), as here
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, dict | list):
+            value = json.dumps(value)  # pydantic-settings reads complex values as JSON
+        elif isinstance(value, Enum):
+            value = value.value
+        env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+    return env

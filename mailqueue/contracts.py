@@ -32,6 +32,13 @@ def send_queue_name(task_queue: str, driver: str) -> str:
     return f"{task_queue}.{driver}"
 
 
+class SenderType(StrEnum):
+    """Who an email is sent as: the system (the bootstrap key) or one user (with their own settings)."""
+
+    SYSTEM = "system"
+    USER = "user"
+
+
 class EmailStatus(StrEnum):
     QUEUED = "queued"
     SCHEDULED = "scheduled"
@@ -44,11 +51,49 @@ class EmailStatus(StrEnum):
 
     @property
     def is_final(self) -> bool:
-        return self in (EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED)
+        return self in FINAL
 
     @property
     def is_cancellable(self) -> bool:
-        return self in (EmailStatus.QUEUED, EmailStatus.SCHEDULED, EmailStatus.DEFERRED)
+        return self in CANCELLABLE
+
+
+# The status groups: the one home of "which statuses are alike", for the workflow's validators,
+# the API, the stats and the reconciler.
+# Waiting on purpose (for send_at, or for a quota window): not stuck however long they wait.
+WAITING = frozenset({EmailStatus.SCHEDULED, EmailStatus.DEFERRED})
+# On their way: a record that stays here unchanged for long is stuck.
+IN_FLIGHT = frozenset({EmailStatus.QUEUED, EmailStatus.SENDING, EmailStatus.RETRYING})
+# Not handed to the send step yet: cancel still stops them.
+CANCELLABLE = frozenset({EmailStatus.QUEUED, EmailStatus.SCHEDULED, EmailStatus.DEFERRED})
+# Ended: nothing changes them but a retry (failed ones only).
+FINAL = frozenset({EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED})
+
+
+def status_values(group: frozenset[EmailStatus]) -> list[str]:
+    """A group's statuses as stored in the records, in a fixed order (for SQL)."""
+    return sorted(s.value for s in group)
+
+
+def cancel_refusal(status: EmailStatus) -> str | None:
+    """Why an email in `status` cannot be cancelled (None: it can)."""
+    if status in CANCELLABLE:
+        return None
+    return f"the email is already {status.value}; only queued, scheduled or deferred emails can be cancelled"
+
+
+def reschedule_refusal(status: EmailStatus | str) -> str | None:
+    """Why an email in `status` cannot be rescheduled (None: it can). `status` may also say "being cancelled"."""
+    if status == EmailStatus.SCHEDULED:
+        return None
+    return f"only scheduled emails can be rescheduled; this one is {status}"
+
+
+def retry_refusal(status: EmailStatus) -> str | None:
+    """Why an email in `status` cannot be delivered again (None: it can)."""
+    if status == EmailStatus.FAILED:
+        return None
+    return f"only failed emails can be retried; this one is {status.value}"
 
 
 class EventType(StrEnum):
@@ -128,9 +173,11 @@ class EmailSpec:
     metadata: dict[str, Any] = field(default_factory=dict)
     related_entity_type: str | None = None
     related_entity_id: str | None = None
-    sender_type: str = "system"
+    sender_type: SenderType = SenderType.SYSTEM
     sender_id: str | None = None
     # The driver whose rated send queue this email's send waits in (MAILQUEUE_SEND_RATES); None: the main queue.
+    # Chosen from the sender's settings when the email is accepted; if the sender's driver has changed by
+    # the time it is sent, the send step says so and the workflow sends from the new driver's queue.
     send_queue: str | None = None
     # True when the caller (the API) already wrote the record and its `queued` event in
     # the same transaction that accepted the email; the workflow then skips that step.
@@ -139,7 +186,7 @@ class EmailSpec:
 
 @dataclass
 class QuotaRequest:
-    sender_type: str
+    sender_type: SenderType
     sender_id: str | None
 
 
@@ -234,12 +281,20 @@ class SendResult:
 PERMANENT_DELIVERY_ERROR = "PermanentDeliveryError"
 TRANSIENT_DELIVERY_ERROR = "TransientDeliveryError"
 TEMPLATE_ERROR = "TemplateRenderError"
-# The send could not load what it needs from the database (template, sender settings): the
-# workflow waits and asks again. The value is in recorded histories: never change it.
-TEMPLATE_STORE_UNAVAILABLE = "TemplateStoreUnavailable"
+# Nothing was sent and it was not an attempt: the send could not load what it needs from the
+# database (template, sender settings), or its attempt had too little time left to send. The
+# workflow waits and asks again. The value (from when only the template store could cause it)
+# is in recorded histories: never change it.
+NOT_SENT_ASK_AGAIN = "TemplateStoreUnavailable"
 # The mail server or provider could not be reached: nothing was handed over. The workflow waits
 # and asks again, for up to RetrySettings.unreachable_wait_seconds, without using up attempts.
 SERVER_UNREACHABLE = "ServerUnreachable"
+# The sender's driver has changed since the email was queued, and with it the rated send queue
+# (MAILQUEUE_SEND_RATES): nothing was sent. Details: {"send_queue": the new driver's queue, or
+# None for the main queue}. The workflow sends again at once, from that queue.
+SEND_QUEUE_CHANGED = "SendQueueChanged"
+# A local activity's database step failed (the database is away): retried without limit.
+DATABASE_ERROR = "DatabaseError"
 EMAIL_FAILED = "EmailDeliveryFailed"
 
 # Names shared by the workflow and its callers (the API starts and updates by name).

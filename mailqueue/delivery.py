@@ -1,10 +1,9 @@
-"""Starting an email's delivery: shared by the API (accept, retry) and the reconciler (restart)."""
+"""Starting an email's delivery in Temporal: shared by the API (accept, retry) and the reconciler (restart)."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 from temporalio.common import Priority, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
@@ -12,7 +11,6 @@ from temporalio.service import RPCError
 
 from mailqueue.config import Settings
 from mailqueue.contracts import SEND_EMAIL_WORKFLOW, EmailSpec, RetrySettings, priority_key, workflow_id_for
-from mailqueue.models import SenderSettings
 
 RPC_TIMEOUT = timedelta(seconds=10)
 
@@ -30,18 +28,6 @@ def retry_settings(settings: Settings, max_attempts: int | None) -> RetrySetting
         send_timeout_seconds=settings.send_timeout_seconds,
         unreachable_wait_seconds=settings.unreachable_wait_seconds,
     )
-
-
-async def send_queue_for(session: AsyncSession, settings: Settings, sender_type: str, sender_id: str | None) -> str | None:
-    """The rated send queue of the driver this sender uses now (None: no rate for it)."""
-    if not settings.send_rates:
-        return None
-    driver = settings.driver.value
-    if sender_type == "user" and sender_id:
-        row = await session.get(SenderSettings, sender_id)
-        if row is not None and row.driver != "system_smtp":
-            driver = row.driver
-    return driver if driver in settings.send_rates else None
 
 
 async def start_delivery(temporal: Client, spec: EmailSpec, task_queue: str, reuse: WorkflowIDReusePolicy) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
+
+from mailqueue.contracts import EmailStatus, SenderType
 
 
 class UTCDateTime(sa.types.TypeDecorator):
@@ -56,7 +59,7 @@ class Email(SQLModel, table=True):
 
     id: str = Field(primary_key=True, max_length=36)
     workflow_id: str = Field(max_length=64)
-    sender_type: str = Field(default="system", max_length=16)
+    sender_type: str = Field(default=SenderType.SYSTEM.value, max_length=16)
     sender_id: str | None = Field(default=None, max_length=64)
     from_address: str = Field(max_length=512)
     reply_to: str | None = Field(default=None, max_length=512)
@@ -74,7 +77,7 @@ class Email(SQLModel, table=True):
     template_dependencies: list[dict[str, Any]] | None = _json(default=None)  # pinned layouts/partials
     headers: dict[str, str] = _json(default_factory=dict)
     priority: str = Field(default="normal", max_length=16)
-    status: str = Field(default="queued", max_length=16)
+    status: str = Field(default=EmailStatus.QUEUED.value, max_length=16)
     attempts: int = 0
     max_attempts: int = 3
     next_attempt_at: datetime | None = _ts(default=None)
@@ -156,6 +159,11 @@ class EmailTemplate(SQLModel, table=True):
     updated_at: datetime = _ts(default_factory=utcnow)  # activation changes; content never does
 
 
+class Role(StrEnum):
+    USER = "user"  # sees and acts on their own emails and settings
+    ADMIN = "admin"  # sees all, manages users and templates
+
+
 class User(SQLModel, table=True):
     """Someone who sends through mailqueue with their own API keys (and, optionally, mail settings)."""
 
@@ -164,7 +172,7 @@ class User(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=36)
     name: str = Field(max_length=200, sa_column_kwargs={"unique": True})
     email: str | None = Field(default=None, max_length=512)
-    role: str = Field(default="user", max_length=16)  # user | admin
+    role: str = Field(default=Role.USER.value, max_length=16)
     is_active: bool = True
     created_at: datetime = _ts(default_factory=utcnow)
 

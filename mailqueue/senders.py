@@ -1,33 +1,23 @@
-"""Who sends an email, and through what: sender settings -> a driver (inside the worker only).
+"""Who sends an email and how it leaves: the one answer to "which driver, which queue, which limits".
 
-Secrets are decrypted here, in the send activity's process, and nowhere else. Drivers are
-kept per sender so that SMTP connections and HTTP clients are reused; a change of the
-settings a driver is built from is a new driver on the next send (the old one is closed).
+Acceptance (the API), the quota step and the send step each resolve the sender once, from its
+settings row as it is at that moment, with `resolve_sender`. Secrets stay encrypted here: only
+the send step's driver factory decrypts them.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-from enum import StrEnum
+from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from mailqueue.config import Settings, SmtpSecurity
+from mailqueue.config import Settings
+from mailqueue.contracts import SenderType
 from mailqueue.crypto import SecretBox
-from mailqueue.drivers import Driver
+from mailqueue.drivers.base import DriverName, SenderDriver
 from mailqueue.models import SenderSettings
-
-
-class SenderDriver(StrEnum):
-    SYSTEM_SMTP = "system_smtp"
-    USER_SMTP = "user_smtp"
-    SENDGRID = "sendgrid"
-    MAILGUN = "mailgun"
-    SES = "ses"
-
 
 # Fields each driver needs, so a PUT that lacks one is refused (422) instead of failing at send time.
 REQUIRED: dict[SenderDriver, tuple[str, ...]] = {
@@ -38,125 +28,53 @@ REQUIRED: dict[SenderDriver, tuple[str, ...]] = {
     SenderDriver.SES: ("api_key_enc", "api_secret_enc", "ses_region"),
 }
 
-
-def sender_key(sender_type: str, sender_id: str | None) -> str:
-    return f"{sender_type}:{sender_id or ''}"
+SECRET_COLUMNS = ("smtp_password_enc", "api_key_enc", "api_secret_enc")
 
 
-# What a driver is built from: a change to any of these is a new driver; limits, the default
-# From and the like are read per email and need none.
-_DRIVER_FIELDS = (
-    "driver", "smtp_host", "smtp_port", "smtp_username", "smtp_security", "smtp_password_enc",
-    "api_key_enc", "api_secret_enc", "mailgun_domain", "mailgun_region", "ses_region",
-)
+@dataclass(frozen=True)
+class SenderRoute:
+    """How one sender's emails leave, as its settings said when they were read."""
 
-
-class DriverFactory:
-    """One driver per sender, built on first use and kept (its SMTP connections and HTTP client
-    are reused). When the sender's settings change, the next send builds a new one and the old
-    one is closed once no send can still be using it."""
-
-    RETIRE_MARGIN_SECONDS = 5.0
-
-    def __init__(self, settings: Settings, system: Driver, secrets: SecretBox | None = None) -> None:
-        self._settings = settings
-        self.system = system
-        self._secrets = secrets
-        self._drivers: dict[str, tuple[str, Driver]] = {}  # user id -> (settings fingerprint, driver)
-        self._retiring: dict[int, tuple[Driver, asyncio.TimerHandle]] = {}
-        self._closing: set[asyncio.Task[None]] = set()
-
-    def _box(self) -> SecretBox:
-        if self._secrets is None:
-            self._secrets = SecretBox.from_settings(self._settings)
-        return self._secrets
-
-    def for_sender(self, row: SenderSettings | None) -> Driver:
-        if row is None or row.driver == SenderDriver.SYSTEM_SMTP:
-            return self.system
-        fingerprint = hashlib.sha256(repr([(f, getattr(row, f)) for f in _DRIVER_FIELDS]).encode()).hexdigest()
-        kept = self._drivers.get(row.user_id)
-        if kept is not None and kept[0] == fingerprint:
-            return kept[1]
-        driver = self._build(row)
-        self._drivers[row.user_id] = (fingerprint, driver)
-        if kept is not None:
-            self._retire(kept[1])
-        return driver
-
-    def _retire(self, driver: Driver) -> None:
-        """Close a replaced driver after the longest a send that already took it can still run
-        (its attempt's time limit): closing it earlier could cut a send off mid-way."""
-        if getattr(driver, "aclose", None) is None:
-            return
-        loop = asyncio.get_running_loop()  # for_sender runs in the send activity
-        handle = loop.call_later(self._settings.send_timeout_seconds + self.RETIRE_MARGIN_SECONDS, self._close_retired, id(driver))
-        self._retiring[id(driver)] = (driver, handle)
-
-    def _close_retired(self, key: int) -> None:
-        driver, _ = self._retiring.pop(key)
-        task = asyncio.get_running_loop().create_task(driver.aclose())  # type: ignore[attr-defined]
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+    sender_type: SenderType
+    sender_id: str | None
+    driver: DriverName  # the system's driver (smtp/log), or the user's own
+    send_queue: str | None  # the driver whose rated send queue its sends wait in (MAILQUEUE_SEND_RATES); None: the main queue
+    default_from: str | None = None  # the user's own From address, when they set one
+    hourly_limit: int | None = None
+    daily_limit: int | None = None
+    settings: SenderSettings | None = None  # what the user's own driver is built from (None: the system's driver)
 
     @property
-    def retiring(self) -> int:
-        """Replaced drivers not closed yet (for tests)."""
-        return len(self._retiring) + len(self._closing)
-
-    def _secret(self, token: str | None) -> str:
-        return self._box().decrypt(token) if token else ""
-
-    def _build(self, row: SenderSettings) -> Driver:
-        timeout = self._settings.smtp_timeout_seconds
-        match SenderDriver(row.driver):
-            case SenderDriver.USER_SMTP:
-                from mailqueue.drivers.smtp import SmtpDriver
-
-                return SmtpDriver(
-                    row.smtp_host or "", row.smtp_port or 587,
-                    security=SmtpSecurity(row.smtp_security or SmtpSecurity.STARTTLS),
-                    username=row.smtp_username, password=self._secret(row.smtp_password_enc) or None,
-                    timeout=timeout, validate_certs=self._settings.smtp_validate_certs,
-                )
-            case SenderDriver.SENDGRID:
-                from mailqueue.drivers.sendgrid import SendGridDriver
-
-                return SendGridDriver(self._secret(row.api_key_enc), timeout=timeout, **_base_url(self._settings.sendgrid_base_url))
-            case SenderDriver.MAILGUN:
-                from mailqueue.drivers.mailgun import MailgunDriver
-
-                return MailgunDriver(
-                    self._secret(row.api_key_enc), row.mailgun_domain or "", region=row.mailgun_region or "us",
-                    timeout=timeout, **_base_url(self._settings.mailgun_base_url),
-                )
-            case SenderDriver.SES:
-                from mailqueue.drivers.ses import SesDriver
-
-                return SesDriver(
-                    self._secret(row.api_key_enc), self._secret(row.api_secret_enc), row.ses_region or "",
-                    endpoint_url=self._settings.ses_endpoint_url, timeout=timeout,
-                )
-        return self.system
-
-    async def aclose(self) -> None:
-        """On worker shutdown: every driver, the replaced ones too."""
-        retiring, self._retiring = list(self._retiring.values()), {}
-        for _, handle in retiring:
-            handle.cancel()
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
-        for driver in [self.system, *(d for _, d in self._drivers.values()), *(d for d, _ in retiring)]:
-            close = getattr(driver, "aclose", None)
-            if close is not None:
-                await close()
+    def own_driver(self) -> bool:
+        """True when the user's own driver sends (not the system's)."""
+        return self.settings is not None
 
 
-def _base_url(url: str | None) -> dict[str, str]:
-    return {"base_url": url} if url else {}
+def route_of(settings: Settings, sender_type: SenderType, sender_id: str | None, row: SenderSettings | None) -> SenderRoute:
+    """The route a sender's settings row (None: none stored) gives."""
+    own = row is not None and row.driver != SenderDriver.SYSTEM_SMTP
+    driver = DriverName(row.driver) if own and row is not None else settings.driver
+    return SenderRoute(
+        sender_type=sender_type,
+        sender_id=sender_id,
+        driver=driver,
+        send_queue=driver.value if driver.value in settings.send_rates else None,
+        default_from=row.default_from if row else None,
+        hourly_limit=row.hourly_limit if row else None,
+        daily_limit=row.daily_limit if row else None,
+        settings=row if own else None,
+    )
 
 
-SECRET_COLUMNS = ("smtp_password_enc", "api_key_enc", "api_secret_enc")
+async def resolve_sender(session: AsyncSession, settings: Settings, sender_type: SenderType, sender_id: str | None) -> SenderRoute:
+    """Which driver, which queue, which limits for this sender now: one read of its settings (none for the system)."""
+    row = await session.get(SenderSettings, sender_id) if sender_type == SenderType.USER and sender_id else None
+    return route_of(settings, sender_type, sender_id, row)
+
+
+def sender_key(sender_type: SenderType, sender_id: str | None) -> str:
+    """The sender's name in the quota counters."""
+    return f"{sender_type}:{sender_id or ''}"
 
 
 async def rotate_secrets(sessions: async_sessionmaker[AsyncSession], box: SecretBox) -> int:

@@ -1,4 +1,5 @@
-"""Templates as the API and the dev stack use them: check a draft, prepare a render, load a folder.
+"""Templates as the API, the worker and the dev stack use them: check a draft, prepare a render,
+render a pinned version for sending, load a folder.
 
 A folder of templates (see README, "Templates") looks like::
 
@@ -14,21 +15,25 @@ A folder of templates (see README, "Templates") looks like::
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlmodel import col, select
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from mailqueue.contracts import Content, TemplatePin, TemplateRef
 from mailqueue.errors import TemplateError
 from mailqueue.models import EmailTemplate
-from mailqueue.store import (
+from mailqueue.template_store import (
+    SourceCache,
+    current_exact,
     current_templates,
     pin_of,
+    pinned_source,
     resolve_dependencies,
     save_template_version,
     source_of,
@@ -117,6 +122,29 @@ async def prepare(
     dependencies = await resolve_dependencies(session, engine, main, locale)
     content = render_checked(engine, main, data, dependencies, locale, finish)
     return Prepared(main=main, row=row, dependencies=dependencies, content=content)
+
+
+class Renderer:
+    """Renders an email's pinned template version (and its pinned layouts/partials) with its data:
+    what the send step does right before it hands the mail to the driver."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], engine: TemplateEngine) -> None:
+        self.sessions = sessions
+        self._engine = engine
+        self._sources = SourceCache()  # versions are immutable: a cached one is never stale
+
+    async def render(self, ref: TemplateRef) -> Content:
+        """Raises TemplateError when the template cannot render, one of STORE_ERRORS when the database is away."""
+        locale = ref.format_locale or ref.locale
+        async with self.sessions() as session:
+            main = await pinned_source(session, TemplatePin(ref.name, ref.version, ref.locale or ""), self._sources)
+            if main is None:
+                raise TemplateError(f"template {ref.name!r} version {ref.version} does not exist")
+            # Emails queued before dependencies were pinned resolve them to the current versions.
+            dependencies = await resolve_dependencies(session, self._engine, main, locale, ref.dependencies, self._sources)
+        # A thread keeps the worker's event loop (workflow tasks, other activities) free while a
+        # big template renders; Jinja environments are safe to share between threads.
+        return await asyncio.to_thread(self._engine.render, main, ref.data, dependencies, locale)
 
 
 async def check_draft(
@@ -297,13 +325,3 @@ async def reload_folder(
         saved = await save_template_version(session, t.row(created_by))
         result.created.append(TemplatePin(saved.name, saved.version, saved.locale))
     return result
-
-
-async def current_exact(session: AsyncSession, name: str, locale: str) -> EmailTemplate | None:
-    return (
-        await session.exec(
-            select(EmailTemplate).where(
-                EmailTemplate.name == name, EmailTemplate.locale == locale, col(EmailTemplate.is_current).is_(True)
-            )
-        )
-    ).first()

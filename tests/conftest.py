@@ -7,7 +7,6 @@ MAILQUEUE_TEST_DATABASE=postgres|sqlite forces one.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import uuid
@@ -20,11 +19,11 @@ import psycopg
 import pytest
 from temporalio.client import Client
 
+from devstack.devserver import TemporalDevServer
+from devstack.net import free_port
 from mailqueue.config import Settings
 from mailqueue.db import create_engine, migrate, sessionmaker
-from mailqueue.devserver import TemporalDevServer
-from mailqueue.net import free_port
-from tests.helpers import AUTH, KEY, ApiProcess, SmtpSink, Stack, fast_settings
+from tests.helpers import AUTH, KEY, PROCESS_STARTS, ApiProcess, SmtpSink, Stack, eventually, fast_settings
 from worker import build_worker
 
 PG_ADMIN = os.environ.get("MAILQUEUE_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -81,12 +80,13 @@ def temporal_server() -> Iterator[TemporalDevServer]:
 
 @pytest.fixture(scope="session")
 async def client(temporal_server: TemporalDevServer) -> Client:
-    for _ in range(100):
+    async def connected() -> Client | None:
         try:
             return await Client.connect(temporal_server.address)
         except RuntimeError:
-            await asyncio.sleep(0.2)
-    raise RuntimeError("Temporal dev server did not come up")
+            return None
+
+    return await eventually(connected, timeout=PROCESS_STARTS, interval=0.2, what="the Temporal dev server did not come up")
 
 
 @pytest.fixture(scope="session")
@@ -98,6 +98,18 @@ def sessions(database_url: str):  # type: ignore[no-untyped-def]
 def sink() -> Iterator[SmtpSink]:
     with SmtpSink() as s:
         yield s
+
+
+@pytest.fixture(autouse=True)
+def _sink_scripts_are_per_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test's scripted SMTP replies end with it: one it left unused (it failed, say) must not
+    answer the next test's mail on the module's shared sink."""
+    sinks = [request.getfixturevalue("stack").sink] if "stack" in request.fixturenames else []
+    for s in sinks:
+        s.handler.reset()
+    yield
+    for s in sinks:
+        s.handler.reset()
 
 
 @pytest.fixture
@@ -131,6 +143,6 @@ async def stack(
             database_url, temporal_server.address, sink.port, f"api-{uuid.uuid4()}", bootstrap_api_key=KEY
         )
         async with build_worker(client, settings):
-            with ApiProcess(settings, tmp / "api.log") as api:
+            async with ApiProcess(settings, tmp / "api.log") as api:
                 async with httpx.AsyncClient(base_url=api.url, headers=AUTH, timeout=30) as http:
                     yield Stack(http, sink, settings, tmp)

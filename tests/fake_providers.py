@@ -17,7 +17,7 @@ from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from mailqueue.net import free_port
+from devstack.net import free_port
 
 
 @dataclass

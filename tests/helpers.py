@@ -1,34 +1,98 @@
-"""Test helpers: a scriptable SMTP server and email spec builders."""
+"""Test helpers: waiting for what another process does, a scriptable SMTP server, the API and
+workers as child processes, and email spec builders."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import time
+import inspect
+import os
+import subprocess
+import sys
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
-
 from aiosmtpd.controller import Controller
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
 
-from mailqueue.catcher import CatchingHandler, CaughtMessage
-from mailqueue.contracts import Content, EmailSpec, RetrySettings
+from devstack.catcher import CatchingHandler, CaughtMessage
+from devstack.net import free_port
+from devstack.supervisor import api_command
+from mailqueue.config import Settings, settings_env
+from mailqueue.contracts import Content, EmailSpec, RetrySettings, workflow_id_for
+from mailqueue.accounts import new_id
 from mailqueue.ids import message_id_for, new_email_id
-from mailqueue.net import free_port
+from mailqueue.models import SenderSettings, User
+
+ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+
+# --- waiting ----------------------------------------------------------------------------------
+
+# Deadlines. A test waits for what the product promises, never for a guess of how fast it is:
+# a check passes the moment its condition holds, so a generous deadline costs nothing when
+# things work and only bounds how long a real failure takes to show. Each is the longest the
+# test stacks (`fast_settings`) may take by their own bounds, with room for a busy, shared machine.
+#   one email through a test stack: up to 3 attempts of at most 10 s (send_timeout_seconds)
+#   with at most 1 s between them, and the steps around them.
+EMAIL_SETTLES = 60.0
+#   a process (uvicorn, a worker, the dev stack) coming up: imports, migrations, connecting.
+PROCESS_STARTS = 90.0
+
+
+async def eventually(
+    probe: Callable[[], T | Awaitable[T]],
+    *,
+    timeout: float,
+    what: str | Callable[[], str],
+    progress: Callable[[], object] | None = None,
+    interval: float = 0.05,
+) -> T:
+    """Ask `probe` (sync or async) until it answers something truthy, and return that answer.
+
+    Fails with an AssertionError saying `what` after `timeout` seconds; with `progress`, only
+    after `timeout` seconds in which `progress()` did not change (a loaded machine may be slow,
+    but a stack that keeps delivering is not stuck). Never passes early.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    seen = progress() if progress is not None else None
+    while True:
+        answer = probe()
+        if inspect.isawaitable(answer):
+            answer = await answer
+        if answer:
+            return answer  # type: ignore[return-value]
+        now = loop.time()
+        if progress is not None and (current := progress()) != seen:
+            seen, deadline = current, now + timeout
+        if now > deadline:
+            quiet = " with no progress" if progress is not None else ""
+            raise AssertionError(f"not within {timeout:g}s{quiet}: {what() if callable(what) else what}")
+        await asyncio.sleep(interval)
+
+
+# --- an SMTP server ---------------------------------------------------------------------------
 
 
 class ScriptedHandler(CatchingHandler):
-    """Catches mail like the dev catcher, but can answer DATA with scripted replies first."""
+    """Catches mail like the dev catcher, but can answer DATA (or RCPT for some addresses) with
+    scripted replies first. A test's script is its own: `reset()` ends it (the fixtures call it
+    after every test, so a script a failing test left unused never reaches the next one)."""
 
     def __init__(self) -> None:
         super().__init__(None)
         self.data_replies: deque[str] = deque()
         self.rejected_recipients: dict[str, str] = {}
         self.data_calls = 0
+
+    def reset(self) -> None:
+        self.data_replies.clear()
+        self.rejected_recipients.clear()
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
         if address in self.rejected_recipients:
@@ -58,13 +122,12 @@ class SmtpSink:
     def by_message_id(self, message_id: str) -> list[CaughtMessage]:
         return [m for m in self.messages if m.message["Message-ID"] == message_id]
 
-    async def wait_for(self, count: int, timeout: float = 20.0) -> list[CaughtMessage]:
-        deadline = time.monotonic() + timeout
-        while len(self.messages) < count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"expected {count} messages, got {len(self.messages)} after {timeout}s")
-            await asyncio.sleep(0.05)
-        return self.messages
+    async def wait_for(self, count: int, timeout: float = EMAIL_SETTLES) -> list[CaughtMessage]:
+        """At least `count` messages caught (the deadline restarts with every new one)."""
+        return await eventually(
+            lambda: len(self.messages) >= count and self.messages, timeout=timeout, progress=lambda: len(self.messages),
+            what=lambda: f"expected {count} messages, got {len(self.messages)}",
+        )
 
     def __enter__(self) -> SmtpSink:
         self.up()
@@ -84,6 +147,102 @@ class SmtpSink:
         self._controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
         self._controller.start()
         self._running = True
+
+
+# --- the API and workers as child processes ----------------------------------------------------
+
+
+class ApiProcess:
+    """`uvicorn api.app:app` in a child process, the way it runs in production."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._settings = settings
+        self._log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    async def __aenter__(self) -> ApiProcess:
+        self._log = open(self._log_path, "wb")  # noqa: SIM115 - closed in __aexit__
+        self.process = subprocess.Popen(
+            api_command("127.0.0.1", self.port), env=settings_env(self._settings), stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        try:
+            async with httpx.AsyncClient(timeout=1) as http:
+
+                async def healthy() -> bool:
+                    assert self.process is not None and self.process.poll() is None, f"the API exited; see {self._log_path}"
+                    try:
+                        return (await http.get(f"{self.url}/healthz")).status_code == 200
+                    except httpx.TransportError:
+                        return False
+
+                await eventually(healthy, timeout=PROCESS_STARTS, what=f"the API never answered /healthz; see {self._log_path}")
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                await asyncio.to_thread(self.process.wait, 10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self._log.close()
+
+
+def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    """`python worker.py` in a child process with exactly these settings (kill it to crash it)."""
+    return subprocess.Popen(
+        [sys.executable, "worker.py"], cwd=ROOT, env=settings_env(settings), stdout=log.open("ab"), stderr=subprocess.STDOUT,
+    )
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The `mailqueue` command, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "devstack.cli", *args], cwd=ROOT, env=env if env is not None else dict(os.environ),
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+# --- settings and specs -----------------------------------------------------------------------
+
+# A fixed Fernet key for test stacks (never used outside tests).
+TEST_SECRET_KEY = "bWFpbHF1ZXVlLXRlc3Qtc2VjcmV0LWtleS0wMDAwMDA="
+
+
+def fast_settings(database_url: str, temporal_address: str, smtp_port: int, task_queue: str, **overrides: Any) -> Settings:
+    """Settings for a test stack: short timeouts and retry intervals, a known admin key."""
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "temporal_address": temporal_address,
+        "task_queue": task_queue,
+        "smtp_host": "127.0.0.1",
+        "smtp_port": smtp_port,
+        "smtp_timeout_seconds": 5,
+        "retry_initial_interval_seconds": 0.2,
+        "retry_maximum_interval_seconds": 1,
+        "send_timeout_seconds": 10,
+        "bootstrap_api_key": "test-admin-key",
+        "secret_key": TEST_SECRET_KEY,
+        "templates_dir": ROOT / "templates",
+        "reconcile_interval_seconds": 0,  # the tests share one database: a reconciler would touch other tests' records
+    }
+    return Settings(**(values | overrides), _env_file=None)  # type: ignore[call-arg]
+
+
+async def make_sender(sessions: Any, **settings: Any) -> str:
+    """A user with these sender settings (driver, limits, ...) stored; their id."""
+    user_id = new_id()
+    async with sessions() as s:
+        s.add(User(id=user_id, name=f"sender-{user_id}"))
+        await s.commit()
+        s.add(SenderSettings(user_id=user_id, **settings))
+        await s.commit()
+    return user_id
 
 
 def make_spec(
@@ -113,102 +272,6 @@ def make_spec(
     )
 
 
-def settings_env(settings: Any) -> dict[str, str]:
-    """MAILQUEUE_* variables that give a child process exactly these settings."""
-    env: dict[str, str] = {}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        if isinstance(value, dict | list):
-            value = json.dumps(value)  # pydantic-settings reads complex values as JSON
-        env[f"MAILQUEUE_{name.upper()}"] = str(value.value if hasattr(value, "value") else value)
-    return env
-
-
-class ApiProcess:
-    """`uvicorn api.app:app` in a child process, the way it runs in production."""
-
-    def __init__(self, settings: Any, log_path: Any) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._env = settings_env(settings)
-        self._log_path = log_path
-        self.process: Any = None
-
-    def __enter__(self) -> ApiProcess:
-        import os
-        import subprocess
-        import sys
-
-        import httpx
-
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MAILQUEUE_")} | self._env
-        self._log = open(self._log_path, "wb")  # noqa: SIM115 - closed in __exit__
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log"],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.__exit__()
-                raise RuntimeError(f"API did not start; see {self._log_path}")
-            time.sleep(0.1)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except Exception:  # noqa: BLE001
-                self.process.kill()
-        self._log.close()
-
-
-def start_worker(settings: Any, log: Path) -> Any:
-    """`python worker.py` in a child process with exactly these settings (kill it to crash it)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILQUEUE_")} | settings_env(settings)
-    root = Path(__file__).resolve().parents[1]
-    return subprocess.Popen([sys.executable, "worker.py"], cwd=root, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
-
-
-# A fixed Fernet key for test stacks (never used outside tests).
-TEST_SECRET_KEY = "bWFpbHF1ZXVlLXRlc3Qtc2VjcmV0LWtleS0wMDAwMDA="
-
-
-def fast_settings(database_url: str, temporal_address: str, smtp_port: int, task_queue: str, **overrides: Any) -> Any:
-    """Settings for a test stack: short timeouts and retry intervals, a known admin key."""
-    from mailqueue.config import Settings
-
-    values: dict[str, Any] = {
-        "database_url": database_url,
-        "temporal_address": temporal_address,
-        "task_queue": task_queue,
-        "smtp_host": "127.0.0.1",
-        "smtp_port": smtp_port,
-        "smtp_timeout_seconds": 5,
-        "retry_initial_interval_seconds": 0.2,
-        "retry_maximum_interval_seconds": 1,
-        "send_timeout_seconds": 10,
-        "bootstrap_api_key": "test-admin-key",
-        "secret_key": TEST_SECRET_KEY,
-        "templates_dir": Path(__file__).resolve().parent.parent / "templates",
-        "reconcile_interval_seconds": 0,  # the tests share one database: a reconciler would touch other tests' records
-    }
-    return Settings(**(values | overrides), _env_file=None)
-
-
 # --- an API stack (uvicorn child + worker + SMTP sink) and its HTTP helpers ----------------
 
 KEY = "test-admin-key"
@@ -221,7 +284,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 class Stack:
     http: httpx.AsyncClient
     sink: SmtpSink
-    settings: Any
+    settings: Settings
     tmp: Path
 
 
@@ -231,24 +294,65 @@ def email(**overrides: Any) -> dict[str, Any]:
     return body
 
 
-async def wait_status(http: httpx.AsyncClient, email_id: str, status: str, timeout: float = 15) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        got = (await http.get(f"/v1/emails/{email_id}")).json()
-        if got["status"] == status:
-            return got
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"email {email_id} is {got['status']}, expected {status}: {got.get('events')}")
-        await asyncio.sleep(0.1)
+async def post_email(http: httpx.AsyncClient, body: dict[str, Any], key: str, retried: dict[str, int] | None = None) -> httpx.Response:
+    """POST /v1/emails as a real client does: with an Idempotency-Key, and again after a dropped
+    connection or a 503 (Retry-After). The same key makes a retry the same email, never a second
+    one. Returns the first other answer; `retried` counts what was retried, by kind."""
+    for _ in range(600):
+        try:
+            r = await http.post("/v1/emails", json=body, headers={"Idempotency-Key": key})
+        except httpx.TransportError as exc:
+            kind, wait = type(exc).__name__, 0.5
+        else:
+            if r.status_code != 503:
+                return r
+            assert r.headers.get("Retry-After") and "detail" in r.json(), r.text
+            kind, wait = "503", min(float(r.headers["Retry-After"]), 1.0)  # impatient, to keep tests short
+        if retried is not None:
+            retried[kind] = retried.get(kind, 0) + 1
+        await asyncio.sleep(wait)
+    raise AssertionError(f"{key} was never answered: {retried}")
 
 
-async def delivered(sink: SmtpSink, email_id: str, timeout: float = 15) -> list[Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (found := [m for m in sink.messages if email_id in str(m.message["Message-ID"])]):
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"email {email_id} never reached the SMTP server")
-        await asyncio.sleep(0.05)
-    return found
+async def wait_status(http: httpx.AsyncClient, email_id: str, status: str, timeout: float = EMAIL_SETTLES) -> dict[str, Any]:
+    last: dict[str, Any] = {}
+
+    async def reached() -> dict[str, Any] | None:
+        last.update((await http.get(f"/v1/emails/{email_id}")).json())
+        return dict(last) if last["status"] == status else None
+
+    return await eventually(
+        reached, timeout=timeout, interval=0.1,
+        what=lambda: f"email {email_id} is {last.get('status')}, expected {status}: {last.get('events')}",
+    )
+
+
+async def delivered(sink: SmtpSink, email_id: str, timeout: float = EMAIL_SETTLES) -> list[CaughtMessage]:
+    return await eventually(
+        lambda: [m for m in sink.messages if email_id in str(m.message["Message-ID"])],
+        timeout=timeout, what=f"email {email_id} never reached the SMTP server",
+    )
+
+
+async def closed_run(client: Client, email_id: str, timeout: float = EMAIL_SETTLES) -> WorkflowHistory:
+    """The history of an email's workflow once its run has ended: after that, nothing of it can
+    happen any more (no late send), so what did not happen by then never will."""
+    handle = client.get_workflow_handle(workflow_id_for(email_id))
+
+    async def ended() -> bool:
+        return (await handle.describe()).status != WorkflowExecutionStatus.RUNNING
+
+    await eventually(ended, timeout=timeout, interval=0.1, what=f"the workflow of email {email_id} is still running")
+    return await handle.fetch_history()
+
+
+def sends_scheduled(history: WorkflowHistory) -> int:
+    """How many send steps a workflow run asked for (each may have several attempts)."""
+    return sum(
+        1 for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "send_email"
+    )
 
 
 async def total_emails(http: httpx.AsyncClient) -> int:

@@ -21,7 +21,8 @@ from pathlib import Path
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
 
-from activities.render import Renderer
+from devstack.devserver import TemporalDevServer
+from devstack.net import free_port
 from mailqueue.config import Settings
 from mailqueue.contracts import (
     CancelRequest,
@@ -29,18 +30,17 @@ from mailqueue.contracts import (
     EmailStatus,
     ReconcileRequest,
     RescheduleRequest,
+    SenderType,
     TemplatePin,
     TemplateRef,
     workflow_id_for,
 )
 from mailqueue.db import create_engine, migrate, sessionmaker
-from mailqueue.devserver import TemporalDevServer
-from mailqueue.accounts import new_id
-from mailqueue.models import EmailTemplate, SenderSettings, User
-from mailqueue.net import free_port
-from mailqueue.store import save_template_version
+from mailqueue.models import EmailTemplate
+from mailqueue.template_library import Renderer
+from mailqueue.template_store import save_template_version
 from mailqueue.templating import TemplateEngine
-from tests.helpers import UNREACHABLE_DATABASE, SmtpSink, make_spec
+from tests.helpers import EMAIL_SETTLES, UNREACHABLE_DATABASE, SmtpSink, eventually, make_sender, make_spec
 from worker import build_worker
 from workflows.reconcile import ReconcileEmailsWorkflow
 from workflows.send_email import SendEmailWorkflow
@@ -61,8 +61,20 @@ async def _settle(handle: WorkflowHandle) -> WorkflowHandle:
 
 
 async def _until(handle: WorkflowHandle, status: EmailStatus) -> None:
-    while (await handle.query(SendEmailWorkflow.status)).status is not status:
-        await asyncio.sleep(0.05)
+    async def reached() -> bool:
+        return (await handle.query(SendEmailWorkflow.status)).status is status
+
+    await eventually(reached, timeout=EMAIL_SETTLES, what=f"{handle.id} never became {status}")
+
+
+async def _asked(handle: WorkflowHandle, times: int) -> None:
+    """Until the send step was asked `times` times (and the waits between them began)."""
+
+    async def asked() -> bool:
+        history = await handle.fetch_history()
+        return sum(1 for e in history.events if e.HasField("timer_started_event_attributes")) >= times
+
+    await eventually(asked, timeout=EMAIL_SETTLES, interval=0.1, what=f"{handle.id} was not asked {times} times")
 
 
 async def sent(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
@@ -165,7 +177,7 @@ def template_store_outage(sessions, renderer: Renderer) -> Scenario:  # type: ig
         renderer.sessions = sessionmaker(create_engine(UNREACHABLE_DATABASE))
         try:
             h = await _start(client, spec, tq)
-            await asyncio.sleep(2.5)  # two asks, two waits
+            await _asked(h, 2)
         finally:
             renderer.sessions = sessions
         return await _settle(h)
@@ -177,14 +189,24 @@ def deferred_by_quota(sessions) -> Scenario:  # type: ignore[no-untyped-def]
     """A user's second email over an hourly limit of 1: deferred until the (2 s) window opens, then sent."""
 
     async def run(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
-        user_id = new_id()
-        async with sessions() as s:
-            s.add(User(id=user_id, name=f"rec-{user_id}"))
-            await s.commit()
-            s.add(SenderSettings(user_id=user_id, hourly_limit=1))
-            await s.commit()
-        await _settle(await _start(client, make_spec(sender_type="user", sender_id=user_id), tq))
-        return await _settle(await _start(client, make_spec(sender_type="user", sender_id=user_id), tq))
+        user_id = await make_sender(sessions, hourly_limit=1)
+        await _settle(await _start(client, make_spec(sender_type=SenderType.USER, sender_id=user_id), tq))
+        return await _settle(await _start(client, make_spec(sender_type=SenderType.USER, sender_id=user_id), tq))
+
+    return run
+
+
+def sender_changed_drivers(sessions, settings: Settings) -> Scenario:  # type: ignore[no-untyped-def]
+    """Queued for the system SMTP's rated queue; the user has their own server by the time it is sent:
+    the send step answers SendQueueChanged and the workflow sends from the user_smtp queue."""
+
+    async def run(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+        rated = settings.model_copy(update={"send_rates": {"smtp": 100.0, "user_smtp": 100.0}})
+        user_id = await make_sender(sessions, driver="user_smtp", smtp_host="127.0.0.1", smtp_port=sink.port, smtp_security="none")
+        queue = f"{tq}-rated"
+        async with build_worker(client, rated, task_queue=queue):
+            spec = make_spec(sender_type=SenderType.USER, sender_id=user_id, send_queue="smtp")
+            return await _settle(await _start(client, spec, queue))
 
     return run
 
@@ -194,7 +216,7 @@ async def server_unreachable_then_sent(client: Client, tq: str, sink: SmtpSink) 
     sink.down()
     try:
         h = await _start(client, make_spec(max_attempts=1), tq)
-        await asyncio.sleep(2.5)  # two asks, two waits
+        await _asked(h, 2)
     finally:
         sink.up()
     return await _settle(h)
@@ -224,6 +246,8 @@ async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
     migrate(url)
     sessions = sessionmaker(create_engine(url))
     renderer = Renderer(sessions, TemplateEngine())
+    sink = SmtpSink()
+    settings = Settings(database_url=url, smtp_port=sink.port, quota_hour_seconds=2, _env_file=None)  # type: ignore[call-arg]
     scenarios: dict[str, Scenario] = {
         "sent": sent,
         "scheduled_then_sent": scheduled_then_sent,
@@ -240,6 +264,7 @@ async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
         "deferred_by_quota": deferred_by_quota(sessions),
         "server_unreachable_then_sent": server_unreachable_then_sent,
         "server_unreachable_gave_up": server_unreachable_gave_up,
+        "sender_changed_drivers": sender_changed_drivers(sessions, settings),
         "reconcile": reconcile,  # record with --prefix rN: a shape of ReconcileEmailsWorkflow
     }
     if only:
@@ -247,9 +272,8 @@ async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
         if unknown:
             raise SystemExit(f"unknown scenario(s) {sorted(unknown)}; known: {sorted(scenarios)}")
         scenarios = {name: run for name, run in scenarios.items() if name in only}
-    with TemporalDevServer(free_port()) as server, SmtpSink() as sink:
+    with TemporalDevServer(free_port()) as server, sink:
         client = await Client.connect(server.address)
-        settings = Settings(database_url=url, smtp_port=sink.port, quota_hour_seconds=2, _env_file=None)  # type: ignore[call-arg]
         tq = f"record-{uuid.uuid4()}"
         async with build_worker(client, settings, task_queue=tq, renderer=renderer):
             for name, scenario in scenarios.items():

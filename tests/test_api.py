@@ -9,8 +9,21 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from mailqueue.net import free_port
-from tests.helpers import AUTH, UNREACHABLE_DATABASE, ApiProcess, Stack, delivered, email, total_emails, wait_status
+from temporalio.client import Client
+
+from devstack.net import free_port
+from tests.helpers import (
+    AUTH,
+    UNREACHABLE_DATABASE,
+    ApiProcess,
+    Stack,
+    closed_run,
+    delivered,
+    email,
+    sends_scheduled,
+    total_emails,
+    wait_status,
+)
 
 # --- auth and probes ---------------------------------------------------------------
 
@@ -125,7 +138,7 @@ async def test_template_with_bad_syntax_is_422_with_line(stack: Stack) -> None:
 # --- cancel, retry, reschedule ------------------------------------------------------------
 
 
-async def test_cancel_scheduled_email(stack: Stack) -> None:
+async def test_cancel_scheduled_email(stack: Stack, client: Client) -> None:
     send_at = datetime.now(UTC) + timedelta(seconds=3)
     resp = await stack.http.post("/v1/emails", json=email(send_at=send_at.isoformat()))
     assert resp.json()["status"] == "scheduled"
@@ -138,7 +151,9 @@ async def test_cancel_scheduled_email(stack: Stack) -> None:
     assert cancelled.json()["events"][-1] == {**cancelled.json()["events"][-1], "event": "cancelled", "detail": "order withdrawn"}
     again = await stack.http.post(f"/v1/emails/{email_id}/cancel")
     assert again.status_code == 409 and "already cancelled" in again.json()["detail"]
-    await asyncio.sleep(3.5)
+    assert "only queued, scheduled or deferred emails can be cancelled" in again.json()["detail"]
+    history = await closed_run(client, email_id)  # ended: nothing of it can happen later
+    assert sends_scheduled(history) == 0
     assert not [m for m in stack.sink.messages if email_id in str(m.message["Message-ID"])]
 
 
@@ -197,7 +212,7 @@ async def test_reschedule_scheduled_email(stack: Stack) -> None:
 # --- idempotency ------------------------------------------------------------------------------
 
 
-async def test_idempotency_key_gives_one_email_and_one_delivery(stack: Stack) -> None:
+async def test_idempotency_key_gives_one_email_and_one_delivery(stack: Stack, client: Client) -> None:
     key = {"Idempotency-Key": f"order-{uuid.uuid4()}"}
     body = email(subject=f"once {key['Idempotency-Key']}")
     answers = await asyncio.gather(*(stack.http.post("/v1/emails", json=body, headers=key) for _ in range(5)))
@@ -207,7 +222,8 @@ async def test_idempotency_key_gives_one_email_and_one_delivery(stack: Stack) ->
     await wait_status(stack.http, email_id, "sent")
     later = await stack.http.post("/v1/emails", json=body, headers=key)
     assert later.status_code == 202 and later.json()["id"] == email_id
-    await asyncio.sleep(1)
+    history = await closed_run(client, email_id)  # one run, ended: no copy can come later
+    assert sends_scheduled(history) == 1
     assert len([m for m in stack.sink.messages if email_id in str(m.message["Message-ID"])]) == 1
 
     other = await stack.http.post("/v1/emails", json=email(subject="something else"), headers=key)
@@ -286,7 +302,7 @@ async def test_malformed_requests_never_500(stack: Stack) -> None:
 
 async def test_temporal_down_gives_503_and_records_nothing(stack: Stack) -> None:
     dead = stack.settings.model_copy(update={"temporal_address": f"127.0.0.1:{free_port()}"})
-    with ApiProcess(dead, stack.tmp / "api-no-temporal.log") as api:
+    async with ApiProcess(dead, stack.tmp / "api-no-temporal.log") as api:
         async with httpx.AsyncClient(base_url=api.url, headers=AUTH, timeout=60) as http:
             before = await total_emails(http)
             resp = await http.post("/v1/emails", json=email())
@@ -299,7 +315,7 @@ async def test_temporal_down_gives_503_and_records_nothing(stack: Stack) -> None
 async def test_database_down_gives_503_never_500(stack: Stack) -> None:
     """The door's choice (README, "When something is down"): 503 with Retry-After, nothing accepted."""
     dead = stack.settings.model_copy(update={"database_url": UNREACHABLE_DATABASE})
-    with ApiProcess(dead, stack.tmp / "api-no-db.log") as api:
+    async with ApiProcess(dead, stack.tmp / "api-no-db.log") as api:
         async with httpx.AsyncClient(base_url=api.url, headers=AUTH, timeout=60) as http:
             for method, path, body in (
                 ("POST", "/v1/emails", email()),

@@ -8,7 +8,9 @@ import pytest
 from sqlalchemy.exc import OperationalError
 from temporalio.exceptions import ApplicationError
 
-from activities.audit import DATABASE_ERROR, AuditActivities, database_error
+from activities.audit import AuditActivities
+from activities.failures import database_error
+from mailqueue.contracts import DATABASE_ERROR
 from mailqueue.contracts import AuditEntry, EventType
 from mailqueue.db import create_engine, sessionmaker
 from tests.helpers import UNREACHABLE_DATABASE, make_spec

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from mailqueue.config import Settings
+from mailqueue.config import HTTP_KEEP_ALIVE_SECONDS, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -60,9 +60,14 @@ def test_commands_run_the_real_entry_points() -> None:
     assert SERVICES["migrate"]["command"] == ["sh", "-c", "mailqueue migrate && mailqueue templates"]
     assert SERVICES["api"]["environment"]["MAILQUEUE_TEMPLATES_DIR"] == "/app/templates"
     assert "api.app:app" in SERVICES["api"]["command"]
-    assert SERVICES["mailcatcher"]["command"][:3] == ["python", "-m", "mailqueue.catcher"]
+    assert SERVICES["mailcatcher"]["command"][:3] == ["python", "-m", "devstack.catcher"]
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'CMD ["uvicorn", "api.app:app"' in dockerfile
+    # The API outlasts clients' idle connections (mailqueue.config.HTTP_KEEP_ALIVE_SECONDS), wherever it runs.
+    keep_alive = ["--timeout-keep-alive", str(HTTP_KEEP_ALIVE_SECONDS)]
+    cmd = re.search(r"^CMD (\[.*\])$", dockerfile, re.M)
+    assert cmd and " ".join(keep_alive) in " ".join(yaml.safe_load(cmd.group(1)))
+    assert " ".join(keep_alive) in " ".join(SERVICES["api"]["command"])
     assert "COPY templates ./templates" in dockerfile
     for line in re.findall(r"^COPY (.+)$", dockerfile, re.M):
         for path in line.split()[:-1]:  # the last word is the destination
@@ -72,7 +77,7 @@ def test_commands_run_the_real_entry_points() -> None:
 def test_the_catcher_command_parses() -> None:
     import argparse
 
-    from mailqueue import catcher
+    from devstack import catcher
 
     seen: dict[str, argparse.Namespace] = {}
 

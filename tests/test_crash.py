@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mailqueue.devserver import TemporalDevServer
-from tests.helpers import ApiProcess, SmtpSink, fast_settings, start_worker
+from devstack.devserver import TemporalDevServer
+from tests.helpers import EMAIL_SETTLES, ApiProcess, SmtpSink, eventually, fast_settings, post_email, start_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 100
@@ -35,42 +35,45 @@ async def test_worker_sigkill_mid_batch_loses_nothing(
         first = start_worker(settings, tmp_path / "worker-1.log")
         second = None
         try:
-            with ApiProcess(settings, tmp_path / "api.log") as api:
+            async with ApiProcess(settings, tmp_path / "api.log") as api:
                 async with httpx.AsyncClient(base_url=api.url, headers={"Authorization": "Bearer k"}, timeout=30) as http:
                     limit = asyncio.Semaphore(10)
+                    tag = uuid.uuid4().hex[:8]
 
                     async def post(i: int) -> str:
                         async with limit:
-                            r = await http.post("/v1/emails", json={"to": [f"crash{i}@example.com"], "subject": f"#{i}", "text": "x"})
+                            body = {"to": [f"crash{i}@example.com"], "subject": f"#{i}", "text": "x"}
+                            r = await post_email(http, body, f"crash-{tag}-{i}")
                             assert r.status_code == 202, r.text
                             return r.json()["id"]
 
                     posting = asyncio.gather(*(post(i) for i in range(BATCH)))
-                    while len(sink.messages) < 15:  # kill it mid-batch, with sends in flight
-                        await asyncio.sleep(0.01)
+                    # Kill it mid-batch, with sends in flight.
+                    await eventually(lambda: len(sink.messages) >= 15, timeout=EMAIL_SETTLES, interval=0.01,
+                                     progress=lambda: len(sink.messages), what="the batch never got going")
                     first.send_signal(signal.SIGKILL)
                     killed_at, killed_wall, delivered_before_kill = time.monotonic(), time.time(), len(sink.messages)
                     ids = await posting
                     second = start_worker(settings, tmp_path / "worker-2.log")
 
-                    deadline = time.monotonic() + 120
-                    while True:
-                        got = Counter(str(m.message["Message-ID"]) for m in sink.messages)
-                        missing = [i for i in ids if not any(i in mid for mid in got)]
-                        if not missing:
-                            break
-                        assert time.monotonic() < deadline, f"{len(missing)} emails never delivered after the crash"
-                        await asyncio.sleep(0.2)
-                    recovered_in = time.monotonic() - killed_at
+                    def missing() -> list[str]:
+                        got = {str(m.message["Message-ID"]) for m in sink.messages}
+                        return [i for i in ids if not any(i in mid for mid in got)]
 
-                    statuses = Counter()
-                    for i in ids:
-                        for _ in range(100):
-                            status = (await http.get(f"/v1/emails/{i}")).json()["status"]
-                            if status == "sent":
-                                break
-                            await asyncio.sleep(0.1)
-                        statuses[status] += 1
+                    # Sends the dead worker held go to the new one after send_timeout_seconds.
+                    await eventually(lambda: not missing(), timeout=settings.send_timeout_seconds + EMAIL_SETTLES, interval=0.2,
+                                     progress=lambda: len(sink.messages), what=lambda: f"{len(missing())} emails never delivered after the crash")
+                    recovered_in = time.monotonic() - killed_at
+                    got = Counter(str(m.message["Message-ID"]) for m in sink.messages)
+
+                    statuses: Counter[str] = Counter()
+
+                    async def all_recorded() -> bool:
+                        statuses.clear()
+                        statuses.update([(await http.get(f"/v1/emails/{i}")).json()["status"] for i in ids])
+                        return statuses == {"sent": BATCH}
+
+                    await eventually(all_recorded, timeout=EMAIL_SETTLES, interval=0.2, what=lambda: f"records: {statuses}")
         finally:
             for proc in (first, second):
                 if proc is not None and proc.poll() is None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -13,13 +11,11 @@ from typing import Any
 import pytest
 from sqlmodel import select
 
-from mailqueue.accounts import new_id
-from mailqueue.config import Settings
+from mailqueue.config import Settings, settings_env
 from mailqueue.crypto import SecretBox, SecretKeyError, new_key
-from mailqueue.models import SenderSettings, User
+from mailqueue.models import SenderSettings
 from mailqueue.senders import rotate_secrets
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import make_sender, run_cli
 
 
 def test_data_encrypted_with_the_old_key_decrypts_after_a_new_key_is_added() -> None:
@@ -55,18 +51,11 @@ def test_without_a_configured_key_one_is_generated_once_privately(tmp_path: Path
 
 async def test_rotate_secrets_reencrypts_every_stored_secret(sessions: Any, database_url: str) -> None:
     old, new = new_key(), new_key()
-    user_id = new_id()
-    async with sessions() as s:
-        s.add(User(id=user_id, name=f"rotate-{user_id}"))
-        await s.commit()
-        box = SecretBox([old])
-        s.add(SenderSettings(user_id=user_id, driver="ses", api_key_enc=box.encrypt("AKIA1"), api_secret_enc=box.encrypt("sek"), ses_region="eu-west-1"))
-        await s.commit()
+    box = SecretBox([old])
+    user_id = await make_sender(sessions, driver="ses", api_key_enc=box.encrypt("AKIA1"), api_secret_enc=box.encrypt("sek"), ses_region="eu-west-1")
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILQUEUE_")} | {
-        "MAILQUEUE_SECRET_KEY": f"{new},{old}", "MAILQUEUE_DATABASE_URL": database_url,
-    }
-    run = subprocess.run([sys.executable, "-m", "mailqueue.cli", "rotate-secrets"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    env = settings_env(Settings(secret_key=f"{new},{old}", database_url=database_url, _env_file=None))  # type: ignore[call-arg]
+    run = run_cli("rotate-secrets", env=env)
     assert run.returncode == 0, run.stderr
     assert "re-encrypted" in run.stdout and "sek" not in run.stdout + run.stderr
 
@@ -77,5 +66,5 @@ async def test_rotate_secrets_reencrypts_every_stored_secret(sessions: Any, data
     assert await rotate_secrets(sessions, SecretBox([new])) >= 1  # idempotent: again with the new key alone
 
     wrong = env | {"MAILQUEUE_SECRET_KEY": new_key()}
-    refused = subprocess.run([sys.executable, "-m", "mailqueue.cli", "rotate-secrets"], cwd=ROOT, env=wrong, capture_output=True, text=True, timeout=60)
+    refused = run_cli("rotate-secrets", env=wrong)
     assert refused.returncode == 1 and "nothing changed" in refused.stderr

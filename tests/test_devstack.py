@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from mailqueue.net import free_port
-
-ROOT = Path(__file__).resolve().parents[1]
+from devstack.net import free_port
+from tests.helpers import EMAIL_SETTLES, PROCESS_STARTS, ROOT, eventually, run_cli
 
 
 def _listening(port: int) -> bool:
@@ -24,23 +23,24 @@ def _listening(port: int) -> bool:
 
 
 @pytest.mark.slow
-def test_mailqueue_dev_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
+async def test_mailqueue_dev_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
     ports = {name: free_port() for name in ("api", "temporal", "ui", "smtp", "mail")}
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILQUEUE_")}  # embedded defaults: SQLite
     out = (tmp_path / "dev.out").open("wb")
     dev = subprocess.Popen(
-        [sys.executable, "-m", "mailqueue.cli", "dev", "--data-dir", str(tmp_path / "state"),
+        [sys.executable, "-m", "devstack.cli", "dev", "--data-dir", str(tmp_path / "state"),
          "--api-port", str(ports["api"]), "--temporal-port", str(ports["temporal"]), "--ui-port", str(ports["ui"]),
          "--smtp-port", str(ports["smtp"]), "--mail-port", str(ports["mail"])],
         cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
     )
     api = f"http://127.0.0.1:{ports['api']}"
     try:
-        deadline = time.monotonic() + 90
-        while "mailqueue is running" not in (tmp_path / "dev.out").read_text():
+
+        def running() -> bool:
             assert dev.poll() is None, (tmp_path / "dev.out").read_text()
-            assert time.monotonic() < deadline, "the stack did not come up in 90 s"
-            time.sleep(0.2)
+            return "mailqueue is running" in (tmp_path / "dev.out").read_text()
+
+        await eventually(running, timeout=PROCESS_STARTS, interval=0.2, what="the stack did not come up")
         banner = (tmp_path / "dev.out").read_text()
         assert f"{api}/docs" in banner and f"http://127.0.0.1:{ports['ui']}" in banner
         assert f"http://127.0.0.1:{ports['mail']}" in banner and "mailqueue mail" in banner
@@ -55,23 +55,21 @@ def test_mailqueue_dev_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
         assert resp.status_code == 202, resp.text
         email_id = resp.json()["id"]
 
-        deadline = time.monotonic() + 30
-        while not (caught := httpx.get(f"http://127.0.0.1:{ports['mail']}/api/messages").json()):
-            assert time.monotonic() < deadline, "the catcher never got the email"
-            time.sleep(0.2)
+        caught = await eventually(
+            lambda: httpx.get(f"http://127.0.0.1:{ports['mail']}/api/messages").json(),
+            timeout=EMAIL_SETTLES, interval=0.2, what="the catcher never got the email",
+        )
         assert len(caught) == 1 and caught[0]["subject"] == "Hello from dev"
         assert email_id in caught[0]["message_id"], caught[0]
         assert httpx.get(f"http://127.0.0.1:{ports['ui']}/").status_code == 200  # the Temporal Web UI
 
-        listing = subprocess.run(
-            [sys.executable, "-m", "mailqueue.cli", "mail", "--data-dir", str(tmp_path / "state")],
-            capture_output=True, text=True, check=True,
-        )
+        listing = run_cli("mail", "--data-dir", str(tmp_path / "state"))
+        assert listing.returncode == 0, listing.stderr
         assert "Hello from dev" in listing.stdout and "ann@example.com" in listing.stdout
     finally:
         dev.send_signal(signal.SIGINT)
         try:
-            code = dev.wait(30)  # its children die with it even if it has to be killed (PR_SET_PDEATHSIG)
+            code = await asyncio.to_thread(dev.wait, 30)  # its children die with it even if it has to be killed (PR_SET_PDEATHSIG)
         finally:
             if dev.poll() is None:
                 dev.kill()

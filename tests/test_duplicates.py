@@ -16,14 +16,13 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from temporalio.testing import ActivityEnvironment
 
-from activities.render import Renderer
+from mailqueue.template_library import Renderer
 from activities.send import SendActivities
 from mailqueue.config import Settings
 from mailqueue.contracts import SendRequest, SendResult
-from mailqueue.drivers import driver_from_settings
+from mailqueue.drivers.factory import DriverFactory, driver_from_settings
 from mailqueue.models import Email
-from mailqueue.senders import DriverFactory
-from mailqueue.store import events_of, insert_email, record_from_spec
+from mailqueue.email_store import events_of, insert_email, record_from_spec
 from mailqueue.templating import TemplateEngine
 from tests.helpers import SmtpSink, make_spec
 

@@ -1,9 +1,10 @@
 """The fault suite: real processes, a known set of emails, one fault each, then the sink is checked.
 
 Every test runs the real Temporal dev server, worker processes (`python worker.py`), the API
-under uvicorn and an aiosmtpd sink; clients post with an Idempotency-Key and, like a client
-should, try again after a 503 (never anything else: a 500 fails the test). Then every accepted
-email must have reached the sink exactly once by Message-ID and its record must say `sent`.
+under uvicorn and an aiosmtpd sink; clients post with an Idempotency-Key and, like a real
+client, try again after a 503 or a connection dropped without an answer (never after anything
+else: a 500 fails the test). Then every accepted email must have reached the sink exactly once
+by Message-ID and its record must say `sent`.
 The only duplicates allowed are those the fault itself can cause: a mail the server accepted an
 instant before a worker was killed (or the server went away) whose acceptance nobody recorded;
 each test prints how many there were and how long recovery took (`-s`, or the report line).
@@ -31,13 +32,14 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
+from devstack.devserver import TemporalDevServer
+from devstack.net import free_port
 from mailqueue.config import Settings
 from mailqueue.db import create_engine
-from mailqueue.devserver import TemporalDevServer
 from mailqueue.models import Email
-from mailqueue.net import free_port
 from tests.conftest import PG_ADMIN, _database_kind, scratch_database
-from tests.helpers import ApiProcess, SmtpSink, fast_settings, start_worker
+from tests.helpers import ApiProcess, SmtpSink, eventually, fast_settings, post_email, start_worker
+from workflows.send_email import UNREACHABLE_MAX_DELAY
 
 pytestmark = pytest.mark.faults
 
@@ -69,7 +71,8 @@ def settings_for(database_url: str, temporal: str, sink: SmtpSink, **overrides: 
 
 @dataclass
 class Load:
-    """Clients posting `count` emails, `clients` at a time, each retried after a 503 as a client should.
+    """Clients posting `count` emails, `clients` at a time, each with its Idempotency-Key and tried
+    again after a 503 or a dropped connection, as a real client does (`post_email`).
 
     With `hold_at`, posting stops after that many emails until `resume` is set: a fault that
     must meet clients at the door sets it once the fault is in effect, however fast posting was.
@@ -82,7 +85,8 @@ class Load:
     resume: asyncio.Event = field(default_factory=asyncio.Event)
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     ids: dict[int, str] = field(default_factory=dict)
-    codes: Counter[str] = field(default_factory=Counter)
+    codes: Counter[str] = field(default_factory=Counter)  # the API's answers, each one (the 503s too)
+    dropped: Counter[str] = field(default_factory=Counter)  # connections lost without an answer, and tried again
     finished_at: float = 0.0
 
     async def run(self) -> None:
@@ -102,21 +106,14 @@ class Load:
 
     async def _post(self, i: int) -> None:
         body = {"to": [f"fault{i}@example.com"], "subject": f"{self.tag} #{i}", "text": "x"}
-        for _ in range(600):
-            try:
-                r = await self.http.post("/v1/emails", json=body, headers={"Idempotency-Key": f"{self.tag}-{i}"})
-            except httpx.TransportError as exc:
-                self.codes[type(exc).__name__] += 1
-                await asyncio.sleep(0.5)
-                continue
-            self.codes[str(r.status_code)] += 1
-            if r.status_code == 202:
-                self.ids[i] = r.json()["id"]
-                return
-            assert r.status_code == 503, f"POST answered {r.status_code}: {r.text}"
-            assert r.headers.get("Retry-After") and "detail" in r.json(), r.text
-            await asyncio.sleep(min(float(r.headers["Retry-After"]), 1.0))  # impatient, to keep the test short
-        raise AssertionError(f"email {i} was never accepted: {self.codes}")
+        retried: dict[str, int] = {}
+        r = await post_email(self.http, body, f"{self.tag}-{i}", retried)
+        if refused := retried.pop("503", 0):
+            self.codes["503"] += refused
+        self.dropped.update(retried)
+        self.codes[str(r.status_code)] += 1
+        assert r.status_code == 202, f"POST answered {r.status_code}: {r.text}"
+        self.ids[i] = r.json()["id"]
 
 
 @dataclass
@@ -129,33 +126,56 @@ class Outcome:
     all_delivered_at: float
 
 
-async def settle(sink: SmtpSink, settings: Settings, load: Load, timeout: float = 180) -> Outcome:
+def quiet_limit(settings: Settings) -> float:
+    """The longest the stack may deliver nothing while emails are still on their way, by its own
+    bounds: an email waiting for a server that was away asks again at most UNREACHABLE_MAX_DELAY
+    apart, then takes an attempt (send_timeout_seconds) or a retry interval; plus room for a
+    loaded machine. As long as mail keeps arriving, waiting goes on."""
+    return UNREACHABLE_MAX_DELAY + settings.send_timeout_seconds + settings.retry_maximum_interval_seconds + 60
+
+
+async def settle(sink: SmtpSink, settings: Settings, load: Load) -> Outcome:
     """Wait until every accepted email reached the sink and its record is final; what happened."""
     ids = set(load.ids.values())
-    deadline = time.monotonic() + timeout
-    while True:
-        got = Counter(m.group(1) for m in (_ID.search(str(x.message["Message-ID"])) for x in list(sink.messages)) if m)
-        missing = ids - set(got)
-        if not missing:
-            break
-        assert time.monotonic() < deadline, f"{len(missing)} of {len(ids)} accepted emails never delivered"
-        await asyncio.sleep(0.2)
-    delivered_at = time.monotonic()
-    copies: dict[str, list[float]] = {}
-    for m in list(sink.messages):
-        found = _ID.search(str(m.message["Message-ID"]))
-        if found:
-            copies.setdefault(found.group(1), []).append(m.received_at)
     engine = create_engine(settings.database_url)
+
+    def caught() -> Counter[str]:
+        return Counter(m.group(1) for m in (_ID.search(str(x.message["Message-ID"])) for x in list(sink.messages)) if m)
+
+    async def records(of: set[str]) -> list[tuple[str, str, str | None]]:
+        async with engine.connect() as conn:
+            table = Email.__table__  # type: ignore[attr-defined]
+            return [tuple(r) for r in (await conn.execute(sa.select(table.c.id, table.c.status, table.c.last_error).where(table.c.id.in_(of)))).all()]
+
+    limit = quiet_limit(settings)
     try:
+        try:
+            await eventually(
+                lambda: not (ids - set(caught())), timeout=limit, interval=0.2, progress=lambda: len(sink.messages),
+                what="accepted emails not delivered",
+            )
+        except AssertionError as exc:
+            missing = sorted(ids - set(caught()))
+            some = await records(set(missing[:5]))
+            raise AssertionError(f"{len(missing)} of {len(ids)} accepted emails never delivered ({exc}); records of some: {some}") from None
+        delivered_at = time.monotonic()
+        got = caught()
+        copies: dict[str, list[float]] = {}
+        for m in list(sink.messages):
+            found = _ID.search(str(m.message["Message-ID"]))
+            if found:
+                copies.setdefault(found.group(1), []).append(m.received_at)
         statuses: Counter[str] = Counter()
-        while time.monotonic() < deadline:
-            async with engine.connect() as conn:
-                rows = (await conn.execute(sa.select(Email.id, Email.status).where(Email.id.in_(ids)))).all()  # type: ignore[attr-defined]
-            statuses = Counter(status for _, status in rows)
-            if statuses.get("sent") == len(ids):
-                break
-            await asyncio.sleep(0.5)
+
+        async def all_recorded() -> bool:  # a record lags its mail by at most the workflow's own write
+            statuses.clear()
+            statuses.update(status for _, status, _ in await records(ids))
+            return statuses.get("sent") == len(ids)
+
+        try:
+            await eventually(all_recorded, timeout=limit, interval=0.5, progress=lambda: statuses.get("sent"), what=lambda: f"records: {statuses}")
+        except AssertionError:
+            pass  # `check` reports the statuses
     finally:
         await engine.dispose()
     return Outcome(
@@ -177,6 +197,7 @@ def report(name: str, load: Load, out: Outcome, capsys: pytest.CaptureFixture[st
         "duplicated": sum(out.duplicates.values()),
         "records": dict(out.statuses),
         "http": dict(load.codes),
+        "dropped_and_retried": dict(load.dropped),
         **extra,
     }
     with capsys.disabled():
@@ -239,7 +260,7 @@ async def stack(database_url: str, temporal_address: str, tmp: Path, *, workers:
         try:
             for _ in range(workers):
                 procs.start()
-            with ApiProcess(settings, tmp / "api.log") as api:
+            async with ApiProcess(settings, tmp / "api.log") as api:
                 async with httpx.AsyncClient(
                     base_url=api.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
                     limits=httpx.Limits(max_connections=100),
@@ -249,11 +270,12 @@ async def stack(database_url: str, temporal_address: str, tmp: Path, *, workers:
             procs.stop()
 
 
-async def when(condition: Callable[[], bool], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the load never got that far"
-        await asyncio.sleep(0.02)
+async def when(st: Stack, load: Load, condition: Callable[[], bool]) -> None:
+    """Until the load has got that far (however slowly: as long as it moves)."""
+    await eventually(
+        condition, timeout=quiet_limit(st.settings), interval=0.02,
+        progress=lambda: (len(load.ids), len(st.sink.messages)), what="the load never got that far",
+    )
 
 
 async def under_load(st: Stack, load: Load, fault: Callable[[], Awaitable[None]] | None = None) -> Outcome:
@@ -272,7 +294,7 @@ async def test_worker_killed_three_times(fault_db: str, temporal_server: Tempora
 
         async def kill_three_times() -> None:
             for at in (100, 200, 300):
-                await when(lambda at=at: len(st.sink.messages) >= at)
+                await when(st, load, lambda at=at: len(st.sink.messages) >= at)
                 st.workers.procs[-1].send_signal(signal.SIGKILL)
                 kills.append(time.time())
                 st.workers.start()
@@ -295,7 +317,7 @@ async def test_temporal_restarted(fault_db: str, tmp_path: Path, capsys) -> None
 
             async def restart() -> None:
                 # Mid-load: sends in flight, and 300 emails still to be posted while it is down.
-                await when(lambda: len(load.ids) >= 200 and len(st.sink.messages) >= 50)
+                await when(st, load, lambda: len(load.ids) >= 200 and len(st.sink.messages) >= 50)
                 marks["stopped"] = time.time()
                 await asyncio.to_thread(server.stop)
                 load.resume.set()
@@ -327,7 +349,7 @@ async def test_smtp_down_for_30_seconds(fault_db: str, temporal_server: Temporal
         load = Load(st.http, 200, 10)
 
         async def outage() -> None:
-            await when(lambda: len(st.sink.messages) >= 50)
+            await when(st, load, lambda: len(st.sink.messages) >= 50)
             marks["down"] = time.time()
             await asyncio.to_thread(st.sink.down)
             during = len(st.sink.messages)
@@ -360,7 +382,7 @@ async def test_database_unreachable_for_10_seconds(fault_db: str, temporal_serve
         load = Load(st.http, 200, 10, hold_at=100)
 
         async def outage() -> None:
-            await when(lambda: len(st.sink.messages) >= 50)
+            await when(st, load, lambda: len(st.sink.messages) >= 50)
             try:
                 await asyncio.to_thread(cut_off, database, False)  # every connection dropped, new ones refused
                 load.resume.set()  # the other 100 are posted while it is down

@@ -18,13 +18,13 @@ from moto.core import DEFAULT_ACCOUNT_ID
 from moto.server import ThreadedMotoServer
 from moto.ses.models import ses_backends
 
+from devstack.net import free_port
 from mailqueue.contracts import Content
 from mailqueue.drivers.mailgun import MailgunDriver
 from mailqueue.drivers.sendgrid import SendGridDriver
 from mailqueue.drivers.ses import SesDriver
 from mailqueue.errors import PermanentDeliveryError, ServerUnreachable, TransientDeliveryError
 from mailqueue.message import build_message, envelope
-from mailqueue.net import free_port
 from tests.fake_providers import FakeAws, FakeMailgun, FakeSendGrid, Scripted
 from tests.helpers import make_spec
 
@@ -398,23 +398,18 @@ async def test_ses_over_the_wire_is_tried_once(answer: Scripted, error: type[Exc
 async def test_a_users_sendgrid_settings_carry_their_email_and_the_key_stays_out_of_the_history(
     client: Any, settings: Any, sessions: Any, sendgrid: FakeSendGrid, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from mailqueue.accounts import new_id
-    from mailqueue.contracts import EmailStatus, workflow_id_for
+    from mailqueue.contracts import EmailStatus, SenderType, workflow_id_for
     from mailqueue.crypto import SecretBox
-    from mailqueue.models import Email, SenderSettings, User
+    from mailqueue.models import Email
+    from tests.helpers import make_sender
     from worker import build_worker
     from workflows.send_email import SendEmailWorkflow
 
     caplog.set_level(logging.DEBUG)
-    user_id = new_id()
     box = SecretBox.from_settings(settings)
-    async with sessions() as s:
-        s.add(User(id=user_id, name=f"sg-{user_id}"))
-        await s.commit()
-        s.add(SenderSettings(user_id=user_id, driver="sendgrid", api_key_enc=box.encrypt(SENDGRID_KEY)))
-        await s.commit()
+    user_id = await make_sender(sessions, driver="sendgrid", api_key_enc=box.encrypt(SENDGRID_KEY))
     routed = settings.model_copy(update={"sendgrid_base_url": sendgrid.url, "task_queue": settings.task_queue + "-sendgrid"})
-    spec = make_spec(sender_type="user", sender_id=user_id)
+    spec = make_spec(sender_type=SenderType.USER, sender_id=user_id)
     async with build_worker(client, routed):
         handle = await client.start_workflow(SendEmailWorkflow.run, spec, id=workflow_id_for(spec.email_id), task_queue=routed.task_queue)
         state = await handle.result()

@@ -6,7 +6,6 @@ tests' records are not its business.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -19,12 +18,12 @@ from temporalio.service import RPCError
 from mailqueue.config import Settings
 from mailqueue.contracts import ReconcileReport, ReconcileRequest, reconcile_schedule_id, workflow_id_for
 from mailqueue.db import create_engine, sessionmaker
-from mailqueue.devserver import TemporalDevServer
+from devstack.devserver import TemporalDevServer
 from mailqueue.models import Email
-from mailqueue.store import events_of, insert_email, record_from_spec
+from mailqueue.email_store import events_of, insert_email, record_from_spec
 from mailqueue.temporal import ensure_reconcile_schedule
 from tests.conftest import scratch_database
-from tests.helpers import SmtpSink, fast_settings, make_spec
+from tests.helpers import EMAIL_SETTLES, SmtpSink, eventually, fast_settings, make_spec
 from worker import build_worker
 from workflows.reconcile import ReconcileEmailsWorkflow
 from workflows.send_email import SendEmailWorkflow
@@ -78,12 +77,14 @@ async def state(sessions, email_id: str) -> tuple[str, str | None, list[str]]:  
         return email.status, email.last_error, [e.event for e in events]
 
 
-async def until(sessions, email_id: str, status: str, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
-    for _ in range(int(timeout / 0.1)):
-        if (await state(sessions, email_id))[0] == status:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{email_id}: {await state(sessions, email_id)}, expected {status}")
+async def until(sessions, email_id: str, status: str, timeout: float = EMAIL_SETTLES) -> None:  # type: ignore[no-untyped-def]
+    last: list[object] = []
+
+    async def reached() -> bool:
+        last[:] = [await state(sessions, email_id)]
+        return last[0][0] == status  # type: ignore[index]
+
+    await eventually(reached, timeout=timeout, interval=0.1, what=lambda: f"{email_id}: {last}, expected {status}")
 
 
 async def test_reconciler_settles_closed_and_missing_workflows(

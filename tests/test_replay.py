@@ -19,7 +19,7 @@ SHAPES = {
     "sent", "scheduled_then_sent", "cancelled_while_scheduled", "cancelled_from_temporal", "rescheduled_then_sent",
     "transient_then_sent", "permanent_failure", "retried_after_failure", "cancel_rejected_while_sending", "templated",
     "templated_with_layout", "template_store_outage", "deferred_by_quota", "server_unreachable_then_sent",
-    "server_unreachable_gave_up",
+    "server_unreachable_gave_up", "sender_changed_drivers",
     "reconcile",  # ReconcileEmailsWorkflow
 }
 

@@ -19,8 +19,8 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from sqlmodel import select
 
 from mailqueue.models import SenderSettings
-from mailqueue.net import free_port
-from tests.helpers import ScriptedHandler, Stack, email, wait_status
+from devstack.net import free_port
+from tests.helpers import ScriptedHandler, Stack, email, eventually, wait_status
 
 PASSWORD = "user-Smtp-passw0rd-9d1f"
 
@@ -188,12 +188,11 @@ async def test_user_smtp_with_starttls_and_auth_sends_and_a_wrong_password_fails
 
 
 async def test_a_senders_driver_is_kept_rebuilt_on_a_settings_change_and_the_old_one_closed() -> None:
-    import asyncio
     from email.message import EmailMessage
 
     from mailqueue.config import Settings
     from mailqueue.drivers.log import LogDriver
-    from mailqueue.senders import DriverFactory
+    from mailqueue.drivers.factory import DriverFactory
     from tests.helpers import SmtpSink
 
     with SmtpSink() as sink:
@@ -214,11 +213,8 @@ async def test_a_senders_driver_is_kept_rebuilt_on_a_settings_change_and_the_old
         second = factory.for_sender(row)
         assert second is not first and factory.retiring == 1
         assert first._idle, "closed too early: a send that took it may still be running"  # type: ignore[attr-defined]
-        for _ in range(100):
-            if factory.retiring == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert factory.retiring == 0 and not first._idle, "the replaced driver was never closed"  # type: ignore[attr-defined]
+        await eventually(lambda: factory.retiring == 0, timeout=10, what="the replaced driver was never closed")
+        assert not first._idle, "the replaced driver was closed but its pooled connection kept"  # type: ignore[attr-defined]
 
         row.smtp_username = None
         third = factory.for_sender(row)

@@ -17,11 +17,11 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
+from devstack.net import free_port
 from mailqueue.config import SmtpSecurity
 from mailqueue.drivers.smtp import SmtpDriver
 from mailqueue.errors import PermanentDeliveryError, ServerUnreachable, TransientDeliveryError
-from mailqueue.net import free_port
-from tests.helpers import ScriptedHandler
+from tests.helpers import ScriptedHandler, eventually
 
 PASSWORD = "s3cret-Passw0rd!"
 
@@ -295,12 +295,8 @@ def received(handler: ScriptedHandler) -> list[str]:
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:
-    """Wait for something another thread or the event loop does; fail after 5 s, never pass early."""
-    for _ in range(250):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"never happened: {what}")
+    """Wait for something another thread or the event loop does (a socket closing): never passes early."""
+    await eventually(condition, timeout=30, interval=0.02, what=f"never happened: {what}")
 
 
 async def test_sequential_sends_share_one_connection(counting: Any) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import httpx
 
 from mailqueue.models import Email
-from tests.helpers import Stack, email, wait_status
+from tests.helpers import EMAIL_SETTLES, Stack, email, eventually, wait_status
 
 
 async def test_stats_count_the_callers_emails_and_find_the_stuck_ones(stack: Stack, sessions: Any) -> None:
@@ -26,12 +25,11 @@ async def test_stats_count_the_callers_emails_and_find_the_stuck_ones(stack: Sta
         later = (datetime.now(UTC) + timedelta(days=1)).isoformat()
         scheduled = (await http.post("/v1/emails", json=email(send_at=later))).json()["id"]
         stuck = (await http.post("/v1/emails", json=email(send_at=later))).json()["id"]
-        for _ in range(200):  # the workflow's own `scheduled` step must land before we tamper with the record
-            if "scheduled" in [e["event"] for e in (await http.get(f"/v1/emails/{stuck}")).json()["events"]]:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the workflow never recorded `scheduled`")
+
+        async def scheduled_recorded() -> bool:  # the workflow's own `scheduled` step must land before we tamper with the record
+            return "scheduled" in [e["event"] for e in (await http.get(f"/v1/emails/{stuck}")).json()["events"]]
+
+        await eventually(scheduled_recorded, timeout=EMAIL_SETTLES, what="the workflow never recorded `scheduled`")
         async with sessions() as s:  # as if its worker died mid-send long ago, and nothing noticed
             row = await s.get(Email, stuck)
             assert row is not None

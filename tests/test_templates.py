@@ -252,7 +252,7 @@ async def test_reload_is_all_or_nothing_and_names_the_file(sessions, engine: Tem
 
 
 async def _exists(session, name: str) -> bool:  # type: ignore[no-untyped-def]
-    from mailqueue.store import current_template
+    from mailqueue.template_store import current_template
 
     return await current_template(session, name) is not None
 
@@ -267,7 +267,7 @@ def test_shipped_folder_has_the_seed_templates_with_sample_data() -> None:
 
 
 async def test_every_shipped_template_renders_to_good_mail(sessions, engine: TemplateEngine) -> None:
-    from mailqueue.store import current_template
+    from mailqueue.template_store import current_template
     from mailqueue.template_library import prepare
 
     async with sessions() as session:
@@ -298,7 +298,7 @@ async def test_concurrent_saves_make_distinct_versions_and_one_current(sessions)
     from sqlmodel import select
 
     from mailqueue.models import EmailTemplate
-    from mailqueue.store import save_template_version
+    from mailqueue.template_store import save_template_version
 
     name = f"race_{uuid.uuid4().hex[:8]}"
 
@@ -315,23 +315,20 @@ async def test_concurrent_saves_make_distinct_versions_and_one_current(sessions)
 
 
 def test_the_templates_command_loads_a_folder_and_reports_problems(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
+    from mailqueue.config import Settings, settings_env
     from mailqueue.db import migrate
+    from tests.helpers import run_cli
 
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     migrate(url)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILQUEUE_")} | {"MAILQUEUE_DATABASE_URL": url}
-    run = [sys.executable, "-m", "mailqueue.cli", "templates", "--dir"]
-    first = subprocess.run([*run, str(TEMPLATES)], env=env, capture_output=True, text=True, timeout=60)
+    env = settings_env(Settings(database_url=url, _env_file=None))  # type: ignore[call-arg]
+    first = run_cli("templates", "--dir", str(TEMPLATES), env=env)
     assert first.returncode == 0 and "13 loaded: 13 new version(s)" in first.stdout, first.stdout + first.stderr
-    again = subprocess.run([*run, str(TEMPLATES)], env=env, capture_output=True, text=True, timeout=60)
+    again = run_cli("templates", "--dir", str(TEMPLATES), env=env)
     assert again.returncode == 0 and "13 loaded: 0 new version(s)" in again.stdout
     broken = tmp_path / "broken" / "Oops"
     broken.mkdir(parents=True)
     (broken / "subject.txt").write_text("Hi")
     (broken / "body.html").write_text("<p>\n{% if %}</p>")
-    bad = subprocess.run([*run, str(broken.parent)], env=env, capture_output=True, text=True, timeout=60)
+    bad = run_cli("templates", "--dir", str(broken.parent), env=env)
     assert bad.returncode == 1 and "Oops: html: line 2" in bad.stderr and "nothing was saved" in bad.stderr

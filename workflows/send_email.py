@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -18,13 +18,14 @@ with workflow.unsafe.imports_passed_through():
     from mailqueue.contracts import (
         CANCEL_UPDATE,
         EMAIL_FAILED,
+        NOT_SENT_ASK_AGAIN,
         PERMANENT_DELIVERY_ERROR,
         RESCHEDULE_UPDATE,
         SEND_EMAIL_WORKFLOW,
+        SEND_QUEUE_CHANGED,
         SERVER_UNREACHABLE,
         STATUS_QUERY,
         TEMPLATE_ERROR,
-        TEMPLATE_STORE_UNAVAILABLE,
         AuditEntry,
         CancelRequest,
         Content,
@@ -37,15 +38,18 @@ with workflow.unsafe.imports_passed_through():
         RescheduleRequest,
         SendRequest,
         SendResult,
+        SenderType,
+        cancel_refusal,
+        reschedule_refusal,
         send_queue_name,
     )
 
     from workflows.timer import UpdatableTimer
 
-# Audit (and, for emails from before SEND_RENDERS, render) are local activities: they run
-# inside the workflow task, so they add no server round trips. They retry without limit:
-# a database outage delays, never loses.
-_RECORD = dict(
+# The steps that read or write the database (audit, quota; and, for emails from before
+# SEND_RENDERS, render) are local activities: they run inside the workflow task, so they add no
+# server round trips. They retry without limit: a database outage delays, never loses.
+_DATABASE_STEP = dict(
     start_to_close_timeout=timedelta(seconds=15),
     retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=30)),
 )
@@ -73,6 +77,12 @@ SERVER_UNREACHABLE_WAITS = "server-unreachable-waits"
 HISTORY_BUDGET_EVENTS = 20_000
 HISTORY_BUDGET_BYTES = 25_000_000
 UNREACHABLE_MAX_DELAY = 60
+# Between asks for anything else that stops a send without being an attempt (the database away).
+ASK_AGAIN_MAX_DELAY = 30
+# The sender's driver changed since the email was queued, and its sends wait in another rated
+# queue (MAILQUEUE_SEND_RATES): the send step said so without sending, and the workflow sends
+# from that queue at once. The patch is asked only when such an answer arrives.
+SEND_FOLLOWS_THE_SENDER = "send-follows-the-senders-queue"
 
 
 @workflow.defn(name=SEND_EMAIL_WORKFLOW)
@@ -100,7 +110,7 @@ class SendEmailWorkflow:
                 )
             due = await self._timer.sleep()
             go = due and self._cancel_reason is None
-            if go and self._spec.sender_type == "user" and workflow.patched(SENDER_QUOTA):
+            if go and self._spec.sender_type == SenderType.USER and workflow.patched(SENDER_QUOTA):
                 go = await self._within_quota()
             content: Content | None = None  # None: the send activity renders (or takes spec.content)
             if go and not workflow.patched(SEND_RENDERS):
@@ -135,7 +145,7 @@ class SendEmailWorkflow:
         window to open. Never fails the email. False: cancelled while waiting."""
         while True:
             answer = await workflow.execute_local_activity_method(
-                QuotaActivities.reserve, QuotaRequest(self._spec.sender_type, self._spec.sender_id), **_RECORD
+                QuotaActivities.reserve, QuotaRequest(self._spec.sender_type, self._spec.sender_id), **_DATABASE_STEP
             )
             if answer.ok or answer.retry_at is None:
                 return self._cancel_reason is None
@@ -163,14 +173,20 @@ class SendEmailWorkflow:
             await self._fail(_reason(err), attempt=0)
 
     async def _send(self, content: Content | None) -> SendResult:
-        waits = 0
+        waits = rerouted = 0
         unreachable_since = None
         while True:
             try:
                 return await self._send_once(content)
             except ActivityError as err:
                 kind, reason = _error_type(err), _reason(err)
-                if kind == SERVER_UNREACHABLE and workflow.patched(SERVER_UNREACHABLE_WAITS):
+                if kind == SEND_QUEUE_CHANGED and workflow.patched(SEND_FOLLOWS_THE_SENDER):
+                    self._spec.send_queue = _detail(err, "send_queue")
+                    rerouted += 1
+                    if rerouted == 1:
+                        continue  # at once, from the queue of the driver the sender uses now
+                    # Moved again right away (settings changing meanwhile): wait between asks as below.
+                elif kind == SERVER_UNREACHABLE and workflow.patched(SERVER_UNREACHABLE_WAITS):
                     # Nothing was handed over and no attempt is used up: wait for the server.
                     unreachable_since = unreachable_since or workflow.now()
                     waited = (workflow.now() - unreachable_since).total_seconds()
@@ -179,7 +195,7 @@ class SendEmailWorkflow:
                             f"{reason} (still unreachable after waiting {waited:.0f}s)",
                             attempt=_attempt(err, self._spec.retry.max_attempts),
                         )
-                elif kind != TEMPLATE_STORE_UNAVAILABLE:
+                elif kind != NOT_SENT_ASK_AGAIN:
                     await self._fail(_reason(err), attempt=_attempt(err, self._spec.retry.max_attempts))
                 else:
                     unreachable_since = None
@@ -189,10 +205,11 @@ class SendEmailWorkflow:
                         attempt=_attempt(err, self._spec.retry.max_attempts),
                     )
             # The database that holds the template or the sender's settings is away (or so slow the
-            # attempt had no time left to send), or the mail server cannot be reached: nothing was
-            # sent and no attempt is used up. Wait (durably) and ask again.
+            # attempt had no time left to send), or the mail server cannot be reached, or the sender
+            # keeps changing drivers: nothing was sent and no attempt is used up. Wait (durably) and
+            # ask again.
             waits += 1
-            delay = min(2 ** (waits - 1), UNREACHABLE_MAX_DELAY if unreachable_since is not None else 30)
+            delay = min(2 ** (waits - 1), UNREACHABLE_MAX_DELAY if unreachable_since is not None else ASK_AGAIN_MAX_DELAY)
             # The send step logged why (WARNING); this says when the next ask is.
             workflow.logger.info("the send step could not send (%s); asking again in %ss", reason, delay)
             try:
@@ -266,7 +283,7 @@ class SendEmailWorkflow:
             spec=self._spec,  # not kept in history (local activity input): lets any step create a missing record
             **fields,
         )
-        write = workflow.start_local_activity_method(AuditActivities.record, entry, **_RECORD)
+        write = workflow.start_local_activity_method(AuditActivities.record, entry, **_DATABASE_STEP)
         try:
             await asyncio.shield(write)
         except asyncio.CancelledError:
@@ -299,8 +316,9 @@ class SendEmailWorkflow:
 
     @cancel.validator
     def _validate_cancel(self, req: CancelRequest) -> None:
-        if not self._status.is_cancellable:
-            raise ValueError(f"the email is already {self._status.value}; only queued or scheduled emails can be cancelled")
+        refusal = cancel_refusal(self._status)
+        if refusal:
+            raise ValueError(refusal)
 
     @workflow.update(name=RESCHEDULE_UPDATE)
     async def reschedule(self, req: RescheduleRequest) -> EmailState:
@@ -312,9 +330,9 @@ class SendEmailWorkflow:
 
     @reschedule.validator
     def _validate_reschedule(self, req: RescheduleRequest) -> None:
-        if self._status is not EmailStatus.SCHEDULED or self._cancel_reason is not None:
-            state = "being cancelled" if self._cancel_reason else self._status.value
-            raise ValueError(f"only a scheduled email can be rescheduled; this one is {state}")
+        refusal = reschedule_refusal("being cancelled" if self._cancel_reason is not None else self._status)
+        if refusal:
+            raise ValueError(refusal)
         if req.send_at.tzinfo is None:
             raise ValueError("send_at needs a time zone")
 
@@ -332,10 +350,14 @@ def _error_type(err: ActivityError) -> str | None:
     return err.cause.type if isinstance(err.cause, ApplicationError) else None
 
 
-def _attempt(err: ActivityError, max_attempts: int) -> int:
+def _detail(err: ActivityError, name: str) -> Any:
+    """A value the activity put in its failure's details (a dict), or None."""
     cause = err.cause
-    if isinstance(cause, ApplicationError) and cause.details:
-        detail = cause.details[0]
-        if isinstance(detail, dict) and isinstance(detail.get("attempt"), int):
-            return detail["attempt"]
-    return max_attempts
+    if isinstance(cause, ApplicationError) and cause.details and isinstance(cause.details[0], dict):
+        return cause.details[0].get(name)
+    return None
+
+
+def _attempt(err: ActivityError, max_attempts: int) -> int:
+    attempt = _detail(err, "attempt")
+    return attempt if isinstance(attempt, int) else max_attempts

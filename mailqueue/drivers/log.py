@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 from email.message import EmailMessage
 
-from mailqueue.drivers import Delivery
+from mailqueue.drivers.base import Delivery, DriverName
 
 log = logging.getLogger("mailqueue.drivers.log")
 
 
 class LogDriver:
-    name = "log"
+    name = DriverName.LOG
 
     async def send(self, message: EmailMessage, sender: str, recipients: list[str]) -> Delivery:
         log.info(

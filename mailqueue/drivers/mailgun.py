@@ -6,7 +6,7 @@ from email.message import EmailMessage
 
 import httpx
 
-from mailqueue.drivers import Delivery
+from mailqueue.drivers.base import Delivery, DriverName
 from mailqueue.drivers._http import classify, transport_error
 
 REGIONS = {"us": "https://api.mailgun.net", "eu": "https://api.eu.mailgun.net"}
@@ -16,7 +16,7 @@ class MailgunDriver:
     """Mailgun's messages.mime: the MIME message goes as built (attachments and all) and the
     envelope recipients go alongside it, which is what makes Bcc work."""
 
-    name = "mailgun"
+    name = DriverName.MAILGUN
 
     def __init__(
         self, api_key: str, domain: str, *, region: str = "us", base_url: str | None = None, timeout: float = 30.0,

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from mailqueue.drivers import Delivery
+from mailqueue.drivers.base import Delivery, DriverName
 from mailqueue.drivers._http import body_parts, classify, split_recipients, transport_error
 
 # Headers SendGrid sets itself or refuses in `headers` (its docs list them as reserved).
@@ -96,7 +96,7 @@ class SendGridDriver:
     """SendGrid's v3 Mail Send API. The message is taken apart into SendGrid's JSON (it does not
     accept raw MIME); one httpx client per driver instance keeps connections alive between sends."""
 
-    name = "sendgrid"
+    name = DriverName.SENDGRID
 
     def __init__(
         self, api_key: str, *, base_url: str = "https://api.sendgrid.com", timeout: float = 30.0,

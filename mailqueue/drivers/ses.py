@@ -13,7 +13,7 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
 
-from mailqueue.drivers import Delivery
+from mailqueue.drivers.base import Delivery, DriverName
 from mailqueue.drivers._http import MAX_REASON, redact
 from mailqueue.errors import DeliveryError, PermanentDeliveryError, ServerUnreachable, TransientDeliveryError
 
@@ -40,7 +40,7 @@ class SesDriver:
     """Amazon SES v2 with the raw MIME message, so attachments and headers go as built. boto3 is
     synchronous: one client per driver, created on first use and called in a worker thread."""
 
-    name = "ses"
+    name = DriverName.SES
 
     def __init__(
         self, access_key_id: str, secret_access_key: str, region: str, *, endpoint_url: str | None = None,

@@ -14,7 +14,7 @@ import aiosmtplib
 from aiosmtplib import SMTPResponse
 
 from mailqueue.config import Settings, SmtpSecurity
-from mailqueue.drivers import Delivery
+from mailqueue.drivers.base import Delivery, DriverName
 from mailqueue.errors import PermanentDeliveryError, ServerUnreachable, TransientDeliveryError
 
 _QUEUED_AS = re.compile(r"queued as\s+(\S+)", re.IGNORECASE)
@@ -60,7 +60,7 @@ class SmtpDriver:
     or permanent) and Temporal's retry policy decides, exactly as without reuse.
     """
 
-    name = "smtp"
+    name = DriverName.SMTP
     PROBE_AFTER_IDLE_SECONDS = 1.0
 
     def __init__(

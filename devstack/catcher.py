@@ -1,6 +1,6 @@
 """A local SMTP catcher for development: keeps every message and shows them on a small page.
 
-    python -m mailqueue.catcher --smtp-port 1025 --http-port 8025 --dir .mailqueue/mail
+    python -m devstack.catcher --smtp-port 1025 --http-port 8025 --dir .mailqueue/mail
 """
 
 from __future__ import annotations

@@ -1,86 +1,29 @@
-"""Request and response bodies of the HTTP API, with field-level validation."""
+"""Bodies of /v1/emails: an email to queue, a batch, cancel and reschedule, and the records read back."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from datetime import datetime
-from email.utils import formataddr
 from typing import Annotated, Any, Literal
 
-from email_validator import EmailNotValidError, validate_email
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from api.schemas.common import Address, JsonObject, Text, no_line_breaks, normalize_address
+from mailqueue.models import Email, EmailEvent
 from mailqueue.templating import check_locale
 
+# An Idempotency-Key (the header, or a batch item's `idempotency_key`): 1 to 255 printable ASCII characters, no spaces.
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]+$"
+IDEMPOTENCY_KEY_MAX_LENGTH = 255
+
 # RFC 5322 field names; these are set by mailqueue itself and cannot be overridden.
-_HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")
-_RESERVED_HEADERS = {
+HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")
+RESERVED_HEADERS = {
     "from", "to", "cc", "bcc", "reply-to", "subject", "date", "message-id", "sender",
     "mime-version", "content-type", "content-transfer-encoding", "return-path", "received",
 }
-# Template versions are PostgreSQL integers: a larger one can never exist, and must not reach a query.
-MAX_VERSION = 2**31 - 1
-
-
-def storable(value: str, what: str = "the value") -> str:
-    """PostgreSQL text holds neither NUL nor lone surrogates (not UTF-8): refused here as a 422, not at the database."""
-    if "\x00" in value:
-        raise ValueError(f"{what} must not contain NUL characters")
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        raise ValueError(f"{what} must be valid Unicode (no unpaired surrogates)") from None
-    return value
-
-
-def storable_json(value: Any) -> Any:
-    """The same for every key and string inside a JSON value (stored as JSONB)."""
-    if isinstance(value, str):
-        storable(value, "a string in this object")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            storable(key, "a key in this object")
-            storable_json(item)
-    elif isinstance(value, list):
-        for item in value:
-            storable_json(item)
-    return value
-
-
-Text = Annotated[str, AfterValidator(storable)]
-JsonObject = Annotated[dict[str, Any], AfterValidator(storable_json)]
-
-
-def _no_line_breaks(value: str, what: str) -> str:
-    if "\r" in value or "\n" in value:
-        raise ValueError(f"{what} must not contain CR or LF characters")
-    return storable(value, what)
-
-
-_NAMED_ADDRESS = re.compile(r"^\s*(?P<name>[^<>]*?)\s*<(?P<addr>[^<>]*)>\s*$")
-
-
-def normalize_address(value: str) -> str:
-    """Validate one address ("ann@example.com" or "Ann <ann@example.com>") and normalize it."""
-    _no_line_breaks(value, "an address")
-    named = _NAMED_ADDRESS.match(value)
-    if named:
-        name, addr = named["name"].strip().strip('"').strip(), named["addr"].strip()
-    elif "<" in value or ">" in value:
-        raise ValueError(f"{value!r} is not of the form 'Name <address>'")
-    else:
-        name, addr = "", value.strip()
-    if "," in addr or ";" in addr:
-        raise ValueError(f"{value!r} is not one email address; give each address as its own list item")
-    try:
-        addr = validate_email(addr, check_deliverability=False).normalized
-    except EmailNotValidError as exc:
-        raise ValueError(f"{value!r} is not a valid email address: {exc}") from None
-    return formataddr((name, addr)) if name else addr
-
-
-Address = Annotated[str, Field(max_length=512, examples=["Ann Smith <ann@example.com>"])]
 
 
 class RelatedEntity(BaseModel):
@@ -150,7 +93,7 @@ class EmailRequest(BaseModel):
     @field_validator("subject")
     @classmethod
     def _subject(cls, value: str | None) -> str | None:
-        return _no_line_breaks(value, "subject") if value is not None else None
+        return no_line_breaks(value, "subject") if value is not None else None
 
     @field_validator("locale")
     @classmethod
@@ -161,11 +104,11 @@ class EmailRequest(BaseModel):
     @classmethod
     def _headers(cls, headers: dict[str, str]) -> dict[str, str]:
         for name, value in headers.items():
-            if not _HEADER_NAME.match(name):
+            if not HEADER_NAME.match(name):
                 raise ValueError(f"header name {name!r} is not a valid field name")
-            if name.lower() in _RESERVED_HEADERS:
+            if name.lower() in RESERVED_HEADERS:
                 raise ValueError(f"header {name!r} is set by mailqueue and cannot be given")
-            _no_line_breaks(value, f"header {name!r}")
+            no_line_breaks(value, f"header {name!r}")
             if len(value) > 998:
                 raise ValueError(f"header {name!r} is longer than 998 characters")
         return headers
@@ -198,6 +141,10 @@ class EmailAccepted(BaseModel):
     id: str
     status: str
     workflow_id: str
+
+    @classmethod
+    def of(cls, email: Email) -> EmailAccepted:
+        return cls(id=email.id, status=email.status, workflow_id=email.workflow_id)
 
 
 class BatchIn(BaseModel):
@@ -255,6 +202,13 @@ class Sender(BaseModel):
     id: str | None = Field(default=None, description="the user's id")
 
 
+# The summary's fields that are the record's columns of the same name, as they are.
+_AS_RECORDED = (
+    "id", "workflow_id", "status", "to", "cc", "bcc", "subject", "priority", "attempts", "max_attempts", "next_attempt_at",
+    "last_error", "scheduled_for", "sent_at", "provider", "provider_message_id", "message_id", "tags", "created_at", "updated_at",
+)
+
+
 class EmailSummary(BaseModel):
     id: str
     workflow_id: str
@@ -281,6 +235,30 @@ class EmailSummary(BaseModel):
     created_at: datetime
     updated_at: datetime
 
+    @classmethod
+    def fields_of(cls, email: Email) -> dict[str, Any]:
+        return dict(
+            {name: getattr(email, name) for name in _AS_RECORDED},
+            sender=Sender(type=email.sender_type, id=email.sender_id),
+            from_=email.from_address,
+            template=TemplateUsed(
+                name=email.template_name,
+                version=email.template_version,
+                locale=email.template_locale,
+                requested_locale=email.locale,
+                dependencies=email.template_dependencies or [],
+            )
+            if email.template_name
+            else None,
+            related_entity=RelatedEntity(type=email.related_entity_type, id=email.related_entity_id)
+            if email.related_entity_type and email.related_entity_id
+            else None,
+        )
+
+    @classmethod
+    def of(cls, email: Email) -> EmailSummary:
+        return cls(**cls.fields_of(email))
+
 
 class EmailDetail(EmailSummary):
     reply_to: str | None
@@ -291,120 +269,18 @@ class EmailDetail(EmailSummary):
     metadata: dict[str, Any]
     events: list[EventOut]
 
+    @classmethod
+    def with_events(cls, email: Email, events: Sequence[EmailEvent]) -> EmailDetail:
+        return cls(
+            **cls.fields_of(email),
+            **{name: getattr(email, name) for name in ("reply_to", "html", "text", "template_data", "headers")},
+            metadata=email.extra_metadata,
+            events=[EventOut(event=e.event, status=e.status, attempt=e.attempt, detail=e.detail, at=e.created_at) for e in events],
+        )
+
 
 class EmailPage(BaseModel):
     items: list[EmailSummary]
     page: int
     page_size: int
     total: int
-
-
-class TemplateBody(BaseModel):
-    """A template version's content. Names starting with `_` are layouts and partials (no subject needed)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    locale: str = Field(default="", max_length=35, description="'' is the default variant; 'de', 'pt-BR', ...")
-    subject: Text | None = Field(default=None, max_length=2000)
-    html: Text | None = Field(default=None, max_length=1_000_000)
-    text: Text | None = Field(default=None, max_length=1_000_000)
-    default_from: Address | None = None
-    default_from_name: str | None = Field(default=None, max_length=200)
-    description: Text | None = Field(default=None, max_length=2000)
-    sample_data: JsonObject | None = Field(default=None, description="Data for previews; checked to render on save")
-
-    @field_validator("default_from")
-    @classmethod
-    def _address(cls, value: str | None) -> str | None:
-        return normalize_address(value) if value is not None else None
-
-    @field_validator("default_from_name")
-    @classmethod
-    def _from_name(cls, value: str | None) -> str | None:
-        if value is not None:
-            _no_line_breaks(value, "default_from_name")
-        return value
-
-    @field_validator("locale")
-    @classmethod
-    def _locale(cls, value: str) -> str:
-        return check_locale(value)
-
-    def check_parts(self, name: str) -> None:
-        if self.html is None and self.text is None:
-            raise ValueError("a template needs html or text")
-        if not name.startswith("_") and not (self.subject or "").strip():
-            raise ValueError("subject is required (only layouts and partials, named '_...', go without one)")
-
-
-class TemplateIn(TemplateBody):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "name": "welcome",
-                    "subject": "Welcome, {{ name }}",
-                    "html": '{% extends "_Layout" %}{% block content %}<p>Hello {{ name }}!</p>{% endblock %}',
-                    "sample_data": {"name": "Ann"},
-                }
-            ]
-        },
-    )
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$")
-
-    @model_validator(mode="after")
-    def _body(self) -> TemplateIn:
-        self.check_parts(self.name)
-        return self
-
-
-class TemplateOut(BaseModel):
-    name: str
-    locale: str
-    version: int
-    subject: str
-    html: str | None
-    text: str | None
-    default_from: str | None
-    default_from_name: str | None
-    description: str | None
-    sample_data: dict[str, Any] | None
-    is_active: bool
-    is_current: bool
-    created_by: str | None
-    created_at: datetime
-    updated_at: datetime
-
-
-class TemplatePinOut(BaseModel):
-    name: str
-    locale: str
-    version: int
-
-
-class PreviewIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    data: JsonObject | None = Field(default=None, description="Template data; the stored sample data when absent")
-    locale: str | None = Field(default=None, max_length=35)
-    version: int | None = Field(default=None, ge=1, le=MAX_VERSION, description="A stored version; the current one when absent")
-
-    @field_validator("locale")
-    @classmethod
-    def _locale(cls, value: str | None) -> str | None:
-        return check_locale(value)
-
-
-class PreviewOut(BaseModel):
-    subject: str
-    html: str | None
-    text: str | None
-    template: TemplatePinOut
-    dependencies: list[TemplatePinOut]
-    data_source: str = Field(description="'request' or 'sample_data'")
-
-
-class ReloadOut(BaseModel):
-    directory: str
-    created: list[TemplatePinOut]
-    unchanged: list[TemplatePinOut]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import IO
 
-from mailqueue.net import wait_for_port
+from devstack.net import wait_for_port
 
 
 def temporal_cli() -> str:

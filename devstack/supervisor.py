@@ -1,11 +1,5 @@
-"""The `mailqueue` command: the embedded dev stack and operator tasks.
-
-    mailqueue dev        Temporal dev server + worker + API + SMTP catcher, one Ctrl-C stops all
-    mailqueue mail       list the mail the dev catcher caught (--show N for one message)
-    mailqueue migrate    apply database migrations to MAILQUEUE_DATABASE_URL
-    mailqueue templates  load the templates folder (a new version of every changed template)
-    mailqueue worker     run a worker          mailqueue api   serve the HTTP API
-"""
+"""`mailqueue dev`: the embedded stack (Temporal dev server, SMTP catcher, worker, API) as child
+processes of one command, started in order, watched, and stopped in order on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -19,20 +13,22 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
+from pydantic import SecretStr
 from sqlalchemy.engine import make_url
 
-from mailqueue.net import wait_for_port
-
-if TYPE_CHECKING:
-    from mailqueue.devserver import TemporalDevServer
+from devstack.devserver import TemporalDevServer, temporal_cli
+from devstack.net import wait_for_port
+from mailqueue.config import HTTP_KEEP_ALIVE_SECONDS, Settings, settings_env
+from mailqueue.db import migrate
+from mailqueue.template_library import ReloadResult
 
 ROOT = Path(__file__).resolve().parents[1]  # where worker.py and api/ live
 DEV_API_KEY = "mq-dev-key"
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
@@ -157,22 +153,41 @@ def _ports_in_use(host: str, ports: dict[str, int]) -> list[str]:
     return busy
 
 
-def _client_host(host: str) -> str:
+def client_host_for(host: str) -> str:
     """Where the children reach a server bound to `host`."""
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
-def _mail_command(data_dir: Path) -> str:
+def mail_command(data_dir: Path) -> str:
     script = Path(sys.executable).parent / "mailqueue"
     found = shutil.which("mailqueue")
     cmd = "mailqueue" if found and Path(found).resolve() == script.resolve() else os.path.relpath(script)
     return cmd + " mail" + ("" if data_dir == Path(".mailqueue") else f" --data-dir {data_dir}")
 
 
-def dev(args: argparse.Namespace) -> int:
-    from mailqueue.db import migrate
-    from mailqueue.devserver import TemporalDevServer, temporal_cli
+def dev_settings(args: argparse.Namespace, configured: Settings) -> Settings:
+    """The children's settings: the user's own (MAILQUEUE_*, .env), with the stack's ports, a
+    database and a secret key file in the data folder unless configured, and the dev API key."""
+    data: Path = args.data_dir.resolve()
+    client_host = client_host_for(args.host)
+    given = configured.model_fields_set
+    update: dict[str, object] = {
+        "templates_dir": templates_dir(configured),
+        "temporal_address": f"{client_host}:{args.temporal_port}",
+        "smtp_host": client_host,
+        "smtp_port": args.smtp_port,
+    }
+    if "database_url" not in given:
+        update["database_url"] = f"sqlite:///{data / 'mailqueue.db'}"
+    if configured.bootstrap_api_key is None:
+        update["bootstrap_api_key"] = SecretStr(DEV_API_KEY)
+    if "secret_key_file" not in given:
+        # Sender secrets: MAILQUEUE_SECRET_KEY if set, else a key generated once into the data folder.
+        update["secret_key_file"] = data / "secret.key"
+    return configured.model_copy(update=update)
 
+
+def dev(args: argparse.Namespace, configured: Settings) -> int:
     stop = _Stop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop)
@@ -180,9 +195,11 @@ def dev(args: argparse.Namespace) -> int:
     data: Path = args.data_dir.resolve()
     logs = data / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    url = os.environ.get("MAILQUEUE_DATABASE_URL") or f"sqlite:///{data / 'mailqueue.db'}"
-    key = os.environ.get("MAILQUEUE_BOOTSTRAP_API_KEY") or DEV_API_KEY
-    host, client_host = args.host, _client_host(args.host)
+    settings = dev_settings(args, configured)
+    url = settings.database_url
+    assert settings.bootstrap_api_key is not None
+    key = settings.bootstrap_api_key.get_secret_value()
+    host, client_host = args.host, client_host_for(args.host)
     ports = {
         "--api-port": args.api_port, "--temporal-port": args.temporal_port, "--ui-port": args.ui_port,
         "--smtp-port": args.smtp_port, "--mail-port": args.mail_port,
@@ -204,28 +221,18 @@ def dev(args: argparse.Namespace) -> int:
         return 1
 
     print(f"mailqueue dev: state in {data}, logs in {logs}", flush=True)
-    print(f"  database   {_safe_url(url)} (migrating…)", flush=True)
+    print(f"  database   {safe_url(url)} (migrating…)", flush=True)
     try:
         migrate(url)
     except Exception as exc:  # noqa: BLE001 - reported to the user, nothing is running yet
         print(f"mailqueue dev: database migration failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    templates_dir = _templates_dir()
-    print(f"  templates  {templates_dir}", flush=True)
-    _print_reload(load_templates(url, templates_dir), indent="             ")
+    print(f"  templates  {settings.templates_dir}", flush=True)
+    print_reload(load_templates(url, settings.templates_dir), indent="             ")
     if stop.requested:
         return 0
 
-    env = dict(os.environ) | {
-        "MAILQUEUE_TEMPLATES_DIR": str(templates_dir),
-        "MAILQUEUE_DATABASE_URL": url,
-        "MAILQUEUE_TEMPORAL_ADDRESS": f"{client_host}:{args.temporal_port}",
-        "MAILQUEUE_SMTP_HOST": client_host,
-        "MAILQUEUE_SMTP_PORT": str(args.smtp_port),
-        "MAILQUEUE_BOOTSTRAP_API_KEY": key,
-        # Sender secrets: MAILQUEUE_SECRET_KEY if set, else a key generated once into the data folder.
-        "MAILQUEUE_SECRET_KEY_FILE": os.environ.get("MAILQUEUE_SECRET_KEY_FILE") or str(data / "secret.key"),
-    }
+    env = settings_env(settings)
     temporal_log = logs / "temporal.log"
     temporal_out = temporal_log.open("ab")
     temporal = TemporalDevServer(
@@ -246,18 +253,14 @@ def dev(args: argparse.Namespace) -> int:
         py = sys.executable
         catcher = Child(
             "catcher",
-            [py, "-m", "mailqueue.catcher", "--host", host, "--smtp-port", str(args.smtp_port),
+            [py, "-m", "devstack.catcher", "--host", host, "--smtp-port", str(args.smtp_port),
              "--http-port", str(args.mail_port), "--dir", str(data / "mail")],
             env, logs / "catcher.log",
         )
         children.append(catcher)
         worker = Child("worker", [py, "worker.py"], env, logs / "worker.log")
         children.append(worker)
-        api = Child(
-            "api",
-            [py, "-m", "uvicorn", "api.app:app", "--host", host, "--port", str(args.api_port), "--no-access-log"],
-            env, logs / "api.log",
-        )
+        api = Child("api", api_command(host, args.api_port), env, logs / "api.log")
         children.append(api)
         _wait_port(args.smtp_port, client_host, catcher, children, stop)
         _wait_port(args.mail_port, client_host, catcher, children, stop)
@@ -299,7 +302,7 @@ def _stop_all(children: list[Child], temporal: TemporalDevServer) -> None:
 
 
 def _banner(args: argparse.Namespace, key: str, *, key_is_dev: bool) -> None:
-    h = _client_host(args.host)
+    h = client_host_for(args.host)
     api = f"http://{h}:{args.api_port}"
     dev_note = "\n                 (a development key: set MAILQUEUE_BOOTSTRAP_API_KEY to use your own)" if key_is_dev else ""
     print(
@@ -308,7 +311,7 @@ mailqueue is running (Ctrl-C stops everything)
 
   API            {api}     docs: {api}/docs
   Temporal UI    http://{h}:{args.ui_port}     (each email is a workflow)
-  Caught mail    http://{h}:{args.mail_port}     or run: {_mail_command(args.data_dir)}
+  Caught mail    http://{h}:{args.mail_port}     or run: {mail_command(args.data_dir)}
   SMTP catcher   {h}:{args.smtp_port}     Temporal gRPC: {h}:{args.temporal_port}
   API key        {key}{dev_note}
   Templates      {api}/v1/templates     preview one in a browser (user: anything, password: the API key):
@@ -327,39 +330,23 @@ and one from a template, in German:
     )
 
 
-def mail(args: argparse.Namespace) -> int:
-    from mailqueue.catcher import load_directory
-
-    folder = args.data_dir / "mail"
-    messages = load_directory(folder) if folder.is_dir() else []
-    if args.show is not None:
-        if not 0 <= args.show < len(messages):
-            print(f"no message {args.show}: {len(messages)} caught", file=sys.stderr)
-            return 1
-        sys.stdout.write(messages[args.show].data.decode("utf-8", "replace"))
-        return 0
-    if not messages:
-        print(f"no mail caught yet (the dev catcher keeps it in {folder})")
-        return 0
-    for i, m in enumerate(messages):
-        msg = m.message
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.received_at))
-        print(f"{i:4d}  {when}  from {msg['From']}  to {msg['To']}  {msg['Subject']!r}")
-    where = "" if args.data_dir == Path(".mailqueue") else f" --data-dir {args.data_dir}"
-    print(f"{len(messages)} message(s); show one with: mailqueue mail{where} --show N")
-    return 0
+def api_command(host: str, port: int) -> list[str]:
+    """The API under uvicorn, as production runs it (Dockerfile, compose): for the stack, the tests and the benchmark."""
+    return [
+        sys.executable, "-m", "uvicorn", "api.app:app", "--host", host, "--port", str(port), "--no-access-log",
+        "--timeout-keep-alive", str(HTTP_KEEP_ALIVE_SECONDS),
+    ]
 
 
-def _templates_dir() -> Path:
+def templates_dir(configured: Settings) -> Path:
     """MAILQUEUE_TEMPLATES_DIR, else ./templates, else the templates shipped next to the code."""
-    configured = os.environ.get("MAILQUEUE_TEMPLATES_DIR")
-    if configured:
-        return Path(configured).resolve()
+    if "templates_dir" in configured.model_fields_set:
+        return configured.templates_dir.resolve()
     here = Path("templates")
     return here.resolve() if here.is_dir() else ROOT / "templates"
 
 
-def load_templates(url: str, directory: Path):  # type: ignore[no-untyped-def]
+def load_templates(url: str, directory: Path) -> ReloadResult:
     """Load a templates folder into the database at `url` (see mailqueue.template_library)."""
     import asyncio
 
@@ -367,7 +354,7 @@ def load_templates(url: str, directory: Path):  # type: ignore[no-untyped-def]
     from mailqueue.template_library import reload_folder
     from mailqueue.templating import TemplateEngine
 
-    async def run():  # type: ignore[no-untyped-def]
+    async def run() -> ReloadResult:
         engine = create_engine(url)
         try:
             async with sessionmaker(engine)() as session:
@@ -378,7 +365,7 @@ def load_templates(url: str, directory: Path):  # type: ignore[no-untyped-def]
     return asyncio.run(run())
 
 
-def _print_reload(result, indent: str = "") -> None:  # type: ignore[no-untyped-def]
+def print_reload(result: ReloadResult, indent: str = "") -> None:
     if result.problems:
         print(f"{indent}not loaded, {len(result.problems)} problem(s); nothing was saved:", file=sys.stderr)
         for problem in result.problems:
@@ -386,121 +373,3 @@ def _print_reload(result, indent: str = "") -> None:  # type: ignore[no-untyped-
         return
     new = ", ".join(f"{p.name}" + (f"/{p.locale}" if p.locale else "") + f" v{p.version}" for p in result.created)
     print(f"{indent}{len(result.created) + len(result.unchanged)} loaded: {len(result.created)} new version(s)" + (f" ({new})" if new else ""), flush=True)
-
-
-def templates_cmd(args: argparse.Namespace) -> int:
-    from mailqueue.config import get_settings
-
-    url = get_settings().database_url
-    directory = (args.dir or _templates_dir()).resolve()
-    print(f"loading templates from {directory} into {_safe_url(url)}", flush=True)
-    result = load_templates(url, directory)
-    _print_reload(result, indent="  ")
-    return 1 if result.problems else 0
-
-
-def migrate_cmd(args: argparse.Namespace) -> int:
-    from mailqueue.config import get_settings
-    from mailqueue.db import migrate
-
-    url = get_settings().database_url
-    print(f"migrating {_safe_url(url)} to the latest schema", flush=True)
-    try:
-        migrate(url)
-    except Exception as exc:  # noqa: BLE001 - one line for the operator, not a traceback
-        print(f"migration failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
-        return 1
-    print("done")
-    return 0
-
-
-def rotate_secrets_cmd(args: argparse.Namespace) -> int:
-    """Re-encrypt every stored sender secret with the first key of MAILQUEUE_SECRET_KEY."""
-    import asyncio
-
-    from mailqueue.config import get_settings
-    from mailqueue.crypto import SecretBox, SecretKeyError
-    from mailqueue.db import create_engine, sessionmaker
-    from mailqueue.senders import rotate_secrets
-
-    settings = get_settings()
-    try:
-        box = SecretBox.from_settings(settings)
-    except SecretKeyError as exc:
-        print(f"cannot rotate: {exc}", file=sys.stderr)
-        return 1
-
-    async def run() -> int:
-        engine = create_engine(settings.database_url)
-        try:
-            return await rotate_secrets(sessionmaker(engine), box)
-        finally:
-            await engine.dispose()
-
-    print(f"re-encrypting sender secrets in {_safe_url(settings.database_url)} with the newest key", flush=True)
-    try:
-        count = asyncio.run(run())
-    except SecretKeyError as exc:
-        print(f"stopped, nothing changed: {exc}", file=sys.stderr)
-        return 1
-    print(f"done: {count} sender(s) re-encrypted; the older keys can now be removed from MAILQUEUE_SECRET_KEY")
-    return 0
-
-
-def worker_cmd(args: argparse.Namespace) -> int:
-    import asyncio
-
-    sys.path.insert(0, str(ROOT))
-    import worker
-
-    asyncio.run(worker.main())
-    return 0
-
-
-def api_cmd(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    sys.path.insert(0, str(ROOT))
-    uvicorn.run("api.app:app", host=args.host, port=args.port)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="mailqueue", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("dev", help="run the embedded stack: Temporal, worker, API, SMTP catcher")
-    p.add_argument("--data-dir", type=Path, default=Path(".mailqueue"))
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--api-port", type=int, default=8000)
-    p.add_argument("--temporal-port", type=int, default=7233)
-    p.add_argument("--ui-port", type=int, default=8233)
-    p.add_argument("--smtp-port", type=int, default=1025)
-    p.add_argument("--mail-port", type=int, default=8025, help="the caught-mail page")
-    p.set_defaults(func=dev)
-
-    p = sub.add_parser("mail", help="list mail caught by the dev stack")
-    p.add_argument("--data-dir", type=Path, default=Path(".mailqueue"))
-    p.add_argument("--show", type=int, default=None, metavar="N", help="print message N in full")
-    p.set_defaults(func=mail)
-
-    p = sub.add_parser("migrate", help="apply database migrations")
-    p.set_defaults(func=migrate_cmd)
-    p = sub.add_parser("templates", help="load the templates folder into the database")
-    p.add_argument("--dir", type=Path, default=None, help="default: MAILQUEUE_TEMPLATES_DIR, else ./templates")
-    p.set_defaults(func=templates_cmd)
-    p = sub.add_parser("rotate-secrets", help="re-encrypt stored sender secrets with the newest MAILQUEUE_SECRET_KEY")
-    p.set_defaults(func=rotate_secrets_cmd)
-    p = sub.add_parser("worker", help="run a worker (same as python worker.py)")
-    p.set_defaults(func=worker_cmd)
-    p = sub.add_parser("api", help="serve the HTTP API")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.set_defaults(func=api_cmd)
-
-    args = parser.parse_args(argv)
-    sys.exit(args.func(args))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,23 @@
+"""What every service call works with: who is calling, and the parts of the running API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.client import Client
+
+from mailqueue.accounts import Principal
+from mailqueue.config import Settings
+from mailqueue.crypto import SecretBox
+from mailqueue.templating import TemplateEngine
+
+
+@dataclass
+class Context:
+    principal: Principal
+    session: AsyncSession  # one per request; services commit what they change
+    settings: Settings
+    temporal: Client
+    templates: TemplateEngine
+    secrets: SecretBox  # encrypts sender secrets (only workers decrypt)

@@ -1,0 +1,416 @@
+"""Emails: accept one or a batch, read them (each caller sees only what is theirs), cancel, retry, reschedule."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import formataddr
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.service import RPCError
+
+from api.schemas.common import normalize_address
+from api.schemas.emails import (
+    IDEMPOTENCY_KEY_MAX_LENGTH,
+    IDEMPOTENCY_KEY_PATTERN,
+    BatchIn,
+    BatchItemOut,
+    BatchOut,
+    EmailRequest,
+)
+from api.services.context import Context
+from api.services.errors import Conflict, Invalid, NotFound, invalid
+from mailqueue.accounts import Principal
+from mailqueue.config import Settings
+from mailqueue.contracts import (
+    CANCEL_UPDATE,
+    RESCHEDULE_UPDATE,
+    CancelRequest,
+    Content,
+    EmailSpec,
+    EmailState,
+    EmailStatus,
+    RescheduleRequest,
+    SenderType,
+    TemplateRef,
+    cancel_refusal,
+    reschedule_refusal,
+    retry_refusal,
+)
+from mailqueue.delivery import RPC_TIMEOUT, TemporalUnavailable, retry_settings, start_delivery
+from mailqueue.email_store import events_of, insert_email, queued_event, record_from_spec, spec_from_record
+from mailqueue.errors import TemplateError
+from mailqueue.ids import idempotent_email_id, message_id_for, new_email_id
+from mailqueue.message import bare_address, domain_of
+from mailqueue.models import Email, EmailEvent, EmailRecipient, utcnow
+from mailqueue.senders import resolve_sender
+from mailqueue.template_library import MissingVariables, prepare
+from mailqueue.template_store import current_template
+from mailqueue.templating import is_partial
+
+IDEMPOTENCY_KEY_RULE = f"1 to {IDEMPOTENCY_KEY_MAX_LENGTH} printable ASCII characters, no spaces"
+_EMAIL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+# --- accepting -------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedEmail:
+    """A request that passed every check, turned into its workflow input; nothing written yet."""
+
+    spec: EmailSpec
+    content: Content | None = None  # the rendered subject etc. of a templated email (Jinja only)
+    body_hash: str = ""
+    idempotency_key: str | None = None
+    send_at: datetime | None = None
+
+
+def check_send_at(settings: Settings, send_at: datetime | None) -> None:
+    if send_at is None:
+        return
+    now = datetime.now(UTC)
+    if send_at < now - timedelta(seconds=settings.send_at_grace_seconds):
+        raise invalid(("body", "send_at"), f"send_at is in the past (now is {now.isoformat(timespec='seconds')})", value=send_at.isoformat())
+    if send_at > now + timedelta(days=settings.send_at_max_days):
+        raise invalid(("body", "send_at"), f"send_at is more than {settings.send_at_max_days} days ahead", value=send_at.isoformat())
+
+
+def _check_limits(ctx: Context, req: EmailRequest) -> None:
+    settings = ctx.settings
+    recipients = len(req.to) + len(req.cc) + len(req.bcc)
+    if recipients > settings.max_recipients:
+        raise invalid(("body", "to"), f"{recipients} recipients; at most {settings.max_recipients} are allowed per email")
+    for part in ("html", "text"):
+        body = getattr(req, part)
+        if body is not None and len(body.encode()) > settings.max_body_bytes:
+            raise invalid(("body", part), f"{part} is larger than {settings.max_body_bytes} bytes")
+    if req.template_data is not None:
+        size = len(json.dumps(req.template_data).encode())
+        if size > settings.max_template_data_bytes:
+            raise invalid(("body", "template_data"), f"template_data is {size} bytes; the limit is {settings.max_template_data_bytes}")
+    check_send_at(settings, req.send_at)
+
+
+async def _pin_template(ctx: Context, req: EmailRequest) -> tuple[TemplateRef, Content, str | None, str | None]:
+    """Pin the template and its layouts/partials now, and prove the data renders them (422 otherwise)."""
+    assert req.template is not None
+    row = await current_template(ctx.session, req.template, req.locale)
+    if row is None:
+        raise invalid(("body", "template"), f"unknown or inactive template {req.template!r}", value=req.template)
+    if is_partial(row.name):
+        raise invalid(("body", "template"), f"{row.name!r} is a layout or partial; it is not sent by itself", value=req.template)
+    data = req.template_data or {}
+    try:
+        # The worker renders the mail itself at send time; here Jinja alone proves the data fits.
+        prepared = await prepare(ctx.session, ctx.templates, row, data, req.locale, finish=False)
+    except MissingVariables as exc:
+        raise invalid(("body", "template_data"), str(exc), type="missing_variables", missing=exc.names) from None
+    except TemplateError as exc:
+        raise invalid(("body", "template_data"), f"template {row.name!r} cannot be rendered with this data: {exc}") from None
+    return prepared.ref(data, req.locale), prepared.content, row.default_from, row.default_from_name
+
+
+def _request_hash(req: EmailRequest) -> str:
+    canonical = json.dumps(req.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def prepare_email(ctx: Context, req: EmailRequest, idempotency_key: str | None) -> PreparedEmail:
+    """Validate beyond the schema (limits, template and its data, sender) and build the spec: the 422s come from here."""
+    _check_limits(ctx, req)
+    template_ref = content = template_from = template_from_name = None
+    if req.template is not None:
+        template_ref, content, template_from, template_from_name = await _pin_template(ctx, req)
+    sender_type, sender_id = ctx.principal.sender
+    route = await resolve_sender(ctx.session, ctx.settings, sender_type, sender_id)
+    from_address = req.from_ or route.default_from or template_from or normalize_address(ctx.settings.default_from)
+    if not req.from_ and template_from_name:  # the template names the sender; the address is its own or the system's
+        from_address = formataddr((template_from_name, bare_address(from_address)))
+
+    email_id = idempotent_email_id(sender_type, sender_id, idempotency_key) if idempotency_key else new_email_id()
+    related = req.related_entity
+    spec = EmailSpec(
+        email_id=email_id,
+        message_id=message_id_for(email_id, ctx.settings.message_id_domain or domain_of(from_address)),
+        from_address=from_address,
+        to=req.to,
+        cc=req.cc,
+        bcc=req.bcc,
+        reply_to=req.reply_to,
+        content=None if template_ref else Content(subject=req.subject or "", html=req.html, text=req.text),
+        template=template_ref,
+        headers=req.headers,
+        send_at=req.send_at,
+        retry=retry_settings(ctx.settings, req.max_attempts),
+        priority=str(req.priority),
+        tags=req.tags,
+        metadata=req.metadata,
+        related_entity_type=related.type if related else None,
+        related_entity_id=related.id if related else None,
+        sender_type=sender_type,
+        sender_id=sender_id,
+        send_queue=route.send_queue,
+        recorded=True,  # the record and its `queued` event are written before the workflow starts
+    )
+    return PreparedEmail(spec, content, _request_hash(req), idempotency_key, req.send_at)
+
+
+async def commit_email(ctx: Context, prepared: PreparedEmail) -> Email:
+    """Write the record, then start the workflow. Conflict: the Idempotency-Key was used with another
+    request; TemporalUnavailable: not accepted (the new record is removed again, so an accepted
+    email always has its workflow)."""
+    session = ctx.session
+    spec, key = prepared.spec, prepared.idempotency_key
+    email_id = spec.email_id
+    email = await session.get(Email, email_id) if key else None
+    created = email is None
+    if email is None:
+        email = record_from_spec(spec, idempotency_key=key, request_hash=prepared.body_hash)
+        if prepared.content is not None:
+            email.subject = prepared.content.subject  # as rendered at acceptance, for people reading the record
+        if prepared.send_at is not None and prepared.send_at > datetime.now(UTC):
+            email.status = EmailStatus.SCHEDULED.value
+        try:
+            await insert_email(session, email)
+            await session.commit()
+        except IntegrityError:  # the same key, at the same moment, from another request
+            await session.rollback()
+            email = await session.get(Email, email_id)
+            created = False
+            if email is None:
+                raise
+    if not created and email.request_hash != prepared.body_hash:
+        raise Conflict("this Idempotency-Key was used with a different request body")
+
+    await session.commit()  # never hold a database transaction while waiting on Temporal
+    try:
+        await start_delivery(ctx.temporal, spec, ctx.settings.task_queue, WorkflowIDReusePolicy.REJECT_DUPLICATE)
+    except WorkflowAlreadyStartedError:
+        pass  # a repeated request: the first one started it
+    except TemporalUnavailable:
+        if created:  # not durably accepted: leave no record behind that nothing will ever send
+            await (await session.connection()).execute(sa.delete(Email.__table__).where(Email.__table__.c.id == email_id))  # type: ignore[attr-defined]
+            await session.commit()
+        raise
+    return email
+
+
+async def accept(ctx: Context, req: EmailRequest, idempotency_key: str | None = None) -> Email:
+    """Queue one email: a record and its workflow, or an error and nothing."""
+    return await commit_email(ctx, await prepare_email(ctx, req, idempotency_key))
+
+
+async def accept_batch(ctx: Context, body: BatchIn) -> BatchOut:
+    """Each email validated and answered on its own; with `all_or_nothing`, one invalid email queues none."""
+    results: list[BatchItemOut | None] = [None] * len(body.emails)
+    ready: list[tuple[int, PreparedEmail]] = []
+    for index, item in enumerate(body.emails):
+        try:
+            key = item.pop("idempotency_key", None) if isinstance(item, dict) else None
+            if key is not None and not (
+                isinstance(key, str) and len(key) <= IDEMPOTENCY_KEY_MAX_LENGTH and re.fullmatch(IDEMPOTENCY_KEY_PATTERN, key)
+            ):
+                raise invalid(("body", "idempotency_key"), IDEMPOTENCY_KEY_RULE)
+            req = EmailRequest.model_validate(item)
+            ready.append((index, await prepare_email(ctx, req, key)))
+        except (ValidationError, Invalid) as exc:
+            results[index] = BatchItemOut(index=index, status=422, detail=_item_errors(exc.errors()))
+    rejected = [r for r in results if r is not None]
+    if body.all_or_nothing and rejected:
+        raise Invalid({
+            "msg": f"{len(rejected)} of {len(body.emails)} emails are invalid; nothing was queued (all_or_nothing)",
+            "items": [r.model_dump(exclude_none=True) for r in rejected],
+        })
+    for index, prepared in ready:
+        try:
+            email = await commit_email(ctx, prepared)
+            results[index] = BatchItemOut(index=index, status=202, id=email.id, workflow_id=email.workflow_id, email_status=email.status)
+        except Conflict as exc:
+            results[index] = BatchItemOut(index=index, status=409, detail=[{"msg": str(exc.detail)}])
+        except TemporalUnavailable:
+            results[index] = BatchItemOut(index=index, status=503, detail=[{"msg": "Temporal is unavailable; this email was not queued, send it again"}])
+    items = [r for r in results if r is not None]
+    return BatchOut(items=items, accepted=sum(r.status == 202 for r in items), rejected=sum(r.status != 202 for r in items))
+
+
+def _item_errors(errors: Any) -> list[dict[str, Any]]:
+    """Field errors as JSON (no exception objects in `ctx`), with `body` and the item's place dropped."""
+    out = []
+    for error in errors:
+        loc = [part for part in error.get("loc", ()) if part != "body"]
+        out.append({"type": error.get("type"), "loc": loc, "msg": error.get("msg"),
+                    **({"missing": error["missing"]} if "missing" in error else {})})
+    return out
+
+
+# --- reading ---------------------------------------------------------------------------
+
+
+def visible_to(principal: Principal) -> list[Any]:
+    """SQL filters for the emails a caller may see: a user only their own; admins all."""
+    if principal.is_admin:
+        return []
+    return [col(Email.sender_type) == SenderType.USER.value, col(Email.sender_id) == principal.id]
+
+
+async def email_or_404(ctx: Context, email_id: str) -> Email:
+    email = await ctx.session.get(Email, email_id) if _EMAIL_ID.match(email_id) else None
+    if email is not None and not ctx.principal.may_see(email.sender_type, email.sender_id):
+        email = None  # someone else's email: as unknown as one that does not exist
+    if email is None:
+        raise NotFound(f"no email with id {email_id!r}")
+    return email
+
+
+async def get_email(ctx: Context, email_id: str) -> tuple[Email, Sequence[EmailEvent]]:
+    """An email with its events, oldest first."""
+    email = await email_or_404(ctx, email_id)
+    return email, await events_of(ctx.session, email.id)
+
+
+@dataclass
+class EmailFilter:
+    """Which emails to list (all of them given: every condition holds)."""
+
+    statuses: list[EmailStatus] | None = None
+    recipient: str | None = None  # any of to/cc/bcc
+    template: str | None = None
+    related_entity_type: str | None = None
+    related_entity_id: str | None = None
+    tag: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+async def list_emails(ctx: Context, where: EmailFilter, page: int, page_size: int) -> tuple[int, Sequence[Email]]:
+    """(how many match, one page of them), newest first."""
+    session = ctx.session
+    filters: list[Any] = visible_to(ctx.principal)
+    if where.statuses:
+        filters.append(col(Email.status).in_([s.value for s in where.statuses]))
+    if where.recipient:
+        try:
+            address = bare_address(normalize_address(where.recipient)).lower()
+        except ValueError as exc:
+            raise invalid(("query", "recipient"), str(exc), value=where.recipient) from None
+        filters.append(
+            sa.exists().where(col(EmailRecipient.email_id) == col(Email.id), col(EmailRecipient.address) == address)
+        )
+    if where.template:
+        filters.append(col(Email.template_name) == where.template)
+    if where.related_entity_type:
+        filters.append(col(Email.related_entity_type) == where.related_entity_type)
+    if where.related_entity_id:
+        filters.append(col(Email.related_entity_id) == where.related_entity_id)
+    for name, bound in (("created_after", where.created_after), ("created_before", where.created_before)):
+        if bound is not None and bound.tzinfo is None:
+            raise invalid(("query", name), "needs a time zone", value=str(bound))
+        if bound is not None:
+            try:
+                bound.astimezone(UTC)  # compared in UTC: 0001-01-01T00:00+01:00 is before the first UTC instant
+            except OverflowError:
+                raise invalid(("query", name), "out of range in UTC", value=str(bound)) from None
+    if where.created_after:
+        filters.append(col(Email.created_at) >= where.created_after)
+    if where.created_before:
+        filters.append(col(Email.created_at) < where.created_before)
+    query = select(Email).where(*filters)
+    newest_first = (col(Email.created_at).desc(), col(Email.id).desc())
+    if where.tag:
+        rows = (await session.exec(query.order_by(*newest_first))).all()
+        matching = [e for e in rows if where.tag in e.tags]  # tags are JSON: filtered here, portable across databases
+        return len(matching), matching[(page - 1) * page_size : page * page_size]
+    total = (await session.exec(select(sa.func.count()).select_from(Email).where(*filters))).one()
+    items = (await session.exec(query.order_by(*newest_first).offset((page - 1) * page_size).limit(page_size))).all()
+    return total, items
+
+
+# --- changing ----------------------------------------------------------------------------
+
+
+async def _update(ctx: Context, email: Email, name: str, arg: Any, refusal: Callable[[str], str | None]) -> EmailState:
+    """Ask the email's workflow (the one that knows its true state) to change; its validator may say no."""
+    # End the read transaction first: the workflow's own audit step must be able to write
+    # (SQLite has one writer) while we wait for the update.
+    await ctx.session.commit()
+    handle = ctx.temporal.get_workflow_handle(email.workflow_id)
+    try:
+        return await handle.execute_update(name, arg, result_type=EmailState, rpc_timeout=RPC_TIMEOUT)
+    except WorkflowUpdateFailedError as exc:  # the workflow's validator said no
+        cause = exc.cause
+        raise Conflict(cause.message if isinstance(cause, ApplicationError) else str(cause)) from None
+    except RPCError as exc:
+        if "already completed" in exc.message or "not found" in exc.message.lower():
+            await ctx.session.refresh(email)  # its run has ended: the record says how, or soon will
+            why = refusal(email.status) or f"the email's delivery run has ended; the record says {email.status}"
+            raise Conflict(why) from None
+        raise TemporalUnavailable(exc.message) from exc
+    except (WorkflowUpdateRPCTimeoutOrCancelledError, RuntimeError) as exc:
+        raise TemporalUnavailable(str(exc)) from exc
+
+
+def _cancel_refusal(status: str) -> str | None:
+    return cancel_refusal(EmailStatus(status))
+
+
+async def cancel(ctx: Context, email_id: str, reason: str | None) -> tuple[Email, Sequence[EmailEvent]]:
+    """Cancel an email its workflow has not handed to the send step yet (queued, scheduled, deferred)."""
+    email = await email_or_404(ctx, email_id)
+    if EmailStatus(email.status).is_final:  # its run has ended: no need to ask
+        raise Conflict(_cancel_refusal(email.status))
+    state = await _update(ctx, email, CANCEL_UPDATE, CancelRequest(reason=reason), _cancel_refusal)
+    if state.status is not EmailStatus.CANCELLED:
+        raise Conflict(f"the email could not be cancelled: it is {state.status.value}")
+    await ctx.session.refresh(email)
+    return email, await events_of(ctx.session, email.id)
+
+
+async def retry(ctx: Context, email_id: str) -> Email:
+    """Deliver a failed email again: a new run of its workflow, same id and Message-ID."""
+    session, settings = ctx.session, ctx.settings
+    email = await email_or_404(ctx, email_id)
+    refusal = retry_refusal(EmailStatus(email.status))
+    if refusal:
+        raise Conflict(refusal)
+    spec = spec_from_record(email, retry_settings(settings, email.max_attempts))
+    spec.recorded = True
+    spec.send_queue = (await resolve_sender(session, settings, spec.sender_type, spec.sender_id)).send_queue
+    # Written before the new run starts, so it can never overwrite the run's own steps.
+    email.status, email.attempts, email.updated_at = EmailStatus.QUEUED.value, 0, utcnow()
+    event = queued_event(email.id, "retry requested")
+    session.add(event)
+    await session.commit()
+    try:
+        await start_delivery(ctx.temporal, spec, settings.task_queue, WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY)
+    except (WorkflowAlreadyStartedError, TemporalUnavailable) as exc:
+        email.status = EmailStatus.FAILED.value
+        await session.delete(event)
+        await session.commit()
+        if isinstance(exc, WorkflowAlreadyStartedError):
+            raise Conflict("a delivery run of this email is still open; try again shortly") from None
+        raise
+    return email
+
+
+async def reschedule(ctx: Context, email_id: str, send_at: datetime) -> tuple[Email, Sequence[EmailEvent]]:
+    """Move a scheduled email's send time."""
+    check_send_at(ctx.settings, send_at)
+    email = await email_or_404(ctx, email_id)
+    refusal = reschedule_refusal(EmailStatus(email.status))
+    if refusal:
+        raise Conflict(refusal)
+    await _update(ctx, email, RESCHEDULE_UPDATE, RescheduleRequest(send_at=send_at.astimezone(UTC)), reschedule_refusal)
+    await ctx.session.refresh(email)
+    return email, await events_of(ctx.session, email.id)

@@ -1,0 +1,39 @@
+"""What a service says when it cannot do what was asked. Front doors map these (REST: app.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """A request the service refuses; `detail` says why, in words for the caller."""
+
+    def __init__(self, detail: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(ServiceError):
+    """No such thing, or not the caller's (someone else's is as unknown as one that does not exist)."""
+
+
+class Conflict(ServiceError):
+    """Not possible in the thing's current state (or an Idempotency-Key reused for another request)."""
+
+
+class Invalid(ServiceError):
+    """The input is wrong: `detail` is a list of field errors (`loc`, `msg`, `type`, ...), or a
+    summary with `items` (a batch refused as a whole)."""
+
+    def errors(self) -> Any:
+        return self.detail
+
+
+def field_error(loc: tuple[str | int, ...], msg: str, *, value: Any = None, type: str = "value_error", **extra: Any) -> dict[str, Any]:
+    """One field error, shaped as pydantic's: `loc` starts with where the field came from ("body", "query")."""
+    return {"type": type, "loc": loc, "msg": msg, **extra, "input": value}
+
+
+def invalid(loc: tuple[str | int, ...], msg: str, *, value: Any = None, type: str = "value_error", **extra: Any) -> Invalid:
+    """The input is wrong in one field."""
+    return Invalid([field_error(loc, msg, value=value, type=type, **extra)])

@@ -1,0 +1,49 @@
+"""What the queue holds, what it did lately, and what looks stuck: per caller (admins: everyone)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import col, select
+
+from api.schemas.stats import StatsOut, StuckEmail
+from api.services.context import Context
+from api.services.emails import visible_to
+from mailqueue.contracts import IN_FLIGHT, WAITING, EmailStatus, status_values
+from mailqueue.models import Email, utcnow
+
+
+async def stats(ctx: Context, stuck_after_seconds: int) -> StatsOut:
+    session = ctx.session
+    mine = visible_to(ctx.principal)
+    now = utcnow()
+    rows = (await session.exec(select(Email.status, sa.func.count()).where(*mine).group_by(Email.status))).all()
+    by_status: dict[str, int] = {status: count for status, count in rows}
+
+    async def count(*where: Any) -> int:
+        return (await session.exec(select(sa.func.count()).select_from(Email).where(*mine, *where))).one()
+
+    stale = now - timedelta(seconds=stuck_after_seconds)
+    in_flight = col(Email.status).in_(status_values(IN_FLIGHT))
+    stuck_rows = (
+        await session.exec(select(Email).where(*mine, in_flight, col(Email.updated_at) < stale).order_by(col(Email.updated_at)).limit(10))
+    ).all()
+    oldest = (await session.exec(select(sa.func.min(Email.created_at)).where(*mine, in_flight))).one()
+    sent = col(Email.status) == EmailStatus.SENT.value
+    return StatsOut(
+        by_status=by_status,
+        queue_depth=sum(n for s, n in by_status.items() if s in IN_FLIGHT | WAITING),
+        retried=await count(col(Email.attempts) > 1),
+        sent_last_minute=await count(sent, col(Email.sent_at) >= now - timedelta(minutes=1)),
+        sent_last_hour=await count(sent, col(Email.sent_at) >= now - timedelta(hours=1)),
+        oldest_in_flight_seconds=round((now - _aware(oldest)).total_seconds(), 1) if oldest else None,
+        stuck_after_seconds=stuck_after_seconds,
+        stuck=await count(in_flight, col(Email.updated_at) < stale),
+        stuck_examples=[StuckEmail(id=e.id, status=e.status, updated_at=e.updated_at, attempts=e.attempts, last_error=e.last_error) for e in stuck_rows],
+    )
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)  # SQLite's min() returns a naive value
