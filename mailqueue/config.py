@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from mailqueue.drivers.base import SYSTEM_DRIVERS, DriverName
 
 DATA_DIR = Path(".mailqueue")
+ENV_PREFIX = "MAILQUEUE_"
 
 # How long the API keeps an idle HTTP connection open (uvicorn --timeout-keep-alive; the
 # Dockerfile and compose pass it too). Above the idle time of common clients' connection pools
@@ -31,7 +32,7 @@ class SmtpSecurity(StrEnum):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MAILQUEUE_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore")
 
     database_url: str = Field(
         default=f"sqlite:///{DATA_DIR / 'mailqueue.db'}",
@@ -138,9 +139,6 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
-
-
-ENV_PREFIX = "MAILQUEUE_"
 
 
 def settings_env(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, str]:
