@@ -43,13 +43,11 @@ from mailqueue.contracts import (
     EventType,
     ReconcileReport,
     ReconcileRequest,
-    SenderType,
     status_values,
 )
-from mailqueue.delivery import retry_settings, start_delivery
-from mailqueue.email_store import apply_audit, spec_from_record
+from mailqueue.delivery import redelivery_spec, start_delivery
+from mailqueue.email_store import apply_audit
 from mailqueue.models import Email
-from mailqueue.senders import resolve_sender
 
 log = logging.getLogger("mailqueue.activities.reconcile")
 
@@ -168,13 +166,10 @@ class ReconcileActivities:
         """No workflow: never started (the API stopped between the two steps) or lost by Temporal.
         The record is the durable acceptance, so delivery starts (again) from it; a mail an
         earlier run may have sent carries the same Message-ID."""
-        spec = spec_from_record(email, retry_settings(self._settings, email.max_attempts))
-        spec.recorded = True
+        async with self._sessions() as session:
+            spec = await redelivery_spec(session, self._settings, email)
         if email.status == EmailStatus.SCHEDULED.value:
             spec.send_at = email.scheduled_for
-        async with self._sessions() as session:
-            route = await resolve_sender(session, self._settings, SenderType(email.sender_type), email.sender_id)
-        spec.send_queue = route.send_queue
         # Written before the run starts, so it can never overwrite the run's own steps; if the
         # start fails, the record is stale again after a while and the next run tries again.
         await self._record(

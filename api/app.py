@@ -104,18 +104,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def unavailable(what: str) -> JSONResponse:
         return JSONResponse({"detail": f"{what} is unavailable; nothing was changed, try again"}, status_code=503, headers={"Retry-After": "5"})
 
+    def refused(detail: Any, status: int) -> JSONResponse:
+        # FastAPI's own handler echoes the input back as given: "\ud800" or NaN in a body made its 422 a 500.
+        return JSONResponse({"detail": _printable(jsonable_encoder(detail))}, status_code=status)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's own handler echoes the input back as given: "\ud800" or NaN in a body made its 422 a 500.
-        return JSONResponse({"detail": _printable(jsonable_encoder(exc.errors()))}, status_code=422)
+        return refused(exc.errors(), 422)
 
     # What the services refuse, in HTTP's terms.
     statuses: dict[type[ServiceError], int] = {NotFound: 404, Conflict: 409, Invalid: 422}
 
     @app.exception_handler(ServiceError)
     async def _refused(request: Request, exc: ServiceError) -> JSONResponse:
-        status = next((code for kind, code in statuses.items() if isinstance(exc, kind)), 400)
-        return JSONResponse({"detail": _printable(jsonable_encoder(exc.detail))}, status_code=status)
+        return refused(exc.detail, next((code for kind, code in statuses.items() if isinstance(exc, kind)), 400))
 
     @app.exception_handler(TemporalUnavailable)
     async def _temporal_down(request: Request, exc: Exception) -> JSONResponse:

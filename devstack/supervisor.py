@@ -13,7 +13,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from pydantic import SecretStr
 from sqlalchemy.engine import make_url
@@ -22,7 +22,9 @@ from devstack.devserver import TemporalDevServer, temporal_cli
 from devstack.net import wait_for_port
 from mailqueue.config import HTTP_KEEP_ALIVE_SECONDS, Settings, settings_env
 from mailqueue.db import migrate
-from mailqueue.template_library import ReloadResult
+
+if TYPE_CHECKING:
+    from mailqueue.template_library import ReloadResult
 
 ROOT = Path(__file__).resolve().parents[1]  # where worker.py and api/ live
 DEV_API_KEY = "mq-dev-key"

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 from temporalio.common import Priority, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from mailqueue.config import Settings
-from mailqueue.contracts import SEND_EMAIL_WORKFLOW, EmailSpec, RetrySettings, priority_key, workflow_id_for
+from mailqueue.contracts import SEND_EMAIL_WORKFLOW, EmailSpec, RetrySettings, SenderType, priority_key, workflow_id_for
+from mailqueue.email_store import spec_from_record
+from mailqueue.models import Email
+from mailqueue.senders import resolve_sender
 
 RPC_TIMEOUT = timedelta(seconds=10)
 
@@ -28,6 +32,15 @@ def retry_settings(settings: Settings, max_attempts: int | None) -> RetrySetting
         send_timeout_seconds=settings.send_timeout_seconds,
         unreachable_wait_seconds=settings.unreachable_wait_seconds,
     )
+
+
+async def redelivery_spec(session: AsyncSession, settings: Settings, email: Email) -> EmailSpec:
+    """The workflow input that delivers a recorded email again (a retry, the reconciler's restart):
+    same id and Message-ID, the record already written, the sender's queue as its settings say now."""
+    spec = spec_from_record(email, retry_settings(settings, email.max_attempts))
+    spec.recorded = True
+    spec.send_queue = (await resolve_sender(session, settings, SenderType(email.sender_type), email.sender_id)).send_queue
+    return spec
 
 
 async def start_delivery(temporal: Client, spec: EmailSpec, task_queue: str, reuse: WorkflowIDReusePolicy) -> None:

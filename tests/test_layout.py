@@ -29,16 +29,12 @@ MODULES = _modules()
 
 def _imports(name: str) -> Iterator[str]:
     """The project modules `name` imports, anywhere in the file."""
-    path = MODULES[name]
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
+            assert not node.level, f"{name}: the project imports absolutely (this check reads only such imports)"
             base = node.module or ""
-            if node.level:  # relative: from the package this file is in
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*anchor, *([base] if base else [])])
             targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names]
         else:
             continue

@@ -48,8 +48,8 @@ from mailqueue.contracts import (
     reschedule_refusal,
     retry_refusal,
 )
-from mailqueue.delivery import RPC_TIMEOUT, TemporalUnavailable, retry_settings, start_delivery
-from mailqueue.email_store import events_of, insert_email, queued_event, record_from_spec, spec_from_record
+from mailqueue.delivery import RPC_TIMEOUT, TemporalUnavailable, redelivery_spec, retry_settings, start_delivery
+from mailqueue.email_store import events_of, insert_email, queued_event, record_from_spec
 from mailqueue.errors import TemplateError
 from mailqueue.ids import idempotent_email_id, message_id_for, new_email_id
 from mailqueue.message import bare_address, domain_of
@@ -384,9 +384,7 @@ async def retry(ctx: Context, email_id: str) -> Email:
     refusal = retry_refusal(EmailStatus(email.status))
     if refusal:
         raise Conflict(refusal)
-    spec = spec_from_record(email, retry_settings(settings, email.max_attempts))
-    spec.recorded = True
-    spec.send_queue = (await resolve_sender(session, settings, spec.sender_type, spec.sender_id)).send_queue
+    spec = await redelivery_spec(session, settings, email)
     # Written before the new run starts, so it can never overwrite the run's own steps.
     email.status, email.attempts, email.updated_at = EmailStatus.QUEUED.value, 0, utcnow()
     event = queued_event(email.id, "retry requested")

@@ -79,7 +79,7 @@ async def send_test(ctx: Context, body: TestIn | None, user_id: str | None) -> T
     route = await resolve_sender(session, settings, SenderType.USER, user.id)
     from_address = route.default_from or normalize_address(settings.default_from)
     email_id = new_email_id()
-    driver = SenderDriver(route.settings.driver).value if route.settings is not None else SenderDriver.SYSTEM_SMTP.value
+    driver = route.settings.driver if route.settings is not None else SenderDriver.SYSTEM_SMTP.value
     spec = EmailSpec(
         email_id=email_id, message_id=message_id_for(email_id, settings.message_id_domain or domain_of(from_address)),
         from_address=from_address, to=[to],
