@@ -126,6 +126,60 @@ class Settings(BaseSettings):
     send_at_grace_seconds: float = 60.0
     send_at_max_days: int = 366
 
+    # --- Safe for many senders (issue 12); the README's "Security model" says what to set in production.
+
+    # Sender identity: a user's From (and default_from) must be in one of their verified domains
+    # (/v1/domains). Off only in `make dev`, which warns. The system's own domains (that of
+    # MAILQUEUE_DEFAULT_FROM, MAILQUEUE_MESSAGE_ID_DOMAIN and these) are reserved for the system.
+    require_verified_from: bool = True
+    system_domains: list[str] = Field(default_factory=list)
+    # DNS servers ("host" or "host:port") for domain verification and the egress policy's name
+    # checks; empty: the system's resolver. Tests point this at a local stub.
+    dns_servers: list[str] = Field(default_factory=list)
+
+    # Egress: destinations a user can make us connect to (their SMTP host, provider base URLs,
+    # later webhook URLs) must resolve to public addresses, and SMTP to ports 25/465/587/2525.
+    # Entries here (CIDRs like 10.1.0.0/16, or exact host names like localhost) lift both checks:
+    # for development and tests only.
+    egress_allow: list[str] = Field(default_factory=list)
+    # Hosts a user's SMTP settings may send AUTH to without TLS (never, unless the operator names them).
+    smtp_plaintext_auth_hosts: list[str] = Field(default_factory=list)
+    # How long a user's own SMTP server is waited for when it cannot be reached (the system's
+    # waits unreachable_wait_seconds).
+    user_unreachable_wait_seconds: float = Field(default=900.0, ge=0)
+
+    # Abuse limits. Per API key (the bootstrap key included) per minute, shared by every API
+    # process: in Redis when redis_url is set, else in the database. 0: no limit.
+    rate_limit_per_minute: int = Field(default=300, ge=0)
+    redis_url: str | None = None
+    # Recipients (to + cc + bcc) a user may queue per hour; admins can set it per user. 0: no cap.
+    user_recipients_per_hour: int = Field(default=10_000, ge=0)
+    # The highest priority a user may ask for unless an admin raises it for them: high, normal or low.
+    user_max_priority: str = Field(default="normal", pattern="^(high|normal|low)$")
+    # /docs, /redoc and /openapi.json without a key (off: they need an admin key).
+    public_docs: bool = True
+
+    # Template rendering runs in a pool of worker processes, each render bounded.
+    render_processes: int = Field(default=2, ge=1)
+    render_timeout_seconds: float = Field(default=2.0, gt=0)
+    render_cpu_seconds: int = Field(default=2, ge=1)
+    render_memory_mb: int = Field(default=512, ge=64)
+
+    # Payloads in Temporal (workflow inputs, results, histories) are AES-256-GCM encrypted with
+    # these keys, comma-separated, newest first (the first encrypts, all decrypt). Unset: the
+    # embedded setup keeps a generated key in payload_key_file, as for secret_key.
+    payload_keys: SecretStr | None = None
+    payload_key_file: Path = DATA_DIR / "payload.key"
+    # Origins allowed to call /codec/* from a browser (the Temporal Web UI).
+    codec_cors_origins: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8233", "http://localhost:8233"])
+    # The Temporal connection: TLS (server CA, client certificate for mTLS) and an API key (Temporal Cloud).
+    temporal_tls: bool = False
+    temporal_tls_ca_file: Path | None = None
+    temporal_tls_cert_file: Path | None = None
+    temporal_tls_key_file: Path | None = None
+    temporal_tls_server_name: str | None = None
+    temporal_api_key: SecretStr | None = None
+
     log_level: str = "INFO"
 
     @field_validator("database_url")

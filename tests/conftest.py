@@ -23,6 +23,7 @@ from devstack.devserver import TemporalDevServer
 from devstack.net import free_port
 from mailqueue.config import Settings
 from mailqueue.db import create_engine, migrate, sessionmaker
+from tests.dns_stub import DnsStub
 from tests.helpers import AUTH, KEY, PROCESS_STARTS, ApiProcess, SmtpSink, Stack, eventually, fast_settings
 from worker import build_worker
 
@@ -94,6 +95,13 @@ def sessions(database_url: str):  # type: ignore[no-untyped-def]
     return sessionmaker(create_engine(database_url))
 
 
+@pytest.fixture(scope="session")
+def dns_stub() -> Iterator[DnsStub]:
+    """The DNS every test stack asks (`dns_servers`): tests add the records they need."""
+    with DnsStub() as stub:
+        yield stub
+
+
 @pytest.fixture
 def sink() -> Iterator[SmtpSink]:
     with SmtpSink() as s:
@@ -118,8 +126,8 @@ def task_queue() -> str:
 
 
 @pytest.fixture
-def settings(database_url: str, temporal_server: TemporalDevServer, sink: SmtpSink, task_queue: str) -> Settings:
-    return fast_settings(database_url, temporal_server.address, sink.port, task_queue)
+def settings(database_url: str, temporal_server: TemporalDevServer, sink: SmtpSink, task_queue: str, dns_stub: DnsStub) -> Settings:
+    return fast_settings(database_url, temporal_server.address, sink.port, task_queue, dns_servers=[dns_stub.server])
 
 
 @pytest.fixture
@@ -135,12 +143,14 @@ def histories_dir() -> Path:
 
 @pytest.fixture(scope="module")
 async def stack(
-    client: Client, database_url: str, temporal_server: TemporalDevServer, tmp_path_factory: pytest.TempPathFactory
+    client: Client, database_url: str, temporal_server: TemporalDevServer, tmp_path_factory: pytest.TempPathFactory,
+    dns_stub: DnsStub,
 ) -> AsyncIterator[Stack]:
     tmp = tmp_path_factory.mktemp("api")
     with SmtpSink() as sink:
         settings = fast_settings(
-            database_url, temporal_server.address, sink.port, f"api-{uuid.uuid4()}", bootstrap_api_key=KEY
+            database_url, temporal_server.address, sink.port, f"api-{uuid.uuid4()}", bootstrap_api_key=KEY,
+            dns_servers=[dns_stub.server],
         )
         async with build_worker(client, settings):
             async with ApiProcess(settings, tmp / "api.log") as api:

@@ -230,6 +230,10 @@ def fast_settings(database_url: str, temporal_address: str, smtp_port: int, task
         "secret_key": TEST_SECRET_KEY,
         "templates_dir": ROOT / "templates",
         "reconcile_interval_seconds": 0,  # the tests share one database: a reconciler would touch other tests' records
+        # User SMTP servers and fake providers in tests listen on localhost's free ports: allowed
+        # by that name only, so 127.0.0.1 in any notation (and names resolving to it) stays refused.
+        "egress_allow": ["localhost"],
+        "rate_limit_per_minute": 0,  # one admin key makes every request of a module; the limit has its own tests
     }
     return Settings(**(values | overrides), _env_file=None)  # type: ignore[call-arg]
 
