@@ -1,4 +1,4 @@
-"""abuse limits: admin-owned quotas, priority ceilings, rate-limit counters
+"""abuse limits: admin-owned quotas, priority ceilings, recipients per hour
 
 Revision ID: 0005
 Revises: 0004
