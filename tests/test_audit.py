@@ -1,43 +1,39 @@
-"""The audit step while the database is away: a short, retryable failure that quotes no email."""
+"""The dependency audit's verdicts: a known vulnerability fails; an unreachable database says so and passes."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
-import pytest
-from sqlalchemy.exc import OperationalError
-from temporalio.exceptions import ApplicationError
-
-from activities.audit import AuditActivities
-from activities.failures import database_error
-from mailqueue.contracts import DATABASE_ERROR
-from mailqueue.contracts import AuditEntry, EventType
-from mailqueue.db import create_engine, sessionmaker
-from tests.helpers import UNREACHABLE_DATABASE, make_spec
+from devstack.audit import LOCK, summarize
 
 
-def test_a_database_error_is_one_line_without_the_statement_or_its_parameters() -> None:
-    secret_body = "<p>Your password reset code is 424242</p>"
-    exc = OperationalError(
-        "UPDATE emails SET html=%(html)s", {"html": secret_body},
-        Exception('connection to server at "127.0.0.1", port 5432 failed: FATAL:  database "x" is not accepting connections\nDETAIL: more'),
-    )
-    err = database_error(exc)
-    assert err.type == DATABASE_ERROR and not err.non_retryable
-    assert "424242" not in err.message and "UPDATE" not in err.message and "\n" not in err.message
-    assert err.message.startswith("database error: Exception: connection to server at")
+def dep(name: str, vulns: list[dict] | None = None, skip: str | None = None) -> dict:
+    d: dict = {"name": name, "version": "1.0"}
+    if skip:
+        d["skip_reason"] = skip
+    else:
+        d["vulns"] = vulns or []
+    return d
 
 
-async def test_the_audit_step_fails_short_and_retryable_while_the_database_is_away() -> None:
-    engine = create_engine(UNREACHABLE_DATABASE)
-    spec = make_spec(subject="Reset code 424242")
-    entry = AuditEntry(email_id=spec.email_id, event_id="e1", event=EventType.QUEUED, at=datetime.now(UTC), spec=spec)
-    try:
-        with pytest.raises(ApplicationError) as caught:
-            await AuditActivities(sessionmaker(engine)).record(entry)
-    finally:
-        await engine.dispose()
-    err = caught.value
-    assert err.type == DATABASE_ERROR and not err.non_retryable
-    assert err.__cause__ is None and err.__suppress_context__  # the SDK logs this traceback on every try: ours only
-    assert "424242" not in err.message and len(err.message) < 400, err.message
+def test_a_known_vulnerability_fails_and_names_the_fix() -> None:
+    code, lines = summarize({"dependencies": [dep("jinja2", [{"id": "GHSA-x", "fix_versions": ["3.1.7"]}]), dep("httpx")]})
+    assert code == 1
+    assert "jinja2 1.0: GHSA-x (fixed in 3.1.7)" in lines[0]
+    assert "1 of 2 audited" in lines[-1]
+
+
+def test_an_unreachable_database_is_reported_as_not_audited_and_passes() -> None:
+    code, lines = summarize({"dependencies": [dep("a", skip="Dependency not found on PyPI"), dep("b", skip="Dependency not found on PyPI")]})
+    assert code == 0
+    assert "NOT audited" in lines[-1] and "none of 2" in lines[-1]
+
+
+def test_partly_audited_names_what_was_skipped() -> None:
+    code, lines = summarize({"dependencies": [dep("a"), dep("b", skip="not found")]})
+    assert code == 0
+    assert lines == ["audit: 1 dependencies could not be audited: b", "audit: no known vulnerabilities in 1 audited dependencies"]
+
+
+def test_the_lock_pins_every_runtime_dependency() -> None:
+    pinned = {line.split("==")[0].lower().replace("_", "-") for line in LOCK.read_text().splitlines() if "==" in line}
+    for name in ("temporalio", "fastapi", "jinja2", "cryptography", "dnspython", "redis", "pip-audit"):
+        assert name in pinned, name
