@@ -31,6 +31,7 @@ from mailqueue.db import create_engine, sessionmaker
 from mailqueue.drivers.base import Driver
 from mailqueue.drivers.factory import DriverFactory, driver_from_settings
 from mailqueue.logs import configure_logging
+from mailqueue.render_pool import RenderPool
 from mailqueue.template_library import Renderer
 from mailqueue.temporal import connect, ensure_reconcile_schedule
 from mailqueue.templating import TemplateEngine
@@ -45,13 +46,17 @@ class Workers:
     rated driver, polling that driver's send queue (`<task queue>.<driver>`) under Temporal's
     task-queue rate limit, which holds across every worker process."""
 
-    def __init__(self, workers: list[Worker], drivers: DriverFactory) -> None:
+    def __init__(self, workers: list[Worker], drivers: DriverFactory, pool: RenderPool | None = None) -> None:
         self.workers = workers
         self.drivers = drivers
+        self.pool = pool  # the processes templates render in (None: the caller brought its own renderer)
         self._stack: AsyncExitStack | None = None
 
     async def __aenter__(self) -> Workers:
         self._stack = AsyncExitStack()
+        if self.pool is not None:
+            await self.pool.start()
+            self._stack.push_async_callback(self.pool.close)  # after the workers: sends in flight render first
         for worker in self.workers:
             await self._stack.enter_async_context(worker)
         return self
@@ -75,7 +80,8 @@ def build_worker(
     clock that decides quota windows)."""
     sessions = sessionmaker(create_engine(settings.database_url))
     audit = AuditActivities(sessions)
-    renderer = renderer or Renderer(sessions, TemplateEngine(settings.default_locale))
+    pool = None if renderer is not None else RenderPool.from_settings(settings)
+    renderer = renderer or Renderer(sessions, TemplateEngine(settings.default_locale, pool=pool))
     render = RenderActivities(renderer)  # for emails queued before the send activity rendered
     drivers = DriverFactory(settings, driver or driver_from_settings(settings))
     send = SendActivities(sessions, drivers, renderer, settings)
@@ -104,7 +110,7 @@ def build_worker(
         )
         for name, rate in sorted(settings.send_rates.items())
     ]
-    return Workers([main, *rated], drivers)
+    return Workers([main, *rated], drivers, pool)
 
 
 async def main() -> None:

@@ -1,7 +1,8 @@
 """Quota activity: takes one slot of the sender's hourly and daily limits, atomically, or says when to ask again.
 
 A slot is counted when a send is about to start (a failed send still used the provider's
-quota). The count is a conditional UPDATE (`count < limit`) in one transaction for both
+quota). A limit is the lower of the user's own (their mail settings) and the ceiling an admin set
+on the user. The count is a conditional UPDATE (mailqueue.usage) in one transaction for both
 windows, so 50 parallel sends can never pass a limit: PostgreSQL re-checks the condition on
 the locked row, SQLite has one writer. Should this local activity run twice for one send (a
 worker lost after the commit), the slot is counted twice: the error is on the safe side.
@@ -13,10 +14,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncConnection, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 
@@ -24,10 +22,8 @@ from activities.failures import database_error
 from mailqueue.config import Settings
 from mailqueue.contracts import QuotaAnswer, QuotaRequest, SenderType
 from mailqueue.db import STORE_ERRORS
-from mailqueue.models import SenderUsage
 from mailqueue.senders import resolve_sender, sender_key
-
-_usage = SenderUsage.__table__  # type: ignore[attr-defined]
+from mailqueue.usage import Window, take
 
 
 class QuotaActivities:
@@ -55,9 +51,10 @@ class QuotaActivities:
             now = self._clock()
             # Real time minus the clock's: 0 with the real clock (to the microsecond).
             skew = time.time() - now
-            # (label, limit, this window's key, when it ends) for each limit the sender has
+            # (label, limit, this window) for each limit the sender has: the lower of their own and
+            # their admin's ceiling (resolve_sender decides that)
             limits = [
-                (label, limit, f"{label[0]}{int(now // seconds)}", (now // seconds + 1) * seconds)
+                (label, limit, Window.at(label[0], now, seconds))
                 for label, seconds, limit in (("hourly", self._hour, route.hourly_limit), ("daily", self._day, route.daily_limit))
                 if limit
             ]
@@ -65,17 +62,10 @@ class QuotaActivities:
                 return QuotaAnswer(ok=True)
             sender = sender_key(req.sender_type, req.sender_id)
             connection = await session.connection()
-            for _, _, window, _ in limits:
-                await _ensure_row(connection, sender, window)
             full: list[tuple[str, int, float]] = []
-            for label, limit, window, ends in limits:
-                taken = await connection.execute(
-                    sa.update(_usage)
-                    .where(_usage.c.sender == sender, _usage.c.window == window, _usage.c.count < limit)
-                    .values(count=_usage.c.count + 1)
-                )
-                if taken.rowcount != 1:
-                    full.append((label, limit, ends))
+            for label, limit, window in limits:
+                if not await take(connection, sender, window.key, 1, limit):
+                    full.append((label, limit, window.ends))
             if full:
                 await session.rollback()  # a slot taken in the other window is given back
                 label, limit, ends = max(full, key=lambda f: f[2])  # the window that opens last decides
@@ -86,8 +76,3 @@ class QuotaActivities:
             await session.commit()
             return QuotaAnswer(ok=True)
 
-
-async def _ensure_row(connection: AsyncConnection, sender: str, window: str) -> None:
-    """Create the window's counter if it is not there (two sends at once: one insert wins, quietly)."""
-    insert = pg_insert if connection.dialect.name == "postgresql" else sqlite_insert
-    await connection.execute(insert(_usage).values(sender=sender, window=window, count=0).on_conflict_do_nothing())

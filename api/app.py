@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.routes import emails, health, settings as mail_settings, stats, templates, users
-from api.services.errors import Conflict, Invalid, NotFound, ServiceError, invalid
+from api.deps import rate_limit_headers, require_browser_admin
+from api.routes import domains, emails, health, settings as mail_settings, stats, templates, users
+from api.routes import codec
+from api.services.errors import Conflict, Invalid, LimitReached, NotFound, ServiceError, invalid
+from mailqueue.accounts import weak_bootstrap_key
 from mailqueue.config import Settings, get_settings
 from mailqueue.crypto import SecretBox
 from mailqueue.db import create_engine, sessionmaker
 from mailqueue.delivery import TemporalUnavailable
+from mailqueue.domains import system_domains
 from mailqueue.logs import configure_logging
+from mailqueue.ratelimit import RateLimiter
 from mailqueue.temporal import connect
+from mailqueue.render_pool import RenderPool
 from mailqueue.templating import TemplateEngine
 
 log = logging.getLogger("mailqueue.api")
@@ -35,20 +43,117 @@ Authenticate with `Authorization: Bearer <API key>`.
 """
 
 
+# How long an answer given before its request's body ended goes on reading and dropping the
+# rest of the body before the connection closes (nginx's lingering_time, 30 s there). Many
+# clients (httpx's AsyncClient among them) read the answer only once they have sent the whole
+# body, and a connection closed while a body is still coming is reset: they would see a broken
+# connection, not the 413. Memory stays flat: what is read is dropped.
+LINGER_SECONDS = 10.0
+
+
+class _BodyTooLarge(Exception):
+    """Raised into the app when it reads past the body limit (BodySizeLimit answers 413)."""
+
+
 class BodySizeLimit:
-    """Refuse bodies over the configured size before anything reads them (413, not a crash)."""
+    """Refuse bodies over the configured size with 413 before auth or parsing, counting bytes as they arrive.
+
+    A declared Content-Length over the limit is refused before the app runs. Otherwise the bytes
+    are counted as the app reads them, so a chunked body (no length) or one longer than it said
+    is cut at the limit: reading past it raises into the app, and whatever the app answers to a
+    body it could not finish (FastAPI makes it a 400) is replaced by the 413.
+
+    An answer given before the body ended (the 413, or a route that reads no body) goes out at
+    once; the rest of the body is then read and dropped for at most LINGER_SECONDS, and the
+    connection closes. Left to itself, uvicorn would read and drop the rest however long it is.
+
+    Not Starlette's RequestBodyLimitMiddleware (FastAPI's max_body_size): it refuses a declared
+    length only once the app reads or answers (after auth and the database for routes that read
+    no body), in text/plain rather than the app's `{"detail": ...}`, and reads the rest unbounded.
+    """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.limit):
-                response = JSONResponse({"detail": f"request body larger than {self.limit} bytes"}, status_code=413)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        # The body was read to its end (or there is none); bytes read so far; read past the limit; answer begun.
+        ended = length in (None, b"0") and b"transfer-encoding" not in headers
+        received, over, started = 0, False, False
+
+        async def counted_receive() -> Message:
+            nonlocal received, ended, over
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    over = True
+                    raise _BodyTooLarge
+                ended = not message.get("more_body", False)
+            return message
+
+        async def answer(message: Message) -> None:
+            if message["type"] == "http.response.start" and not ended:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False) and not ended:
+                await send({**message, "more_body": True})  # the whole answer is out; its end waits for the body's
+                with suppress(TimeoutError):
+                    async with asyncio.timeout(LINGER_SECONDS):
+                        while (rest := await receive())["type"] == "http.request" and rest.get("more_body", False):
+                            pass
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        async def app_send(message: Message) -> None:
+            nonlocal started
+            if over:
+                return  # the app's answer to a body it could not finish: the 413 goes instead
+            started = started or message["type"] == "http.response.start"
+            await answer(message)
+
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await self._too_large(scope, receive, answer)
+            return
+        try:
+            await self.app(scope, counted_receive, app_send)
+        except Exception:
+            if not over or started:
+                raise
+        if over and not started:
+            await self._too_large(scope, receive, answer)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await JSONResponse({"detail": f"request body larger than {self.limit} bytes"}, status_code=413)(scope, receive, send)
+
+
+class RateLimitHeaders:
+    """Every answer to a counted request says where the caller's key stands this minute
+    (api.deps counts the request and leaves its Allowance in the request's state)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})  # the dict request.state writes to
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start" and (allowance := state.get("rate_limit")) is not None:
+                extra = [(name.lower().encode(), value.encode()) for name, value in rate_limit_headers(allowance).items()]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class WeakBootstrapKey(RuntimeError):
+    """The API does not start with a guessable admin key."""
 
 
 def reject_nul_in_query(request: Request) -> None:
@@ -71,35 +176,76 @@ def _printable(value: Any) -> Any:
     return value
 
 
+def _docs_for_admins(app: FastAPI) -> None:
+    """/docs, /redoc and /openapi.json for admin keys only (MAILQUEUE_PUBLIC_DOCS=false): Bearer for
+    scripts, Basic (the key as the password) for a browser, which then sends it for the schema too."""
+    admins = [Depends(require_browser_admin)]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=admins)
+    async def _openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=admins)
+    async def _swagger() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=admins)
+    async def _redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_level)
+        if settings.bootstrap_api_key is not None and (weak := weak_bootstrap_key(settings.bootstrap_api_key.get_secret_value())):
+            log.error(weak)
+            raise WeakBootstrapKey(weak)  # uvicorn: "Application startup failed. Exiting." (exit code 3)
+        try:
+            system_domains(settings)  # the domains users may not send from: known now, not at the first email
+        except ValueError as exc:
+            log.error("MAILQUEUE_DEFAULT_FROM, MAILQUEUE_MESSAGE_ID_DOMAIN or MAILQUEUE_SYSTEM_DOMAINS: %s", exc)
+            raise
         engine = create_engine(settings.database_url)
         app.state.settings = settings
         app.state.sessions = sessionmaker(engine)
-        app.state.templates = TemplateEngine(settings.default_locale)
+        pool = RenderPool.from_settings(settings)
+        await pool.start()  # renders run in child processes bounded in CPU, time and memory, off this event loop
+        app.state.templates = TemplateEngine(settings.default_locale, pool=pool)
         app.state.secrets = SecretBox.from_settings(settings)  # encrypts sender secrets; only workers decrypt
+        app.state.rate_limiter = RateLimiter.for_settings(settings, engine)
         # Lazy: the API starts (and /readyz reports) even while Temporal is still coming up.
         app.state.temporal = await connect(settings, lazy=True)
         if settings.bootstrap_api_key is None:
             log.warning("MAILQUEUE_BOOTSTRAP_API_KEY is not set: every /v1 request will get 401")
+        if not settings.require_verified_from:
+            log.warning("MAILQUEUE_REQUIRE_VERIFIED_FROM is off: users may send from domains they have not verified (development only)")
         yield
+        await pool.close()
+        await app.state.rate_limiter.aclose()
         await engine.dispose()
 
     app = FastAPI(
         title="mailqueue", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
         dependencies=[Depends(reject_nul_in_query)],
+        **({} if settings.public_docs else {"openapi_url": None, "docs_url": None, "redoc_url": None}),
     )
+    if not settings.public_docs:
+        _docs_for_admins(app)
+    if settings.rate_limit_per_minute:
+        app.add_middleware(RateLimitHeaders)
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
+    app.add_middleware(codec.CodecCORS, origins=settings.codec_cors_origins)  # outermost: answers the UI's preflights
     app.include_router(health.router)
     app.include_router(emails.router)
     app.include_router(templates.router)
     app.include_router(users.router)
     app.include_router(mail_settings.router)
+    app.include_router(domains.router)
     app.include_router(stats.router)
+    app.include_router(codec.router)
 
     def unavailable(what: str) -> JSONResponse:
         return JSONResponse({"detail": f"{what} is unavailable; nothing was changed, try again"}, status_code=503, headers={"Retry-After": "5"})
@@ -113,11 +259,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return refused(exc.errors(), 422)
 
     # What the services refuse, in HTTP's terms.
-    statuses: dict[type[ServiceError], int] = {NotFound: 404, Conflict: 409, Invalid: 422}
+    statuses: dict[type[ServiceError], int] = {NotFound: 404, Conflict: 409, Invalid: 422, LimitReached: 429}
 
     @app.exception_handler(ServiceError)
     async def _refused(request: Request, exc: ServiceError) -> JSONResponse:
-        return refused(exc.detail, next((code for kind, code in statuses.items() if isinstance(exc, kind)), 400))
+        answer = refused(exc.detail, next((code for kind, code in statuses.items() if isinstance(exc, kind)), 400))
+        if isinstance(exc, LimitReached):
+            answer.headers["Retry-After"] = str(exc.retry_after)
+        return answer
 
     @app.exception_handler(TemporalUnavailable)
     async def _temporal_down(request: Request, exc: Exception) -> JSONResponse:

@@ -15,6 +15,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from api.services.context import Context
 from mailqueue.accounts import Principal, user_for_key
 from mailqueue.config import Settings
+from mailqueue.ratelimit import Allowance, RateLimiter, rate_subject
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
@@ -37,11 +38,41 @@ async def _principal_for(request: Request, key: str | None) -> Principal | None:
     return Principal.of(user) if user else None
 
 
+def rate_limit_headers(allowance: Allowance) -> dict[str, str]:
+    """Where the caller's key stands this minute (the IETF draft's RateLimit-* fields)."""
+    return {
+        "RateLimit-Limit": str(allowance.limit),
+        "RateLimit-Remaining": str(allowance.remaining),
+        "RateLimit-Reset": str(allowance.reset_after),
+    }
+
+
+async def _admitted(request: Request, key: str | None) -> Principal | None:
+    """The caller a valid key names, this request counted against the key's rate (429 past it).
+
+    Only valid keys are counted: a wrong one gets its 401 without a round trip to the counter."""
+    principal = await _principal_for(request, key)
+    if principal is None or key is None:
+        return None
+    limiter: RateLimiter = request.app.state.rate_limiter
+    allowance = await limiter.hit(rate_subject(principal, key))
+    if allowance is not None:
+        request.state.rate_limit = allowance  # api.app.RateLimitHeaders puts it on the answer
+        if not allowance.allowed:
+            raise HTTPException(
+                status.HTTP_429_TOO_MANY_REQUESTS,
+                f"too many requests: an API key may make {allowance.limit} requests a minute; "
+                f"try again in {allowance.reset_after} s",
+                headers={"Retry-After": str(allowance.reset_after)},
+            )
+    return principal
+
+
 async def get_principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    principal = await _principal_for(request, credentials.credentials if credentials else None)
+    principal = await _admitted(request, credentials.credentials if credentials else None)
     if principal is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
@@ -74,13 +105,20 @@ async def get_browser_principal(request: Request) -> Principal:
 
     The Basic challenge makes the browser ask; the key never goes into a URL (nor into access logs).
     """
-    principal = await _principal_for(request, _basic_password(request))
+    principal = await _admitted(request, _basic_password(request))
     if principal is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "a valid API key is required: Authorization: Bearer <key>, or Basic with any user name and the key as password",
             headers={"WWW-Authenticate": 'Basic realm="mailqueue", charset="UTF-8"'},
         )
+    return principal
+
+
+async def require_browser_admin(principal: Annotated[Principal, Depends(get_browser_principal)]) -> Principal:
+    """Admins only, Bearer or Basic (the API docs when MAILQUEUE_PUBLIC_DOCS is off)."""
+    if not principal.is_admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "this needs an admin key")
     return principal
 
 

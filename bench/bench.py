@@ -40,7 +40,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-KEY = "bench-key"
+KEY = "bench-admin-key-Vq7Lz3Xw9Rk2Tn6Hc8Jm4Fp"  # strong enough for the API to start (mailqueue.accounts)
 BODY = {"to": ["bench@example.com"], "subject": "bench", "text": "hello"}
 _MESSAGE_ID = re.compile(rb"^Message-ID:\s*<([^@>]+)@", re.IGNORECASE | re.MULTILINE)
 
@@ -89,6 +89,9 @@ class Stack:
         self.temporal = TemporalDevServer(free_port(), db_file=tmp / "temporal.db", log_level="error")
         self.workers = workers
         self.children: list[subprocess.Popen[bytes]] = []
+        from mailqueue.codec import new_payload_key
+
+        self.payload_keys = new_payload_key()  # one for the API and every worker: payloads encrypted as in production
 
     def env(self) -> dict[str, str]:
         from mailqueue.config import Settings, settings_env
@@ -96,7 +99,7 @@ class Stack:
         return settings_env(Settings(
             database_url=self.database_url, temporal_address=self.temporal.address, task_queue="bench",
             smtp_host="127.0.0.1", smtp_port=self.sink_port, bootstrap_api_key=KEY, log_level="WARNING",
-            templates_dir=ROOT / "templates", _env_file=None,  # type: ignore[call-arg]
+            templates_dir=ROOT / "templates", payload_keys=self.payload_keys, _env_file=None,  # type: ignore[call-arg]
         ))
 
     def _spawn(self, name: str, args: list[str]) -> None:

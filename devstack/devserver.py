@@ -28,12 +28,14 @@ class TemporalDevServer:
         port: int,
         *,
         ui_port: int | None = None,
+        ui_codec_endpoint: str | None = None,
         db_file: Path | None = None,
         ip: str = "127.0.0.1",
         log_level: str = "error",
         output: IO[bytes] | int | None = subprocess.DEVNULL,
     ) -> None:
         self.port, self.ui_port, self.db_file, self.ip = port, ui_port, db_file, ip
+        self.ui_codec_endpoint = ui_codec_endpoint
         self.log_level, self._output = log_level, output
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -50,6 +52,9 @@ class TemporalDevServer:
             "--dynamic-config-value", "system.enableActivityEagerExecution=true",
         ]
         cmd += ["--ui-port", str(self.ui_port)] if self.ui_port else ["--headless"]
+        if self.ui_port and self.ui_codec_endpoint:
+            # Payloads are encrypted (mailqueue/codec.py): the UI asks the API's /codec to show them.
+            cmd += ["--ui-codec-endpoint", self.ui_codec_endpoint]
         if self.db_file is not None:
             self.db_file.parent.mkdir(parents=True, exist_ok=True)
             cmd += [

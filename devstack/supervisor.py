@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -21,13 +22,23 @@ from sqlalchemy.engine import make_url
 from devstack.devserver import TemporalDevServer, temporal_cli
 from devstack.net import wait_for_port
 from mailqueue.config import HTTP_KEEP_ALIVE_SECONDS, Settings, settings_env
+from mailqueue.crypto import key_file
 from mailqueue.db import migrate
 
 if TYPE_CHECKING:
     from mailqueue.template_library import ReloadResult
 
 ROOT = Path(__file__).resolve().parents[1]  # where worker.py and api/ live
-DEV_API_KEY = "mq-dev-key"
+# The admin key of `make dev` unless MAILQUEUE_BOOTSTRAP_API_KEY is set: generated once into the
+# data folder (readable by its owner only) and printed in the banner. Never a fixed, published
+# key: the API refuses weak ones, and a web page can reach 127.0.0.1 (DNS rebinding) with a key
+# it can guess.
+DEV_API_KEY_FILE = "api.key"
+
+
+def dev_api_key(data: Path) -> str:
+    """The dev stack's admin key, kept in `data`/api.key (made the first time)."""
+    return key_file(data / DEV_API_KEY_FILE, lambda: "mq-dev-" + secrets.token_urlsafe(32))[0]
 
 
 def safe_url(url: str) -> str:
@@ -167,9 +178,16 @@ def mail_command(data_dir: Path) -> str:
     return cmd + " mail" + ("" if data_dir == Path(".mailqueue") else f" --data-dir {data_dir}")
 
 
+def codec_endpoint(args: argparse.Namespace) -> str:
+    """Where the Temporal UI (in the browser) decodes payloads: the API's /codec (api/routes/codec.py)."""
+    return f"http://{client_host_for(args.host)}:{args.api_port}/codec"
+
+
 def dev_settings(args: argparse.Namespace, configured: Settings) -> Settings:
     """The children's settings: the user's own (MAILQUEUE_*, .env), with the stack's ports, a
-    database and a secret key file in the data folder unless configured, and the dev API key."""
+    database and a secret key file in the data folder unless configured, and the dev API key.
+    Temporal payloads are encrypted with a key kept next to the secret key, and the dev UI's origin
+    may call the API's /codec."""
     data: Path = args.data_dir.resolve()
     client_host = client_host_for(args.host)
     given = configured.model_fields_set
@@ -182,10 +200,22 @@ def dev_settings(args: argparse.Namespace, configured: Settings) -> Settings:
     if "database_url" not in given:
         update["database_url"] = f"sqlite:///{data / 'mailqueue.db'}"
     if configured.bootstrap_api_key is None:
-        update["bootstrap_api_key"] = SecretStr(DEV_API_KEY)
+        update["bootstrap_api_key"] = SecretStr(dev_api_key(data))
     if "secret_key_file" not in given:
         # Sender secrets: MAILQUEUE_SECRET_KEY if set, else a key generated once into the data folder.
         update["secret_key_file"] = data / "secret.key"
+    if "payload_key_file" not in given:
+        # Temporal payloads: MAILQUEUE_PAYLOAD_KEYS if set, else a key generated once into the data folder
+        # and shared by the API and the worker, as the secret key is.
+        update["payload_key_file"] = data / "payload.key"
+    if "codec_cors_origins" not in given:
+        update["codec_cors_origins"] = sorted({f"http://{client_host}:{args.ui_port}", f"http://localhost:{args.ui_port}"})
+    if "require_verified_from" not in given:
+        update["require_verified_from"] = False  # users of a development stack send from any domain (the API warns)
+    if "egress_allow" not in given:
+        # A user's SMTP settings may name this machine's catcher (smtp_host "localhost", any port):
+        # that name only; 127.0.0.1 in any notation and other local names stay refused, as in production.
+        update["egress_allow"] = ["localhost"]
     return configured.model_copy(update=update)
 
 
@@ -238,8 +268,8 @@ def dev(args: argparse.Namespace, configured: Settings) -> int:
     temporal_log = logs / "temporal.log"
     temporal_out = temporal_log.open("ab")
     temporal = TemporalDevServer(
-        args.temporal_port, ui_port=args.ui_port, db_file=data / "temporal.db", ip=host, log_level="warn",
-        output=temporal_out,
+        args.temporal_port, ui_port=args.ui_port, ui_codec_endpoint=codec_endpoint(args), db_file=data / "temporal.db",
+        ip=host, log_level="warn", output=temporal_out,
     )
     children: list[Child] = []
     code = 0
@@ -268,7 +298,7 @@ def dev(args: argparse.Namespace, configured: Settings) -> int:
         _wait_port(args.mail_port, client_host, catcher, children, stop)
         _wait_port(args.ui_port, client_host, tchild, children, stop)
         _wait_http(f"http://{client_host}:{args.api_port}/healthz", api, children, stop, timeout=60)
-        _banner(args, key, key_is_dev=key == DEV_API_KEY)
+        _banner(args, key, key_is_dev=configured.bootstrap_api_key is None)
         while True:
             _check(children, stop)
             time.sleep(0.3)
@@ -306,13 +336,19 @@ def _stop_all(children: list[Child], temporal: TemporalDevServer) -> None:
 def _banner(args: argparse.Namespace, key: str, *, key_is_dev: bool) -> None:
     h = client_host_for(args.host)
     api = f"http://{h}:{args.api_port}"
-    dev_note = "\n                 (a development key: set MAILQUEUE_BOOTSTRAP_API_KEY to use your own)" if key_is_dev else ""
+    key_path = args.data_dir / DEV_API_KEY_FILE
+    dev_note = (
+        f"\n                 (a development key, kept in {key_path}: KEY=$(cat {key_path}); set MAILQUEUE_BOOTSTRAP_API_KEY to use your own)"
+        if key_is_dev else ""
+    )
     print(
         f"""
 mailqueue is running (Ctrl-C stops everything)
 
   API            {api}     docs: {api}/docs
-  Temporal UI    http://{h}:{args.ui_port}     (each email is a workflow)
+  Temporal UI    http://{h}:{args.ui_port}     (each email is a workflow; its data is encrypted)
+                 to read it there: open {api}/codec once in that browser (user: anything, password: the
+                 API key), then turn on "include cross-origin credentials" in the UI's codec server settings
   Caught mail    http://{h}:{args.mail_port}     or run: {mail_command(args.data_dir)}
   SMTP catcher   {h}:{args.smtp_port}     Temporal gRPC: {h}:{args.temporal_port}
   API key        {key}{dev_note}

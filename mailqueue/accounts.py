@@ -72,6 +72,26 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+# The bootstrap key opens everything, from anywhere: the API refuses to start with one that is
+# short, or made of few characters (`aaaa…`, a word repeated). A random key passes: 32 random hex
+# characters have 10 or more distinct ones all but once in 10,000 tries; token_urlsafe(32) always.
+BOOTSTRAP_KEY_MIN_LENGTH = 32
+BOOTSTRAP_KEY_MIN_DISTINCT = 10
+MAKE_A_KEY = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
+def weak_bootstrap_key(key: str) -> str | None:
+    """Why a bootstrap key is too weak (never quoting it), or None."""
+    problems = []
+    if len(key) < BOOTSTRAP_KEY_MIN_LENGTH:
+        problems.append(f"{len(key)} characters, fewer than {BOOTSTRAP_KEY_MIN_LENGTH}")
+    if len(set(key)) < BOOTSTRAP_KEY_MIN_DISTINCT:
+        problems.append(f"{len(set(key))} distinct characters, fewer than {BOOTSTRAP_KEY_MIN_DISTINCT}")
+    if not problems:
+        return None
+    return f"MAILQUEUE_BOOTSTRAP_API_KEY is too weak ({'; '.join(problems)}): set a random one, e.g. the output of {MAKE_A_KEY}"
+
+
 @dataclass
 class IssuedKey:
     row: ApiKey

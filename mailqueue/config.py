@@ -54,7 +54,7 @@ class Settings(BaseSettings):
 
     default_from: str = "mailqueue <noreply@example.com>"
     message_id_domain: str | None = Field(
-        default=None, description="Domain of generated Message-IDs; defaults to the sender's domain."
+        default=None, description="Domain of the system's Message-IDs (default: that of default_from); a user's mail uses their verified domain."
     )
     bootstrap_api_key: SecretStr | None = None
     # Fernet keys for sender secrets at rest, comma-separated, newest first (see mailqueue/crypto.py).
@@ -147,6 +147,8 @@ class Settings(BaseSettings):
     # How long a user's own SMTP server is waited for when it cannot be reached (the system's
     # waits unreachable_wait_seconds).
     user_unreachable_wait_seconds: float = Field(default=900.0, ge=0)
+    # The ports a user's SMTP server may listen on (an egress_allow entry lifts this rule too).
+    egress_smtp_ports: list[int] = Field(default_factory=lambda: [25, 465, 587, 2525])
 
     # Abuse limits. Per API key (the bootstrap key included) per minute, shared by every API
     # process: in Redis when redis_url is set, else in the database. 0: no limit.
@@ -161,8 +163,8 @@ class Settings(BaseSettings):
 
     # Template rendering runs in a pool of worker processes, each render bounded.
     render_processes: int = Field(default=2, ge=1)
-    render_timeout_seconds: float = Field(default=2.0, gt=0)
-    render_cpu_seconds: int = Field(default=2, ge=1)
+    render_timeout_seconds: float = Field(default=1.5, gt=0)
+    render_cpu_seconds: int = Field(default=1, ge=1)
     render_memory_mb: int = Field(default=512, ge=64)
 
     # Payloads in Temporal (workflow inputs, results, histories) are AES-256-GCM encrypted with

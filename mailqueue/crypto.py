@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -26,10 +27,19 @@ def new_key() -> str:
     return Fernet.generate_key().decode()
 
 
+def split_keys(value: str) -> list[str]:
+    """Comma-separated keys, newest first, blanks dropped."""
+    return [k.strip() for k in value.split(",") if k.strip()]
+
+
 def _keys(settings: Settings) -> list[str]:
     if settings.secret_key is not None:
-        return [k.strip() for k in settings.secret_key.get_secret_value().split(",") if k.strip()]
-    path = Path(settings.secret_key_file)
+        return split_keys(settings.secret_key.get_secret_value())
+    return key_file(Path(settings.secret_key_file), new_key)
+
+
+def key_file(path: Path, generate: Callable[[], str]) -> list[str]:
+    """The keys kept in `path`, which gets one `generate()`d key (readable by its owner only) if it does not exist yet."""
     if not path.exists():
         # The API and the worker may both get here at once: write a whole file aside, then link
         # it into place (atomic, and it fails if the other was first). Nobody reads half a key.
@@ -37,14 +47,14 @@ def _keys(settings: Settings) -> list[str]:
         aside = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
         fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(new_key() + "\n")
+            f.write(generate() + "\n")
         try:
             os.link(aside, path)
         except FileExistsError:
             pass
         finally:
             aside.unlink()
-    return [k.strip() for k in path.read_text().split(",") if k.strip()]
+    return split_keys(path.read_text())
 
 
 class SecretBox:

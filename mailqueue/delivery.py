@@ -12,9 +12,10 @@ from temporalio.service import RPCError
 
 from mailqueue.config import Settings
 from mailqueue.contracts import SEND_EMAIL_WORKFLOW, EmailSpec, RetrySettings, SenderType, priority_key, workflow_id_for
+from mailqueue.drivers.base import DriverName
 from mailqueue.email_store import spec_from_record
 from mailqueue.models import Email
-from mailqueue.senders import resolve_sender
+from mailqueue.senders import SenderRoute, resolve_sender
 
 RPC_TIMEOUT = timedelta(seconds=10)
 
@@ -23,23 +24,35 @@ class TemporalUnavailable(Exception):
     """Temporal did not answer: the caller should try again later (HTTP 503)."""
 
 
-def retry_settings(settings: Settings, max_attempts: int | None) -> RetrySettings:
+def retry_settings(settings: Settings, max_attempts: int | None, route: SenderRoute | None = None) -> RetrySettings:
+    """The send step's retry policy for an email that leaves through `route` (None: the system's)."""
     return RetrySettings(
         max_attempts=max_attempts or settings.default_max_attempts,
         initial_interval_seconds=settings.retry_initial_interval_seconds,
         backoff_coefficient=settings.retry_backoff_coefficient,
         maximum_interval_seconds=settings.retry_maximum_interval_seconds,
         send_timeout_seconds=settings.send_timeout_seconds,
-        unreachable_wait_seconds=settings.unreachable_wait_seconds,
+        unreachable_wait_seconds=unreachable_wait(settings, route),
     )
+
+
+def unreachable_wait(settings: Settings, route: SenderRoute | None) -> float:
+    """How long an unreachable server is waited for. The system's relay and the providers are
+    worth hours (an outage delays mail instead of failing it); a user's own SMTP server gets
+    user_unreachable_wait_seconds: it may be a typo, or a host that was never a mail server,
+    and a long wait keeps the workflow knocking on it."""
+    if route is not None and route.driver is DriverName.USER_SMTP:
+        return settings.user_unreachable_wait_seconds
+    return settings.unreachable_wait_seconds
 
 
 async def redelivery_spec(session: AsyncSession, settings: Settings, email: Email) -> EmailSpec:
     """The workflow input that delivers a recorded email again (a retry, the reconciler's restart):
     same id and Message-ID, the record already written, the sender's queue as its settings say now."""
-    spec = spec_from_record(email, retry_settings(settings, email.max_attempts))
+    route = await resolve_sender(session, settings, SenderType(email.sender_type), email.sender_id)
+    spec = spec_from_record(email, retry_settings(settings, email.max_attempts, route))
     spec.recorded = True
-    spec.send_queue = (await resolve_sender(session, settings, SenderType(email.sender_type), email.sender_id)).send_queue
+    spec.send_queue = route.send_queue
     return spec
 
 

@@ -10,6 +10,10 @@ from datetime import UTC, datetime
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
 
 
+# The lowest level each logger that can write SQL parameters may log at.
+SQL_LOGGER_CAPS = {"aiosqlite": logging.INFO, "sqlalchemy.engine": logging.WARNING}
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -34,3 +38,8 @@ def configure_logging(level: str = "INFO") -> None:
     # URLs and headers): never below WARNING, whatever the level, so that no credential reaches a log.
     for noisy in ("botocore", "boto3", "urllib3", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # SQL parameters hold bodies, addresses and encrypted secrets: aiosqlite logs every statement
+    # with its parameters at DEBUG, SQLAlchemy's engine at INFO (and its `echo`). Capped so that no
+    # level set here lets them through (each at the root's level if that is higher).
+    for logger, cap in SQL_LOGGER_CAPS.items():
+        logging.getLogger(logger).setLevel(max(root.level, cap))

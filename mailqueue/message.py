@@ -1,13 +1,122 @@
-"""Turning an email spec and its rendered content into a MIME message."""
+"""Turning an email spec and its rendered content into a MIME message, and what may go into its headers."""
 
 from __future__ import annotations
 
-from email.headerregistry import Address
+import unicodedata
+from email.errors import MessageError
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import formatdate, getaddresses
 
 from mailqueue.contracts import Content, EmailSpec
+from mailqueue.errors import PermanentDeliveryError
+
+# --- what a sender may put into headers -------------------------------------------------------
+
+# Headers a sender may give besides X-*: mailing-list headers (RFC 2369, 2919, 8058: unsubscribe
+# links that mail clients show and bulk senders must give), threading (RFC 5322 In-Reply-To,
+# References), informational fields (RFC 5322 Keywords, Comments) and auto-reply markers
+# (RFC 3834 Auto-Submitted, Precedence). None of them says who sent the mail or how it travelled.
+ALLOWED_HEADERS = (
+    "List-Unsubscribe", "List-Unsubscribe-Post", "List-Id", "List-Help", "List-Subscribe", "List-Post",
+    "List-Owner", "List-Archive", "In-Reply-To", "References", "Keywords", "Comments", "Auto-Submitted", "Precedence",
+)
+_ALLOWED = {h.lower() for h in ALLOWED_HEADERS}
+
+# Set by mailqueue from the request's fields (or by MIME): the field to use instead, if any.
+OWN_HEADERS = {
+    "from": "from", "sender": "from", "reply-to": "reply_to", "to": "to", "cc": "cc", "bcc": "bcc", "subject": "subject",
+    "date": None, "message-id": None, "mime-version": None,
+}
+
+# Never, not even as X-*: what receivers, filters and relays trust as evidence of who sent a mail,
+# how it was checked and which way it came, and instructions to the relay's own account.
+_REFUSED: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    (
+        "an authentication or filtering result that only receiving and signing servers add",
+        ("authentication-results", "dkim-signature", "domainkey-signature", "received-spf", "x-google-dkim-signature",
+         "x-forefront-antispam-report", "x-authenticated-sender", "x-authenticated-user"),
+        ("arc-", "x-ms-exchange-", "x-microsoft-antispam", "x-spam-", "x-virus-"),
+    ),
+    (
+        "a trace header: only the servers a mail passes through add it",
+        ("received", "return-path", "delivered-to", "envelope-to", "x-originating-ip", "x-received", "x-delivered-to",
+         "x-apparently-to"),
+        ("x-original-", "x-envelope-", "x-forwarded-"),
+    ),
+    ("a Resent-* header: mailqueue sends new mail only, it does not resend", (), ("resent-",)),
+    (
+        "an instruction to a relay provider's account (SendGrid, SES, Mailgun, Postmark, Mandrill, SparkPost, Mailjet)",
+        ("x-smtpapi", "x-msys-api"),
+        ("x-ses-", "x-mailgun-", "x-pm-", "x-mc-", "x-mj-"),
+    ),
+)
+
+HEADERS_RULE = (
+    "Custom headers: any X-* header, and " + ", ".join(ALLOWED_HEADERS) + ". Always refused, even as X-*: "
+    "authentication and filtering results (Authentication-Results, ARC-*, DKIM-Signature, DomainKey-Signature, "
+    "Received-SPF, X-Google-DKIM-Signature, X-MS-Exchange-*, X-Microsoft-Antispam*, X-Forefront-Antispam-Report, "
+    "X-Spam-*, X-Virus-*, X-Authenticated-*), trace headers (Received, Return-Path, Delivered-To, Envelope-To, "
+    "X-Original-*, X-Originating-IP, X-Received, X-Envelope-*, X-Forwarded-*, X-Delivered-To, X-Apparently-To), "
+    "Resent-*, and relay-provider instructions (X-SMTPAPI, X-SES-*, X-Mailgun-*, X-PM-*, X-MC-*, X-MSYS-API, X-MJ-*). "
+    "From, To, Subject and the other headers mailqueue sets come from their own fields."
+)
+
+
+def header_refusal(name: str) -> str | None:
+    """Why a sender may not give a header of this name (None: they may)."""
+    low = name.lower()
+    for why, names, prefixes in _REFUSED:
+        if low in names or low.startswith(prefixes):
+            return f"header {name!r} is {why}; it cannot be given"
+    if low in OWN_HEADERS or low.startswith("content-"):
+        field = OWN_HEADERS.get(low)
+        return f"header {name!r} is set by mailqueue and cannot be given" + (f"; use the `{field}` field" if field else "")
+    if low.startswith("x-") or low in _ALLOWED:
+        return None
+    return f"header {name!r} is not allowed: give X-* headers, or one of {', '.join(ALLOWED_HEADERS)}"
+
+
+# --- what header text may hold -----------------------------------------------------------------
+
+# Bidirectional embeddings, overrides and isolates reorder the text around them: "Invoice<RLO>fdp.exe"
+# shows as "Invoiceexe.pdf". The marks U+200E, U+200F and U+061C stay allowed: right-to-left
+# languages need them, and they cannot reverse a run of text.
+BIDI_CONTROLS = frozenset(map(chr, (*range(0x202A, 0x202F), *range(0x2066, 0x206A))))
+
+
+def _character_problem(value: str) -> str | None:
+    for ch in value:
+        if ch in "\r\n":
+            return "CR or LF characters"
+        # Every control character but TAB, and the Unicode line and paragraph separators: Python's
+        # email package breaks lines at VT, FF, FS, GS, RS, NEL, U+2028 and U+2029 as well.
+        if (unicodedata.category(ch) == "Cc" and ch != "\t") or ch in "\u2028\u2029":
+            return f"control or line-separator characters (U+{ord(ch):04X})"
+        if ch in BIDI_CONTROLS:
+            return f"bidirectional override or isolate characters (U+{ord(ch):04X} {unicodedata.name(ch)})"
+    return None
+
+
+def decoded_header(value: str) -> str:
+    """A header value as mail programs show it: RFC 2047 encoded words (=?utf-8?b?...?=) decoded."""
+    return str(SMTP.header_factory("subject", value))
+
+
+def header_text_problem(value: str) -> str | None:
+    """What makes `value` unfit for a header, as words ("CR or LF characters"), or None. Encoded
+    words are decoded first: mail programs (and Python's email package, which writes the decoded
+    text out again) would otherwise turn =?utf-8?q?=0D=0A...?= into a line break in the header."""
+    problem = _character_problem(value)
+    if problem is None and "=?" in value:
+        try:
+            decoded = decoded_header(value)
+        except (MessageError, ValueError, LookupError):
+            return "an encoded word (=?charset?...?=) that cannot be decoded"
+        problem = _character_problem(decoded)
+        if problem is not None:
+            problem += " inside an encoded word (=?charset?...?=)"
+    return problem
 
 
 def bare_address(value: str) -> str:
@@ -16,18 +125,28 @@ def bare_address(value: str) -> str:
 
 
 def build_message(spec: EmailSpec, content: Content) -> EmailMessage:
+    """The MIME message. PermanentDeliveryError when a header cannot be written safely: the same
+    spec would fail the same way on every attempt (the API refuses such input at the door)."""
     msg = EmailMessage(policy=SMTP)
-    msg["From"] = spec.from_address
-    msg["To"] = ", ".join(spec.to)
+    headers = [("From", spec.from_address), ("To", ", ".join(spec.to))]
     if spec.cc:
-        msg["Cc"] = ", ".join(spec.cc)
+        headers.append(("Cc", ", ".join(spec.cc)))
     if spec.reply_to:
-        msg["Reply-To"] = spec.reply_to
-    msg["Subject"] = " ".join(content.subject.splitlines())
-    msg["Date"] = formatdate(usegmt=True)
-    msg["Message-ID"] = spec.message_id
-    for name, value in spec.headers.items():
-        msg[name] = value
+        headers.append(("Reply-To", spec.reply_to))
+    headers += [
+        ("Subject", " ".join(content.subject.splitlines())),
+        ("Date", formatdate(usegmt=True)),
+        ("Message-ID", spec.message_id),
+        *spec.headers.items(),
+    ]
+    for name, value in headers:
+        try:
+            msg[name] = value
+            written = str(msg[name])  # parsed as it will be written: encoded words decoded
+        except (MessageError, ValueError) as exc:
+            raise PermanentDeliveryError(f"header {name} cannot be written: {exc}") from None
+        if "\r" in written or "\n" in written:
+            raise PermanentDeliveryError(f"header {name} would hold a line break (in an encoded word?)")
     if content.text is not None:
         msg.set_content(content.text)
         if content.html is not None:
@@ -41,10 +160,6 @@ def envelope(spec: EmailSpec) -> tuple[str, list[str]]:
     """(MAIL FROM, RCPT TO list): Bcc goes only here, never into the headers."""
     recipients = [bare_address(a) for a in (*spec.to, *spec.cc, *spec.bcc)]
     return bare_address(spec.from_address), list(dict.fromkeys(recipients))
-
-
-def domain_of(address: str) -> str:
-    return Address(addr_spec=bare_address(address)).domain
 
 
 def redirect(message: EmailMessage, recipients: list[str], to: str) -> list[str]:

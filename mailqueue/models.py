@@ -173,8 +173,13 @@ class User(SQLModel, table=True):
     name: str = Field(max_length=200, sa_column_kwargs={"unique": True})
     email: str | None = Field(default=None, max_length=512)
     role: str = Field(default=Role.USER.value, max_length=16)
-    is_active: bool = True
+    is_active: bool = True  # False: every key of the user is refused (mailqueue.accounts.user_for_key)
     created_at: datetime = _ts(default_factory=utcnow)
+    # Abuse limits, owned by admins (PATCH /v1/users/{id}); the user's own settings may only be lower.
+    hourly_limit: int | None = None  # ceiling on sends started per hour; None: no ceiling
+    daily_limit: int | None = None  # the same per day
+    recipients_per_hour: int | None = None  # to+cc+bcc queued per hour; None: MAILQUEUE_USER_RECIPIENTS_PER_HOUR; 0: no cap
+    max_priority: str | None = Field(default=None, max_length=8)  # high/normal/low; None: MAILQUEUE_USER_MAX_PRIORITY
 
 
 class ApiKey(SQLModel, table=True):
@@ -222,4 +227,40 @@ class SenderUsage(SQLModel, table=True):
 
     sender: str = Field(primary_key=True, max_length=80)  # "user:<id>"
     window: str = Field(primary_key=True, max_length=16)  # "h2026112504" or "d20261125"
+    count: int = 0
+
+
+class DomainStatus(StrEnum):
+    PENDING = "pending"  # added; its TXT record not seen yet
+    VERIFIED = "verified"  # the record was seen (or an admin vouched for it): the user may send from it
+
+
+class SenderDomain(SQLModel, table=True):
+    """A domain a user sends from, once they proved it is theirs with a DNS TXT record (mailqueue/domains.py).
+
+    One row per user and domain: two users may each prove the same domain with their own token.
+    DKIM keys (selector, encrypted private key) will be columns of this row."""
+
+    __tablename__ = "sender_domains"
+    __table_args__ = (sa.UniqueConstraint("user_id", "domain", name="uq_sender_domains_user_domain"),)
+
+    id: str = Field(primary_key=True, max_length=36)
+    user_id: str = Field(foreign_key="users.id", max_length=36, index=True)
+    domain: str = Field(max_length=253, index=True)  # ASCII (IDNA) and lower case: xn--bcher-kva.de, never bücher.de
+    token: str = Field(max_length=64)  # published as "mailqueue-verification=<token>" at _mailqueue.<domain>
+    status: str = Field(default=DomainStatus.PENDING.value, max_length=16)
+    verified_at: datetime | None = _ts(default=None)
+    verified_by: str | None = Field(default=None, max_length=80)  # "dns", or "admin:<who>" for an admin's override
+    created_at: datetime = _ts(default_factory=utcnow)
+
+
+class RateLimitCounter(SQLModel, table=True):
+    """Requests one API key made in one minute: the door's rate limit (mailqueue/ratelimit.py).
+
+    Keyed by minute first, so the old minutes go in one range delete."""
+
+    __tablename__ = "rate_limit_counters"
+
+    minute: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})  # minutes since the epoch
+    subject: str = Field(primary_key=True, max_length=64)  # a hash of the key, never the key
     count: int = 0

@@ -15,7 +15,6 @@ A folder of templates (see README, "Templates") looks like::
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,7 +37,18 @@ from mailqueue.template_store import (
     save_template_version,
     source_of,
 )
-from mailqueue.templating import PARTS, TemplateEngine, TemplateSource, check_locale, is_partial
+from mailqueue.templating import (
+    PARTS,
+    MissingVariables,
+    RenderJob,
+    TemplateEngine,
+    TemplateLimitError,
+    TemplateSource,
+    check_locale,
+    is_partial,
+)
+
+__all__ = ["MissingVariables", "TemplateLimitError"]  # where the API and the worker have always found them
 
 FILES = {"subject": "subject.txt", "html": "body.html", "text": "body.txt"}
 META_FILE = "template.json"
@@ -47,22 +57,18 @@ META_FIELDS = ("description", "default_from", "default_from_name", "sample_data"
 
 @dataclass(frozen=True)
 class Problem:
-    """What is wrong with a template draft, and where (`field` is subject/html/text/sample_data/...)."""
+    """What is wrong with a template draft, and where (`field` is subject/html/text/sample_data/...).
+    `limit`: the render limit its sample data broke (see TemplateLimitError), if that is the problem."""
 
     field: str
     message: str
     line: int | None = None
     template: str | None = None
+    limit: str | None = None
 
     def __str__(self) -> str:
         where = f"{self.template}: " if self.template else ""
         return f"{where}{self.field}" + (f": line {self.line}" if self.line else "") + f": {self.message}"
-
-
-class MissingVariables(TemplateError):
-    def __init__(self, names: list[str]) -> None:
-        super().__init__(f"missing template variables: {', '.join(names)}")
-        self.names = names
 
 
 @dataclass
@@ -85,7 +91,7 @@ class Prepared:
         )
 
 
-def render_checked(
+async def render_checked(
     engine: TemplateEngine,
     main: TemplateSource,
     data: Mapping[str, Any],
@@ -93,20 +99,12 @@ def render_checked(
     locale: str | None,
     finish: bool = True,
 ) -> Content:
-    """Render, turning a failure caused by absent data into MissingVariables (with every missing name).
+    """Render (bounded: in the engine's render pool), turning a failure caused by absent data into
+    MissingVariables (with every missing name); a broken limit is a TemplateLimitError.
 
     `finish=False` stops after Jinja (no CSS inlining, no text part): enough to prove the data fits.
     """
-    try:
-        if not finish:
-            parts = engine.render_parts(main, data, dependencies, locale)
-            return Content(subject=" ".join((parts["subject"] or "").split()), html=parts["html"], text=parts["text"])
-        return engine.render(main, data, dependencies, locale)
-    except TemplateError:
-        missing = engine.missing_variables(main, data, dependencies, locale)
-        if missing:
-            raise MissingVariables(missing) from None
-        raise
+    return await engine.render_bounded(RenderJob(main, dict(data), dict(dependencies), locale, finish=finish))
 
 
 async def prepare(
@@ -120,7 +118,7 @@ async def prepare(
     """Pin `row` and the current versions of what it uses, and prove `data` renders it."""
     main = source_of(row)
     dependencies = await resolve_dependencies(session, engine, main, locale)
-    content = render_checked(engine, main, data, dependencies, locale, finish)
+    content = await render_checked(engine, main, data, dependencies, locale, finish)
     return Prepared(main=main, row=row, dependencies=dependencies, content=content)
 
 
@@ -142,9 +140,9 @@ class Renderer:
                 raise TemplateError(f"template {ref.name!r} version {ref.version} does not exist")
             # Emails queued before dependencies were pinned resolve them to the current versions.
             dependencies = await resolve_dependencies(session, self._engine, main, locale, ref.dependencies, self._sources)
-        # A thread keeps the worker's event loop (workflow tasks, other activities) free while a
-        # big template renders; Jinja environments are safe to share between threads.
-        return await asyncio.to_thread(self._engine.render, main, ref.data, dependencies, locale)
+        # In the engine's render pool: bounded in CPU, time and memory, and off the worker's event
+        # loop (workflow tasks, other activities). A broken limit is a TemplateLimitError.
+        return await self._engine.render_bounded(RenderJob(main, ref.data, dependencies, locale, explain=False))
 
 
 async def check_draft(
@@ -186,9 +184,10 @@ async def check_draft(
         return problems
     if sample_data is not None and not is_partial(draft.name):
         try:
-            render_checked(engine, draft, sample_data, dependencies, draft.locale or None)
+            await render_checked(engine, draft, sample_data, dependencies, draft.locale or None)
         except TemplateError as exc:
-            problems.append(Problem("sample_data", f"the template does not render with its sample data: {exc}"))
+            limit = exc.limit if isinstance(exc, TemplateLimitError) else None
+            problems.append(Problem("sample_data", f"the template does not render with its sample data: {exc}", limit=limit))
     return problems
 
 
@@ -314,7 +313,8 @@ async def reload_folder(
         overlay = {**batch, **{o.name: o.source() for o in templates if o.locale == t.locale and o.locale}}
         overlay.pop(t.name, None)
         for p in await check_draft(session, engine, t.source(), t.meta.get("sample_data"), overlay):
-            result.problems.append(Problem(p.field, p.message, p.line, template=f"{t.name}" + (f"/{t.locale}" if t.locale else "")))
+            where = f"{t.name}" + (f"/{t.locale}" if t.locale else "")
+            result.problems.append(Problem(p.field, p.message, p.line, template=where, limit=p.limit))
     if result.problems:
         return result
     for t in templates:

@@ -23,8 +23,9 @@ from devstack.devserver import TemporalDevServer
 from devstack.net import free_port
 from mailqueue.config import Settings
 from mailqueue.db import create_engine, migrate, sessionmaker
+from mailqueue.temporal import connect
 from tests.dns_stub import DnsStub
-from tests.helpers import AUTH, KEY, PROCESS_STARTS, ApiProcess, SmtpSink, Stack, eventually, fast_settings
+from tests.helpers import AUTH, KEY, PROCESS_STARTS, TEST_PAYLOAD_KEY, ApiProcess, SmtpSink, Stack, eventually, fast_settings
 from worker import build_worker
 
 PG_ADMIN = os.environ.get("MAILQUEUE_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -81,9 +82,12 @@ def temporal_server() -> Iterator[TemporalDevServer]:
 
 @pytest.fixture(scope="session")
 async def client(temporal_server: TemporalDevServer) -> Client:
+    """Connected as the API and the workers connect (mailqueue.temporal.connect): payloads encrypted with the test stacks' key."""
+    settings = Settings(temporal_address=temporal_server.address, payload_keys=TEST_PAYLOAD_KEY, _env_file=None)  # type: ignore[call-arg]
+
     async def connected() -> Client | None:
         try:
-            return await Client.connect(temporal_server.address)
+            return await connect(settings)
         except RuntimeError:
             return None
 

@@ -45,7 +45,8 @@ class FakeProvider:
 
     def __init__(self) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        # By name: the test stacks allow `localhost` (MAILQUEUE_EGRESS_ALLOW), never 127.0.0.1 in any spelling.
+        self.url = f"http://localhost:{self.port}"
         self.received: list[Received] = []
         self.paths: list[str] = []  # of every request that arrived, accepted or not: to count retries
         self.script: deque[Scripted] = deque()

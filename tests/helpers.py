@@ -26,7 +26,8 @@ from mailqueue.config import Settings, settings_env
 from mailqueue.contracts import Content, EmailSpec, RetrySettings, workflow_id_for
 from mailqueue.accounts import new_id
 from mailqueue.ids import message_id_for, new_email_id
-from mailqueue.models import SenderSettings, User
+from mailqueue.domains import new_token
+from mailqueue.models import DomainStatus, SenderDomain, SenderSettings, User, utcnow
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -212,6 +213,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 # A fixed Fernet key for test stacks (never used outside tests).
 TEST_SECRET_KEY = "bWFpbHF1ZXVlLXRlc3Qtc2VjcmV0LWtleS0wMDAwMDA="
+# A fixed key for Temporal payloads in test stacks and recorded histories (mailqueue/codec.py; never used outside tests).
+TEST_PAYLOAD_KEY = "bWFpbHF1ZXVlLXRlc3QtcGF5bG9hZC1rZXktMDAwMDA="
 
 
 def fast_settings(database_url: str, temporal_address: str, smtp_port: int, task_queue: str, **overrides: Any) -> Settings:
@@ -226,8 +229,9 @@ def fast_settings(database_url: str, temporal_address: str, smtp_port: int, task
         "retry_initial_interval_seconds": 0.2,
         "retry_maximum_interval_seconds": 1,
         "send_timeout_seconds": 10,
-        "bootstrap_api_key": "test-admin-key",
+        "bootstrap_api_key": KEY,
         "secret_key": TEST_SECRET_KEY,
+        "payload_keys": TEST_PAYLOAD_KEY,
         "templates_dir": ROOT / "templates",
         "reconcile_interval_seconds": 0,  # the tests share one database: a reconciler would touch other tests' records
         # User SMTP servers and fake providers in tests listen on localhost's free ports: allowed
@@ -238,15 +242,27 @@ def fast_settings(database_url: str, temporal_address: str, smtp_port: int, task
     return Settings(**(values | overrides), _env_file=None)  # type: ignore[call-arg]
 
 
-async def make_sender(sessions: Any, **settings: Any) -> str:
-    """A user with these sender settings (driver, limits, ...) stored; their id."""
+async def make_sender(sessions: Any, domains: tuple[str, ...] = (), **settings: Any) -> str:
+    """A user with these sender settings (driver, limits, ...) stored, and these verified sender domains; their id."""
     user_id = new_id()
     async with sessions() as s:
         s.add(User(id=user_id, name=f"sender-{user_id}"))
         await s.commit()
         s.add(SenderSettings(user_id=user_id, **settings))
         await s.commit()
+    for domain in domains:
+        await verify_domain(sessions, user_id, domain)
     return user_id
+
+
+async def verify_domain(sessions: Any, user_id: str, domain: str) -> None:
+    """`domain` verified for the user, as an admin's override leaves it: for tests not about verification."""
+    async with sessions() as s:
+        s.add(SenderDomain(
+            id=new_id(), user_id=user_id, domain=domain, token=new_token(), status=DomainStatus.VERIFIED.value,
+            verified_at=utcnow(), verified_by="admin:tests",
+        ))
+        await s.commit()
 
 
 def make_spec(
@@ -278,7 +294,8 @@ def make_spec(
 
 # --- an API stack (uvicorn child + worker + SMTP sink) and its HTTP helpers ----------------
 
-KEY = "test-admin-key"
+# The test stacks' admin key: strong enough for the API to start with it (mailqueue.accounts.weak_bootstrap_key).
+KEY = "test-admin-key-5PqX8vLm2RtZ9wKc4HjN7bYd"
 # A database nobody listens on (port 1 refuses at once): for outages.
 UNREACHABLE_DATABASE = "postgresql+psycopg://mailqueue@127.0.0.1:1/unreachable"
 AUTH = {"Authorization": f"Bearer {KEY}"}

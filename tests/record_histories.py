@@ -40,7 +40,8 @@ from mailqueue.models import EmailTemplate
 from mailqueue.template_library import Renderer
 from mailqueue.template_store import save_template_version
 from mailqueue.templating import TemplateEngine
-from tests.helpers import EMAIL_SETTLES, UNREACHABLE_DATABASE, SmtpSink, eventually, make_sender, make_spec
+from mailqueue.temporal import connect
+from tests.helpers import EMAIL_SETTLES, TEST_PAYLOAD_KEY, UNREACHABLE_DATABASE, SmtpSink, eventually, make_sender, make_spec
 from worker import build_worker
 from workflows.reconcile import ReconcileEmailsWorkflow
 from workflows.send_email import SendEmailWorkflow
@@ -201,8 +202,9 @@ def sender_changed_drivers(sessions, settings: Settings) -> Scenario:  # type: i
     the send step answers SendQueueChanged and the workflow sends from the user_smtp queue."""
 
     async def run(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
-        rated = settings.model_copy(update={"send_rates": {"smtp": 100.0, "user_smtp": 100.0}})
-        user_id = await make_sender(sessions, driver="user_smtp", smtp_host="127.0.0.1", smtp_port=sink.port, smtp_security="none")
+        # The user's server listens on localhost: allowed by that name, as in the test stacks.
+        rated = settings.model_copy(update={"send_rates": {"smtp": 100.0, "user_smtp": 100.0}, "egress_allow": ["localhost"]})
+        user_id = await make_sender(sessions, driver="user_smtp", smtp_host="localhost", smtp_port=sink.port, smtp_security="none")
         queue = f"{tq}-rated"
         async with build_worker(client, rated, task_queue=queue):
             spec = make_spec(sender_type=SenderType.USER, sender_id=user_id, send_queue="smtp")
@@ -247,7 +249,10 @@ async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
     sessions = sessionmaker(create_engine(url))
     renderer = Renderer(sessions, TemplateEngine())
     sink = SmtpSink()
-    settings = Settings(database_url=url, smtp_port=sink.port, quota_hour_seconds=2, _env_file=None)  # type: ignore[call-arg]
+    # Payloads encrypted as in production, with the test key that tests/test_replay.py replays them with.
+    settings = Settings(
+        database_url=url, smtp_port=sink.port, quota_hour_seconds=2, payload_keys=TEST_PAYLOAD_KEY, _env_file=None,  # type: ignore[call-arg]
+    )
     scenarios: dict[str, Scenario] = {
         "sent": sent,
         "scheduled_then_sent": scheduled_then_sent,
@@ -273,7 +278,7 @@ async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
             raise SystemExit(f"unknown scenario(s) {sorted(unknown)}; known: {sorted(scenarios)}")
         scenarios = {name: run for name, run in scenarios.items() if name in only}
     with TemporalDevServer(free_port()) as server, sink:
-        client = await Client.connect(server.address)
+        client = await connect(settings.model_copy(update={"temporal_address": server.address}))
         tq = f"record-{uuid.uuid4()}"
         async with build_worker(client, settings, task_queue=tq, renderer=renderer):
             for name, scenario in scenarios.items():

@@ -35,9 +35,40 @@ def test_dependencies_exist_and_order_startup() -> None:
     assert "healthcheck" in SERVICES["postgresql"]
 
 
+def _published(port: str) -> tuple[str, str, str]:
+    """ "[host ip:]host port:container port" as (host ip, host port, container port); no ip: every interface."""
+    parts = port.split(":")
+    return ("0.0.0.0", *parts) if len(parts) == 2 else tuple(parts)  # type: ignore[return-value]
+
+
 def test_published_ports_are_unique() -> None:
-    published = [p.split(":")[0] for s in SERVICES.values() for p in s.get("ports", [])]
+    published = [_published(p)[1] for s in SERVICES.values() for p in s.get("ports", [])]
     assert len(published) == len(set(published)), published
+
+
+def test_temporal_and_its_ui_answer_on_this_machine_only() -> None:
+    """Neither Temporal's gRPC port nor its Web UI asks who is calling: loopback only (so is the caught mail)."""
+    for name in ("temporal", "temporal-ui", "mailcatcher"):
+        ports = [_published(p) for p in SERVICES[name]["ports"]]
+        assert ports and all(ip == "127.0.0.1" for ip, _, _ in ports), (name, ports)
+    assert [_published(p)[1:] for p in SERVICES["temporal"]["ports"]] == [("7233", "7233")]
+    assert [_published(p)[1:] for p in SERVICES["temporal-ui"]["ports"]] == [("8233", "8080")]
+
+
+def test_workflow_data_is_encrypted_and_the_ui_decodes_it_through_the_api() -> None:
+    from api.routes.codec import PREFIX
+
+    env = SERVICES["api"]["environment"]
+    # The key comes from the operator's environment (compose refuses to start without it), never from this file.
+    assert re.fullmatch(r"\$\{MAILQUEUE_PAYLOAD_KEYS:\?[^}]+\}", env["MAILQUEUE_PAYLOAD_KEYS"]), env["MAILQUEUE_PAYLOAD_KEYS"]
+    ui = SERVICES["temporal-ui"]["environment"]
+    api_port = _published(SERVICES["api"]["ports"][0])[1]
+    # The browser calls the endpoint: the API as published on the host, at the codec route.
+    assert ui["TEMPORAL_CODEC_ENDPOINT"] == f"http://127.0.0.1:{api_port}{PREFIX}"
+    assert ui["TEMPORAL_CODEC_INCLUDE_CREDENTIALS"] == "true"  # the browser sends its Basic sign-in to /codec
+    ui_port = _published(SERVICES["temporal-ui"]["ports"][0])[1]
+    origins = Settings(_env_file=None).codec_cors_origins  # type: ignore[call-arg]
+    assert f"http://127.0.0.1:{ui_port}" in origins and f"http://localhost:{ui_port}" in origins
 
 
 def test_app_services_share_one_configuration_of_real_settings() -> None:

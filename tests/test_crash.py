@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from devstack.devserver import TemporalDevServer
-from tests.helpers import EMAIL_SETTLES, ApiProcess, SmtpSink, eventually, fast_settings, post_email, start_worker
+from tests.helpers import AUTH, EMAIL_SETTLES, ApiProcess, SmtpSink, eventually, fast_settings, post_email, start_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 100
@@ -30,13 +30,12 @@ async def test_worker_sigkill_mid_batch_loses_nothing(
             retry_initial_interval_seconds=0.5,
             retry_maximum_interval_seconds=2,
             send_timeout_seconds=5,  # how long a send held by the dead worker waits before another takes it
-            bootstrap_api_key="k",
         )
         first = start_worker(settings, tmp_path / "worker-1.log")
         second = None
         try:
             async with ApiProcess(settings, tmp_path / "api.log") as api:
-                async with httpx.AsyncClient(base_url=api.url, headers={"Authorization": "Bearer k"}, timeout=30) as http:
+                async with httpx.AsyncClient(base_url=api.url, headers=AUTH, timeout=30) as http:
                     limit = asyncio.Semaphore(10)
                     tag = uuid.uuid4().hex[:8]
 

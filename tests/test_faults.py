@@ -38,12 +38,11 @@ from mailqueue.config import Settings
 from mailqueue.db import create_engine
 from mailqueue.models import Email
 from tests.conftest import PG_ADMIN, _database_kind, scratch_database
-from tests.helpers import ApiProcess, SmtpSink, eventually, fast_settings, post_email, start_worker
+from tests.helpers import KEY, ApiProcess, SmtpSink, eventually, fast_settings, post_email, start_worker
 from workflows.send_email import UNREACHABLE_MAX_DELAY
 
 pytestmark = pytest.mark.faults
 
-KEY = "fault-key"
 _ID = re.compile(r"<([^@>]+)@")
 
 

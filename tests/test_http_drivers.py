@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import logging
 from collections.abc import Iterator
 from email import message_from_bytes, policy
@@ -23,6 +24,7 @@ from mailqueue.contracts import Content
 from mailqueue.drivers.mailgun import MailgunDriver
 from mailqueue.drivers.sendgrid import SendGridDriver
 from mailqueue.drivers.ses import SesDriver
+from mailqueue.egress import DestinationRefused, NotResolved
 from mailqueue.errors import PermanentDeliveryError, ServerUnreachable, TransientDeliveryError
 from mailqueue.message import build_message, envelope
 from tests.fake_providers import FakeAws, FakeMailgun, FakeSendGrid, Scripted
@@ -259,6 +261,92 @@ async def test_a_slow_or_absent_provider_is_transient(
     assert_no_secret(*(str(e) for e in errors), *(repr(e) for e in errors))
     assert_logs_clean(caplog.text)
     assert repr(SendGridDriver(SENDGRID_KEY)).count("SG.") == 0 and MAILGUN_KEY not in repr(MailgunDriver(MAILGUN_KEY, "d"))
+
+
+# --- both HTTP drivers: the egress check ---------------------------------------------------------
+
+
+class Checked:
+    """A stand-in egress check: answers `addresses` for any host (or refuses), and counts the asks."""
+
+    def __init__(self, *addresses: str, refuse: Exception | None = None) -> None:
+        self.addresses = [ipaddress.ip_address(a) for a in addresses]
+        self.refuse = refuse
+        self.asked: list[tuple[str, int]] = []
+
+    async def __call__(self, host: str, port: int) -> list[Any]:
+        self.asked.append((host, port))
+        if self.refuse is not None:
+            raise self.refuse
+        return self.addresses
+
+
+async def test_a_checked_provider_is_reached_at_the_checked_address_under_its_own_name(
+    sendgrid: FakeSendGrid, mailgun: FakeMailgun
+) -> None:
+    """The name resolves nowhere: only the address the check returned can be reached, and the
+    request still names the host (Host header; TLS would verify it the same way)."""
+    msg, sender, recipients = rich_message()
+    checked = Checked("127.0.0.1")
+    driver = SendGridDriver(SENDGRID_KEY, base_url=f"http://api.sendgrid.test:{sendgrid.port}", destination=checked)
+    for _ in range(2):
+        await driver.send(msg, sender, recipients)
+    await driver.aclose()
+    assert len(sendgrid.received) == 2 and sendgrid.received[0].headers["host"] == f"api.sendgrid.test:{sendgrid.port}"
+    assert checked.asked == [("api.sendgrid.test", sendgrid.port)] * 2  # every connection checked (the fake speaks HTTP/1.0: one each)
+    mg = MailgunDriver(MAILGUN_KEY, "mg.example.com", base_url=f"http://api.mailgun.test:{mailgun.port}", destination=Checked("127.0.0.1"))
+    await mg.send(msg, sender, recipients)
+    await mg.aclose()
+    assert len(mailgun.received) == 1
+
+
+async def test_a_refused_provider_endpoint_is_permanent_and_gets_no_request(sendgrid: FakeSendGrid, mailgun: FakeMailgun) -> None:
+    msg, sender, recipients = rich_message()
+    loopback = DestinationRefused("is a loopback address")
+    with pytest.raises(PermanentDeliveryError) as caught:
+        await SendGridDriver(SENDGRID_KEY, base_url=sendgrid.url, destination=Checked(refuse=loopback)).send(msg, sender, recipients)
+    assert str(caught.value) == "sendgrid endpoint refused: localhost is a loopback address"
+    with pytest.raises(PermanentDeliveryError, match="^mailgun endpoint refused: port 8080 is not an HTTP port"):
+        await MailgunDriver(MAILGUN_KEY, "mg.example.com", base_url=mailgun.url,
+                            destination=Checked(refuse=DestinationRefused("port 8080 is not an HTTP port", part="port"))).send(msg, sender, recipients)
+    with pytest.raises(ServerUnreachable, match="^sendgrid could not be reached"):  # DNS may answer again: waited for
+        await SendGridDriver(SENDGRID_KEY, base_url=sendgrid.url, destination=Checked(refuse=NotResolved("does not resolve to any address"))).send(
+            msg, sender, recipients)
+    with pytest.raises(PermanentDeliveryError, match="^ses endpoint refused: localhost is a loopback address"):
+        await SesDriver(AWS_KEY_ID, AWS_SECRET, "eu-west-1", endpoint_url=sendgrid.url, destination=Checked(refuse=loopback)).send(
+            msg, sender, recipients)
+    assert sendgrid.requests == 0 and mailgun.requests == 0
+
+
+async def test_provider_base_urls_go_through_the_egress_policy(sendgrid: FakeSendGrid, settings: Any, dns_stub: Any) -> None:
+    """The operator's provider URLs too: 127.0.0.1 is refused in every spelling, `localhost` (allowed
+    by name in the test stacks) is reached, and a name resolving to loopback is refused."""
+    from mailqueue.drivers.factory import DriverFactory
+    from mailqueue.drivers.log import LogDriver
+    from mailqueue.crypto import SecretBox
+    from mailqueue.models import SenderSettings
+
+    dns_stub.set("sendgrid-proxy.test", "A", "127.0.0.1")
+    msg, sender, recipients = rich_message()
+    row = SenderSettings(user_id="u-sg", driver="sendgrid", api_key_enc=SecretBox.from_settings(settings).encrypt(SENDGRID_KEY))
+    outcomes = {}
+    for base in (f"http://127.0.0.1:{sendgrid.port}", f"http://2130706433:{sendgrid.port}", f"http://sendgrid-proxy.test:{sendgrid.port}",
+                 sendgrid.url):
+        factory = DriverFactory(settings.model_copy(update={"sendgrid_base_url": base}), LogDriver())
+        try:
+            await factory.for_sender(row).send(msg, sender, recipients)
+            outcomes[base] = "sent"
+        except PermanentDeliveryError as exc:
+            outcomes[base] = str(exc)
+        finally:
+            await factory.aclose()
+    assert outcomes == {
+        f"http://127.0.0.1:{sendgrid.port}": "sendgrid endpoint refused: 127.0.0.1 is a loopback address",
+        f"http://2130706433:{sendgrid.port}": "sendgrid endpoint refused: 2130706433 is a loopback address",
+        f"http://sendgrid-proxy.test:{sendgrid.port}": "sendgrid endpoint refused: sendgrid-proxy.test resolves to a loopback address",
+        sendgrid.url: "sent",
+    }
+    assert len(sendgrid.received) == 1
 
 
 # --- SES ------------------------------------------------------------------------------------------

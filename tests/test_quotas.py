@@ -13,7 +13,7 @@ from activities.quota import QuotaActivities
 from mailqueue.config import Settings
 from mailqueue.contracts import CancelRequest, EmailState, EmailStatus, QuotaRequest, SenderType, workflow_id_for
 from mailqueue.email_store import events_of
-from mailqueue.models import SenderUsage
+from mailqueue.models import SenderUsage, User
 from tests.helpers import EMAIL_SETTLES, SmtpSink, eventually, make_sender, make_spec
 from worker import build_worker
 from workflows.send_email import SendEmailWorkflow
@@ -52,6 +52,28 @@ async def test_fifty_parallel_sends_never_pass_the_limit(sessions: Any, settings
     unlimited = await make_sender(sessions)
     assert all(a.ok for a in await asyncio.gather(*(quota.reserve(QuotaRequest(SenderType.USER, unlimited)) for _ in range(10))))
     assert (await quota.reserve(QuotaRequest(SenderType.SYSTEM, None))).ok
+
+
+async def test_the_admins_ceiling_is_the_limit_when_it_is_lower_than_the_users_own(sessions: Any, settings: Settings) -> None:
+    quota = QuotaActivities(sessions, settings, clock=FrozenClock(3600 * 2000 + 10))
+    capped = await make_sender(sessions, hourly_limit=20)
+    free = await make_sender(sessions)  # no limit of their own: the ceiling alone counts
+    looser = await make_sender(sessions, hourly_limit=2)  # their own is lower than the ceiling: theirs counts
+    async with sessions() as s:
+        for user_id in (capped, free, looser):
+            user = await s.get(User, user_id)
+            assert user is not None
+            user.hourly_limit, user.daily_limit = 3, (4 if user_id == free else None)
+            s.add(user)
+        await s.commit()
+    for user_id, hourly, allowed in ((capped, 3, 3), (free, 3, 3), (looser, 2, 2)):
+        answers = await asyncio.gather(*(quota.reserve(QuotaRequest(SenderType.USER, user_id)) for _ in range(10)))
+        assert sum(a.ok for a in answers) == allowed, user_id
+        assert f"hourly limit of {hourly} " in next(a.detail for a in answers if not a.ok)
+    # The next hour: the free user's daily ceiling of 4 leaves one.
+    later = QuotaActivities(sessions, settings, clock=FrozenClock(3600 * 2001 + 10))
+    answers = [await later.reserve(QuotaRequest(SenderType.USER, free)) for _ in range(3)]
+    assert [a.ok for a in answers] == [True, False, False] and "daily limit of 4 " in (answers[1].detail or "")
 
 
 async def test_the_retry_time_is_the_window_end_in_real_time(sessions: Any, settings: Settings) -> None:

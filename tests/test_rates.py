@@ -83,8 +83,8 @@ async def test_each_step_reads_the_senders_settings_once(settings: Settings, dat
     sessions = sessionmaker(engine)
     try:
         user_id = await make_sender(
-            sessions, driver="user_smtp", smtp_host="127.0.0.1", smtp_port=sink.port, smtp_security="none",
-            hourly_limit=100, default_from="Ann <ann@example.com>",
+            sessions, driver="user_smtp", smtp_host="localhost", smtp_port=sink.port, smtp_security="none",
+            hourly_limit=100, default_from="Ann <ann@example.org>", domains=("example.org",),
         )
         rated = settings.model_copy(update={"send_rates": {"user_smtp": 100.0}})
         principal = Principal(kind=PrincipalKind.USER, id=user_id, role=Role.USER)
@@ -93,7 +93,7 @@ async def test_each_step_reads_the_senders_settings_once(settings: Settings, dat
             with settings_reads(engine) as reads:
                 prepared = await prepare_email(ctx, EmailRequest(to=["bob@example.com"], subject="s", text="t"), None)
         assert len(reads) == 1, reads  # acceptance: the From, the queue
-        assert prepared.spec.from_address == "Ann <ann@example.com>" and prepared.spec.send_queue == "user_smtp"
+        assert prepared.spec.from_address == "Ann <ann@example.org>" and prepared.spec.send_queue == "user_smtp"
 
         with settings_reads(engine) as reads:
             assert (await QuotaActivities(sessions, rated).reserve(QuotaRequest(SenderType.USER, user_id))).ok
@@ -142,7 +142,7 @@ async def test_a_sender_who_changed_drivers_is_sent_from_the_new_drivers_queue(
     switched to their own server: the send step says so without sending, and the workflow sends
     from the new driver's queue, so the new driver's rate holds and the new driver sends."""
     rated = settings.model_copy(update={"send_rates": {"smtp": 100.0, "user_smtp": 100.0}, "task_queue": settings.task_queue + "-moved"})
-    user_id = await make_sender(sessions, driver="user_smtp", smtp_host="127.0.0.1", smtp_port=sink.port, smtp_security="none")
+    user_id = await make_sender(sessions, driver="user_smtp", smtp_host="localhost", smtp_port=sink.port, smtp_security="none")
     spec = make_spec(sender_type=SenderType.USER, sender_id=user_id, send_queue="smtp", max_attempts=1)
     async with build_worker(client, rated):
         handle = await client.start_workflow(SendEmailWorkflow.run, spec, id=workflow_id_for(spec.email_id), task_queue=rated.task_queue)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -20,6 +22,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from devstack.net import free_port
 from mailqueue.config import SmtpSecurity
 from mailqueue.drivers.smtp import SmtpDriver
+from mailqueue.egress import DestinationRefused, NotResolved
 from mailqueue.errors import PermanentDeliveryError, ServerUnreachable, TransientDeliveryError
 from tests.helpers import ScriptedHandler, eventually
 
@@ -442,5 +445,224 @@ async def test_starttls_auth_logs_in_once_for_many_messages_and_a_refused_login_
         await until(lambda: seen.open == 0, "the server sees the refused connections closed")
         plain_auth = base64.b64encode(f"\0mailer\0{wrong}".encode()).decode()  # what AUTH PLAIN sends
         assert wrong not in caplog.text and PASSWORD not in caplog.text and plain_auth not in caplog.text
+    finally:
+        controller.stop()
+
+
+# --- a user's own server: reached through the egress check, quoted to nobody ---------------------
+
+USER_HOST = "smtp.user-relay.test"  # no resolver knows it: only the checked address can be reached
+
+
+class Checked:
+    """A stand-in egress check: answers `addresses` for any host (or refuses), and counts the asks."""
+
+    def __init__(self, *addresses: str, refuse: DestinationRefused | None = None) -> None:
+        self.addresses = [ipaddress.ip_address(a) for a in addresses]
+        self.refuse = refuse
+        self.asked: list[tuple[str, int]] = []
+
+    async def __call__(self, host: str, port: int) -> list[Any]:
+        self.asked.append((host, port))
+        if self.refuse is not None:
+            raise self.refuse
+        return self.addresses
+
+
+def user_driver(port: int, destination: Checked, **kw: Any) -> SmtpDriver:
+    return SmtpDriver(USER_HOST, port, destination=destination, server_words=False, **{"timeout": 5} | kw)
+
+
+@pytest.fixture(scope="module")
+def user_ca(tmp_path_factory: pytest.TempPathFactory) -> Iterator[trustme.CA]:
+    """A CA the driver trusts (SSL_CERT_FILE is read whenever a TLS context is made), as a real relay's would be."""
+    ca = trustme.CA()
+    pem = tmp_path_factory.mktemp("user-ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(pem))
+    old = os.environ.get("SSL_CERT_FILE")
+    os.environ["SSL_CERT_FILE"] = str(pem)
+    yield ca
+    if old is None:
+        os.environ.pop("SSL_CERT_FILE", None)
+    else:
+        os.environ["SSL_CERT_FILE"] = old
+
+
+def _tls_for(ca: trustme.CA, name: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(name).configure_cert(ctx)
+    return ctx
+
+
+async def test_a_users_server_is_reached_at_the_checked_address_and_tls_verifies_its_name(user_ca: trustme.CA) -> None:
+    """The connection goes to the address the egress check returned (the name itself resolves
+    nowhere), once per new connection; STARTTLS verifies the certificate against the name."""
+    controller, handler, port, seen = _counting_server(
+        tls_context=_tls_for(user_ca, USER_HOST), require_starttls=True, authenticator=_auth, auth_require_tls=True,
+        auth_exclude_mechanism=["LOGIN"],
+    )
+    try:
+        checked = Checked("127.0.0.1")
+        driver = user_driver(port, checked, security=SmtpSecurity.STARTTLS, username="mailer", password=PASSWORD)
+        for i in range(3):
+            await driver.send(numbered(i), "a@example.com", ["b@example.com"])
+        assert len(handler.messages) == 3 and seen.opened == 1
+        assert checked.asked == [(USER_HOST, port)]  # checked for the one connection it opened
+        await driver.aclose()
+
+        # A certificate for another name is refused: the name, not the address, is what TLS checks.
+        impostor = user_driver(port, Checked("127.0.0.1"), security=SmtpSecurity.STARTTLS, username="mailer", password=PASSWORD)
+        controller.stop()
+        controller, handler, port, seen = _counting_server(
+            tls_context=_tls_for(user_ca, "other.example"), require_starttls=True, authenticator=_auth, auth_require_tls=True,
+            auth_exclude_mechanism=["LOGIN"],
+        )
+        impostor.port = port
+        with pytest.raises(TransientDeliveryError) as caught:
+            await impostor.send(message(), "a@example.com", ["b@example.com"])
+        assert str(caught.value) == f"the TLS certificate of {USER_HOST}:{port} was not accepted"
+        assert handler.messages == []
+    finally:
+        controller.stop()
+
+
+async def test_a_refused_destination_is_permanent_and_nothing_is_connected_to(counting: Any) -> None:
+    _, port, seen, _ = counting
+    refused = Checked(refuse=DestinationRefused("resolves to a loopback address"))
+    with pytest.raises(PermanentDeliveryError) as caught:
+        await user_driver(port, refused).send(message(), "a@example.com", ["b@example.com"])
+    assert not isinstance(caught.value, TransientDeliveryError)
+    assert str(caught.value) == f"destination refused: {USER_HOST} resolves to a loopback address"
+    port_refused = Checked(refuse=DestinationRefused("port 22 is not an SMTP port (allowed: 25, 465, 587, 2525)", part="port"))
+    with pytest.raises(PermanentDeliveryError, match="^destination refused: port 22 is not an SMTP port"):
+        await user_driver(port, port_refused).send(message(), "a@example.com", ["b@example.com"])
+    with pytest.raises(ServerUnreachable, match="does not resolve"):  # DNS may answer again: waited for
+        await user_driver(port, Checked(refuse=NotResolved("does not resolve to any address"))).send(message(), "a@example.com", ["b@example.com"])
+    assert seen.opened == 0
+
+
+async def _banner_server(banner: bytes | None) -> tuple[asyncio.Server, int, list[int]]:
+    """A TCP service that is not SMTP: it writes `banner` (None: nothing) and keeps the line open."""
+    accepted: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        if banner is not None:
+            writer.write(banner)
+            await writer.drain()
+        await reader.read()  # until the client hangs up
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], accepted
+
+
+async def test_closed_silent_and_not_smtp_read_the_same_and_the_banner_goes_only_to_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """A user's settings must not make a port scanner: refused, no greeting, and another service's
+    banner are one reason in the same words, and unreachable alike. The operator's log gets the
+    banner, scrubbed of control characters."""
+    caplog.set_level(logging.DEBUG)
+    ssh, ssh_port, ssh_seen = await _banner_server(b"SSH-2.0-OpenSSH_9.6 db-internal-01.corp\x1b[2J\r\n")
+    silent, silent_port, silent_seen = await _banner_server(None)
+    closed_port = free_port()
+    errors = {}
+    try:
+        for port in (ssh_port, silent_port, closed_port):
+            with pytest.raises(ServerUnreachable) as caught:
+                await user_driver(port, Checked("127.0.0.1"), timeout=1).send(message(), "a@example.com", ["b@example.com"])
+            errors[port] = str(caught.value).replace(str(port), "PORT")
+    finally:
+        for server in (ssh, silent):
+            server.close()
+            await server.wait_closed()
+    assert ssh_seen and silent_seen  # both were reached
+    assert set(errors.values()) == {f"could not reach an SMTP server at {USER_HOST}:PORT"}, errors
+    logged = [r.getMessage() for r in caplog.records if r.name == "mailqueue.drivers.smtp"]
+    assert any("SSH-2.0-OpenSSH_9.6 db-internal-01.corp" in line for line in logged), logged
+    assert not any("\x1b" in line for line in logged)
+
+
+@pytest.mark.parametrize(("reply", "error", "reason"), [
+    ("550 5.7.1 Rejected: db-internal-01.corp says no", PermanentDeliveryError, "message refused (550 5.7.1)"),
+    ("451 4.3.0 Try later, db-internal-01.corp busy", TransientDeliveryError, "message refused (451 4.3.0)"),
+    ("554 Transaction failed on db-internal-01.corp", PermanentDeliveryError, "message refused (554)"),
+])
+async def test_a_users_servers_replies_are_told_by_their_codes_only(
+    counting: Any, reply: str, error: type[Exception], reason: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    handler, port, _, _ = counting
+    handler.data_replies.append(reply)
+    handler.rejected_recipients["gone@example.com"] = "550 5.1.1 <gone@example.com>: no such user on db-internal-01.corp"
+    driver = user_driver(port, Checked("127.0.0.1"))
+    with pytest.raises(error) as caught:
+        await driver.send(message(), "a@example.com", ["b@example.com", "gone@example.com"])
+    assert str(caught.value) == reason and "db-internal" not in repr(caught.value)
+    handler.rejected_recipients["b@example.com"] = "450 4.2.2 Mailbox full on db-internal-01.corp"
+    with pytest.raises(TransientDeliveryError) as caught:
+        await driver.send(message(), "a@example.com", ["b@example.com", "gone@example.com"])
+    assert str(caught.value) == "all recipients refused: b@example.com (450 4.2.2); gone@example.com (550 5.1.1)"
+    del handler.rejected_recipients["b@example.com"]
+    delivery = await driver.send(message(), "a@example.com", ["b@example.com", "gone@example.com"])
+    assert delivery.refused_recipients == {"gone@example.com": "550 5.1.1"}
+    await driver.aclose()
+    assert "db-internal-01.corp" in caplog.text  # the operator's log keeps the words
+
+
+async def test_a_users_server_that_refuses_the_login_is_told_by_its_codes(user_ca: trustme.CA, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    controller, _, port, _ = _counting_server(
+        tls_context=_tls_for(user_ca, USER_HOST), require_starttls=True, authenticator=_auth, auth_require_tls=True,
+        auth_exclude_mechanism=["LOGIN"],
+    )
+    wrong = "wrong-" + PASSWORD
+    try:
+        with pytest.raises(PermanentDeliveryError) as caught:
+            await user_driver(port, Checked("127.0.0.1"), security=SmtpSecurity.STARTTLS, username="mailer", password=wrong).send(
+                message(), "a@example.com", ["b@example.com"])
+    finally:
+        controller.stop()
+    assert str(caught.value) == "authentication failed (535 5.7.8)" and caught.value.code == 535
+    plain_auth = base64.b64encode(f"\0mailer\0{wrong}".encode()).decode()
+    assert wrong not in caplog.text and plain_auth not in caplog.text
+
+
+def _auth_recording_server(**kw: Any) -> tuple[Controller, list[str], int, Connections]:
+    """A server that offers AUTH even without TLS and records every AUTH command it is sent: the
+    client's own rule is all that keeps a password off a plain connection."""
+    logins: list[str] = []
+
+    def anyone(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        logins.append(mechanism)
+        return AuthResult(success=True)
+
+    controller, _, port, seen = _counting_server(authenticator=anyone, auth_require_tls=False, auth_exclude_mechanism=["LOGIN"], **kw)
+    return controller, logins, port, seen
+
+
+async def test_auth_never_goes_over_a_plain_connection_unless_the_operator_allows_that_host() -> None:
+    controller, logins, port, seen = _auth_recording_server()
+    try:
+        plain = user_driver(port, Checked("127.0.0.1"), security=SmtpSecurity.NONE, username="mailer", password=PASSWORD)
+        with pytest.raises(PermanentDeliveryError, match="^AUTH refused: the connection to .* is not encrypted"):
+            await plain.send(message(), "a@example.com", ["b@example.com"])
+        assert seen.opened == 0 and logins == []  # refused before connecting
+
+        # STARTTLS asked for, not offered: the session ends before AUTH.
+        no_tls = user_driver(port, Checked("127.0.0.1"), security=SmtpSecurity.STARTTLS, username="mailer", password=PASSWORD)
+        with pytest.raises(PermanentDeliveryError, match="does not offer STARTTLS"):
+            await no_tls.send(message(), "a@example.com", ["b@example.com"])
+        assert seen.opened == 1 and logins == []
+
+        no_password = user_driver(port, Checked("127.0.0.1"), security=SmtpSecurity.STARTTLS, username="mailer")
+        with pytest.raises(PermanentDeliveryError, match="no password is stored"):
+            await no_password.send(message(), "a@example.com", ["b@example.com"])
+        assert seen.opened == 1 and logins == []
+
+        allowed = user_driver(port, Checked("127.0.0.1"), security=SmtpSecurity.NONE, username="mailer", password=PASSWORD,
+                              plaintext_auth=True)
+        await allowed.send(message(), "a@example.com", ["b@example.com"])
+        await allowed.aclose()
+        assert logins == ["PLAIN"]  # the server would have taken it: the refusals above were the client's
     finally:
         controller.stop()

@@ -9,22 +9,24 @@ from typing import Any
 import httpx
 
 from mailqueue.models import Email
-from tests.helpers import EMAIL_SETTLES, Stack, email, eventually, wait_status
+from tests.helpers import EMAIL_SETTLES, Stack, email, eventually, verify_domain, wait_status
 
 
 async def test_stats_count_the_callers_emails_and_find_the_stuck_ones(stack: Stack, sessions: Any) -> None:
     made = (await stack.http.post("/v1/users", json={"name": f"stats-{os.urandom(3).hex()}"})).json()
     key = (await stack.http.post(f"/v1/users/{made['id']}/api-keys")).json()["key"]
+    await verify_domain(sessions, made["id"], "example.org")  # users send from their verified domains
+    mine = {"from": "stats@example.org"}
     async with httpx.AsyncClient(base_url=str(stack.http.base_url), headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
         empty = (await http.get("/v1/stats")).json()
         assert empty["by_status"] == {} and empty["queue_depth"] == 0 and empty["stuck"] == 0
 
-        sent = [(await http.post("/v1/emails", json=email())).json()["id"] for _ in range(2)]
+        sent = [(await http.post("/v1/emails", json=email(**mine))).json()["id"] for _ in range(2)]
         for email_id in sent:
             await wait_status(http, email_id, "sent")
         later = (datetime.now(UTC) + timedelta(days=1)).isoformat()
-        scheduled = (await http.post("/v1/emails", json=email(send_at=later))).json()["id"]
-        stuck = (await http.post("/v1/emails", json=email(send_at=later))).json()["id"]
+        scheduled = (await http.post("/v1/emails", json=email(send_at=later, **mine))).json()["id"]
+        stuck = (await http.post("/v1/emails", json=email(send_at=later, **mine))).json()["id"]
 
         async def scheduled_recorded() -> bool:  # the workflow's own `scheduled` step must land before we tamper with the record
             return "scheduled" in [e["event"] for e in (await http.get(f"/v1/emails/{stuck}")).json()["events"]]

@@ -20,9 +20,11 @@ LocaleQuery = Annotated[str, Query(max_length=35, description="The variant: '' (
 VersionQuery = Annotated[int | None, Query(ge=1, le=MAX_VERSION)]
 
 # Template HTML is written by untrusted authors: shown in a browser it must not run scripts
-# or reach anything, and it gets an opaque origin of its own (CSP sandbox).
+# or reach anything, and it gets an opaque origin of its own (CSP sandbox). Nothing remote
+# loads, not even images or fonts: a remote image would tell its server who opened the
+# preview, and when. No page may frame it (clickjacking).
 PREVIEW_HEADERS = {
-    "Content-Security-Policy": "sandbox; default-src 'none'; img-src * data:; style-src 'unsafe-inline'; font-src * data:",
+    "Content-Security-Policy": "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'; font-src data:; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",

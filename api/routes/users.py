@@ -1,4 +1,4 @@
-"""/v1/users: users and their API keys (admin only). A key is shown once, when it is issued."""
+"""/v1/users: users, their API keys and limits (admin only, but /me). A key is shown once, when it is issued."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response, status
 
-from api.deps import AdminContextDep
-from api.schemas.users import IssuedKeyOut, KeyIn, KeyOut, UserIn, UserOut
+from api.deps import AdminContextDep, ContextDep
+from api.schemas.users import IssuedKeyOut, KeyIn, KeyOut, UserIn, UserOut, UserPatch
 from api.services import users
 
 router = APIRouter(prefix="/v1/users", tags=["users"])
@@ -21,18 +21,32 @@ async def create_user(body: UserIn, response: Response, ctx: AdminContextDep) ->
     user = await users.create(ctx, body)
     response.headers["Location"] = f"/v1/users/{user.id}"
     [(user, keys)] = await users.with_keys(ctx, [user])
-    return UserOut.of(user, keys)
+    return UserOut.of(user, keys, ctx.settings)
 
 
 @router.get("", response_model=list[UserOut], summary="List users with their keys (never the keys themselves)")
 async def list_users(ctx: AdminContextDep) -> list[UserOut]:
-    return [UserOut.of(u, keys) for u, keys in await users.with_keys(ctx, await users.list_users(ctx))]
+    return [UserOut.of(u, keys, ctx.settings) for u, keys in await users.with_keys(ctx, await users.list_users(ctx))]
+
+
+@router.get("/me", response_model=UserOut, responses={404: {"description": "The bootstrap key is no user"}},
+            summary="The caller's own user: their keys and the limits an admin set (read-only)")
+async def get_me(ctx: ContextDep) -> UserOut:
+    [(user, keys)] = await users.with_keys(ctx, [await users.me(ctx)])
+    return UserOut.of(user, keys, ctx.settings)
 
 
 @router.get("/{user_id}", response_model=UserOut, responses=NOT_FOUND, summary="A user with their keys")
 async def get_user(user_id: UserId, ctx: AdminContextDep) -> UserOut:
     [(user, keys)] = await users.with_keys(ctx, [await users.user_or_404(ctx, user_id)])
-    return UserOut.of(user, keys)
+    return UserOut.of(user, keys, ctx.settings)
+
+
+@router.patch("/{user_id}", response_model=UserOut, responses={**NOT_FOUND, 409: {"description": "Yourself, or the last active admin"}},
+              summary="Change a user's limits, or deactivate (reactivate) them: every key refused at once")
+async def update_user(user_id: UserId, body: UserPatch, ctx: AdminContextDep) -> UserOut:
+    [(user, keys)] = await users.with_keys(ctx, [await users.update(ctx, user_id, body)])
+    return UserOut.of(user, keys, ctx.settings)
 
 
 @router.post("/{user_id}/api-keys", status_code=status.HTTP_201_CREATED, response_model=IssuedKeyOut, responses=NOT_FOUND,

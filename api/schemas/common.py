@@ -9,6 +9,8 @@ from typing import Annotated, Any
 from email_validator import EmailNotValidError, validate_email
 from pydantic import AfterValidator, Field
 
+from mailqueue.message import header_text_problem
+
 
 def storable(value: str, what: str = "the value") -> str:
     """PostgreSQL text holds neither NUL nor lone surrogates (not UTF-8): refused here as a 422, not at the database."""
@@ -39,18 +41,37 @@ Text = Annotated[str, AfterValidator(storable)]
 JsonObject = Annotated[dict[str, Any], AfterValidator(storable_json)]
 
 
-def no_line_breaks(value: str, what: str) -> str:
-    if "\r" in value or "\n" in value:
-        raise ValueError(f"{what} must not contain CR or LF characters")
+def header_text(value: str, what: str) -> str:
+    """Text that goes into a mail header (subject, header values, display names): no line breaks of
+    any kind, no control characters but TAB, no bidirectional overrides, not even inside an RFC 2047
+    encoded word (see mailqueue/message.py)."""
+    problem = header_text_problem(value)
+    if problem is not None:
+        raise ValueError(f"{what} must not contain {problem}")
     return storable(value, what)
+
+
+no_line_breaks = header_text  # its older name
 
 
 _NAMED_ADDRESS = re.compile(r"^\s*(?P<name>[^<>]*?)\s*<(?P<addr>[^<>]*)>\s*$")
 
 
+def named_address(name: str, addr: str) -> str:
+    """"Name <addr>", the name quoted or encoded as RFC 5322 needs (formataddr, which refuses a
+    non-ASCII address: an internationalized mailbox keeps its name this way)."""
+    if addr.isascii():
+        return formataddr((name, addr))
+    return formataddr((name, "")).removesuffix(" <>") + f" <{addr}>"
+
+
 def normalize_address(value: str) -> str:
-    """Validate one address ("ann@example.com" or "Ann <ann@example.com>") and normalize it."""
-    no_line_breaks(value, "an address")
+    """Validate one address ("ann@example.com" or "Ann <ann@example.com>") and normalize it.
+
+    The domain is kept in its ASCII form (bücher.de and xn--bcher-kva.de both become
+    xn--bcher-kva.de), so relays without SMTPUTF8 take it; only a non-ASCII mailbox (before the @)
+    stays Unicode, and needs SMTPUTF8 on every relay."""
+    header_text(value, "an address")
     named = _NAMED_ADDRESS.match(value)
     if named:
         name, addr = named["name"].strip().strip('"').strip(), named["addr"].strip()
@@ -61,10 +82,13 @@ def normalize_address(value: str) -> str:
     if "," in addr or ";" in addr:
         raise ValueError(f"{value!r} is not one email address; give each address as its own list item")
     try:
-        addr = validate_email(addr, check_deliverability=False).normalized
+        valid = validate_email(addr, check_deliverability=False)
     except EmailNotValidError as exc:
         raise ValueError(f"{value!r} is not a valid email address: {exc}") from None
-    return formataddr((name, addr)) if name else addr
+    addr = valid.ascii_email or f"{valid.local_part}@{valid.ascii_domain}"
+    if name:
+        header_text(name, f"the display name of {addr!r}")
+    return named_address(name, addr) if name else addr
 
 
 Address = Annotated[str, Field(max_length=512, examples=["Ann Smith <ann@example.com>"])]

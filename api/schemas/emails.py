@@ -10,7 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from api.schemas.common import Address, JsonObject, Text, no_line_breaks, normalize_address
+from api.schemas.common import Address, JsonObject, Text, header_text, normalize_address
+from mailqueue.message import HEADERS_RULE, header_refusal
 from mailqueue.models import Email, EmailEvent
 from mailqueue.templating import check_locale
 
@@ -18,12 +19,8 @@ from mailqueue.templating import check_locale
 IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]+$"
 IDEMPOTENCY_KEY_MAX_LENGTH = 255
 
-# RFC 5322 field names; these are set by mailqueue itself and cannot be overridden.
+# RFC 5322 field names; which of them a sender may give: mailqueue/message.py (header_refusal).
 HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")
-RESERVED_HEADERS = {
-    "from", "to", "cc", "bcc", "reply-to", "subject", "date", "message-id", "sender",
-    "mime-version", "content-type", "content-transfer-encoding", "return-path", "received",
-}
 
 
 class RelatedEntity(BaseModel):
@@ -62,7 +59,11 @@ class EmailRequest(BaseModel):
     to: list[Address] = Field(default_factory=list, max_length=1000)
     cc: list[Address] = Field(default_factory=list, max_length=1000)
     bcc: list[Address] = Field(default_factory=list, max_length=1000)
-    from_: Address | None = Field(default=None, alias="from", description="Defaults to the template's or the system's sender")
+    from_: Address | None = Field(
+        default=None, alias="from",
+        description="An address in one of your verified domains (/v1/domains). Defaults to default_from of "
+        "/v1/settings/mail, then the template's default_from (which must be in a verified domain too)",
+    )
     reply_to: Address | None = None
     subject: str | None = Field(default=None, max_length=998)
     html: Text | None = None
@@ -75,7 +76,7 @@ class EmailRequest(BaseModel):
     )
     send_at: AwareDatetime | None = Field(default=None, description="ISO 8601 with a time zone; omit to send now")
     max_attempts: int | None = Field(default=None, ge=1, le=20)
-    headers: dict[str, str] = Field(default_factory=dict, max_length=50)
+    headers: dict[str, str] = Field(default_factory=dict, max_length=50, description=HEADERS_RULE)
     tags: list[Annotated[Text, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=20)
     metadata: JsonObject = Field(default_factory=dict)
     related_entity: RelatedEntity | None = None
@@ -93,7 +94,7 @@ class EmailRequest(BaseModel):
     @field_validator("subject")
     @classmethod
     def _subject(cls, value: str | None) -> str | None:
-        return no_line_breaks(value, "subject") if value is not None else None
+        return header_text(value, "subject") if value is not None else None
 
     @field_validator("locale")
     @classmethod
@@ -106,9 +107,10 @@ class EmailRequest(BaseModel):
         for name, value in headers.items():
             if not HEADER_NAME.match(name):
                 raise ValueError(f"header name {name!r} is not a valid field name")
-            if name.lower() in RESERVED_HEADERS:
-                raise ValueError(f"header {name!r} is set by mailqueue and cannot be given")
-            no_line_breaks(value, f"header {name!r}")
+            refusal = header_refusal(name)
+            if refusal is not None:
+                raise ValueError(refusal)
+            header_text(value, f"header {name!r}")
             if len(value) > 998:
                 raise ValueError(f"header {name!r} is longer than 998 characters")
         return headers
@@ -158,7 +160,7 @@ class BatchIn(BaseModel):
 
 class BatchItemOut(BaseModel):
     index: int
-    status: int = Field(description="202 queued; 422 invalid; 409 idempotency conflict; 503 not queued, send again")
+    status: int = Field(description="202 queued; 422 invalid; 409 idempotency conflict; 429 over the recipients-per-hour cap; 503 not queued, send again")
     id: str | None = None
     workflow_id: str | None = None
     email_status: str | None = None

@@ -16,17 +16,29 @@ SECRETS = {"smtp_password": "smtp_password_enc", "api_key": "api_key_enc", "api_
 
 
 class MailSettingsIn(BaseModel):
-    """Secrets (smtp_password, api_key, api_secret): omit or null to keep the stored one, "" to remove it."""
+    """Secrets (smtp_password, api_key, api_secret): omit or null to keep the stored one, "" to remove it.
+
+    A secret stays bound to where it was given for: a PUT that changes smtp_host, smtp_port,
+    smtp_username or smtp_security clears the stored smtp_password, and one that changes the
+    driver clears api_key and api_secret, unless the same PUT gives them again (the answer
+    then shows `smtp_password_set: false`)."""
 
     model_config = ConfigDict(extra="forbid")
     driver: SenderDriver = SenderDriver.SYSTEM_SMTP
-    smtp_host: str | None = Field(default=None, max_length=255, pattern=r"^[A-Za-z0-9.-]+$")
-    smtp_port: int | None = Field(default=None, ge=1, le=65535)
+    smtp_host: str | None = Field(
+        default=None, max_length=255, pattern=r"^[A-Za-z0-9.:\[\]-]+$",
+        description="A public host name or address (the egress policy refuses loopback, private, link-local and metadata ones)",
+    )
+    smtp_port: int | None = Field(default=None, ge=1, le=65535, description="25, 465, 587 (default) or 2525")
     smtp_username: Text | None = Field(default=None, max_length=255)
-    smtp_password: str | None = Field(default=None, max_length=1000)
-    smtp_security: SmtpSecurity | None = None
-    api_key: str | None = Field(default=None, max_length=1000, description="SendGrid or Mailgun API key; SES access key id")
-    api_secret: str | None = Field(default=None, max_length=1000, description="SES secret access key")
+    smtp_password: str | None = Field(
+        default=None, max_length=1000, description="Cleared by a change of host, port, username or security unless given again",
+    )
+    smtp_security: SmtpSecurity | None = Field(default=None, description="starttls (default), tls, or none (no AUTH then, unless the operator allows it for the host)")
+    api_key: str | None = Field(
+        default=None, max_length=1000, description="SendGrid or Mailgun API key; SES access key id. Cleared by a change of driver",
+    )
+    api_secret: str | None = Field(default=None, max_length=1000, description="SES secret access key. Cleared by a change of driver")
     mailgun_domain: str | None = Field(default=None, max_length=255, pattern=r"^[A-Za-z0-9.-]+$")
     mailgun_region: str | None = Field(default=None, pattern=r"^(us|eu)$")
     ses_region: str | None = Field(default=None, max_length=32, pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")

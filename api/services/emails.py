@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email.utils import formataddr
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,7 +21,7 @@ from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
-from api.schemas.common import normalize_address
+from api.schemas.common import named_address, normalize_address
 from api.schemas.emails import (
     IDEMPOTENCY_KEY_MAX_LENGTH,
     IDEMPOTENCY_KEY_PATTERN,
@@ -30,7 +31,7 @@ from api.schemas.emails import (
     EmailRequest,
 )
 from api.services.context import Context
-from api.services.errors import Conflict, Invalid, NotFound, invalid
+from api.services.errors import Conflict, Invalid, LimitReached, NotFound, invalid
 from mailqueue.accounts import Principal
 from mailqueue.config import Settings
 from mailqueue.contracts import (
@@ -49,15 +50,17 @@ from mailqueue.contracts import (
     retry_refusal,
 )
 from mailqueue.delivery import RPC_TIMEOUT, TemporalUnavailable, redelivery_spec, retry_settings, start_delivery
+from mailqueue.domains import FromRefused, sender_identity
 from mailqueue.email_store import events_of, insert_email, queued_event, record_from_spec
 from mailqueue.errors import TemplateError
 from mailqueue.ids import idempotent_email_id, message_id_for, new_email_id
-from mailqueue.message import bare_address, domain_of
-from mailqueue.models import Email, EmailEvent, EmailRecipient, utcnow
-from mailqueue.senders import resolve_sender
-from mailqueue.template_library import MissingVariables, prepare
+from mailqueue.message import bare_address, header_text_problem
+from mailqueue.models import Email, EmailEvent, EmailRecipient, User, utcnow
+from mailqueue.senders import priorities_within, priority_allowed, recipients_cap, resolve_sender, sender_key
+from mailqueue.template_library import MissingVariables, TemplateLimitError, prepare
 from mailqueue.template_store import current_template
 from mailqueue.templating import is_partial
+from mailqueue.usage import Window, give_back, take, used
 
 IDEMPOTENCY_KEY_RULE = f"1 to {IDEMPOTENCY_KEY_MAX_LENGTH} printable ASCII characters, no spaces"
 _EMAIL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -117,6 +120,9 @@ async def _pin_template(ctx: Context, req: EmailRequest) -> tuple[TemplateRef, C
         prepared = await prepare(ctx.session, ctx.templates, row, data, req.locale, finish=False)
     except MissingVariables as exc:
         raise invalid(("body", "template_data"), str(exc), type="missing_variables", missing=exc.names) from None
+    except TemplateLimitError as exc:  # a render bound (string size, loops, CPU, time, memory): named in the message
+        raise invalid(("body", "template_data"), f"template {row.name!r} cannot be rendered with this data: {exc}",
+                      type="template_limit", limit=exc.limit) from None
     except TemplateError as exc:
         raise invalid(("body", "template_data"), f"template {row.name!r} cannot be rendered with this data: {exc}") from None
     return prepared.ref(data, req.locale), prepared.content, row.default_from, row.default_from_name
@@ -127,6 +133,36 @@ def _request_hash(req: EmailRequest) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+async def _sender_identity(
+    ctx: Context, req: EmailRequest, default_from: str | None, template_from: str | None, template_from_name: str | None,
+) -> tuple[str, str]:
+    """(the From, the Message-ID domain): the first of `from`, the sender's default_from and the
+    template's, which a user may send from only in a verified domain (mailqueue/domains.py)."""
+    address, source = next(
+        ((a, s) for a, s in ((req.from_, "from"), (default_from, "your default_from (/v1/settings/mail)"),
+                             (template_from, f"the template's default_from ({req.template})")) if a),
+        (None, "from"),
+    )
+    sender_type, sender_id = ctx.principal.sender
+    try:
+        identity = await sender_identity(
+            ctx.session, ctx.settings, sender_type, sender_id, address, source, normalize_address(ctx.settings.default_from),
+        )
+    except FromRefused as exc:
+        raise invalid(("body", "from"), str(exc), value=req.from_, type="unverified_sender") from None
+    from_address = identity.from_address
+    if not req.from_ and template_from_name:  # the template names the sender; the address is its own or the system's
+        from_address = named_address(template_from_name, bare_address(from_address))
+    return from_address, identity.message_id_domain
+
+
+def _check_rendered_subject(content: Content) -> None:
+    """Template data lands in the subject: refused here what the schema refuses in a given one."""
+    problem = header_text_problem(" ".join(content.subject.split()))  # as the worker finishes it
+    if problem is not None:
+        raise invalid(("body", "template_data"), f"the rendered subject must not contain {problem}", type="unsafe_subject")
+
+
 async def prepare_email(ctx: Context, req: EmailRequest, idempotency_key: str | None) -> PreparedEmail:
     """Validate beyond the schema (limits, template and its data, sender) and build the spec: the 422s come from here."""
     _check_limits(ctx, req)
@@ -135,15 +171,15 @@ async def prepare_email(ctx: Context, req: EmailRequest, idempotency_key: str | 
         template_ref, content, template_from, template_from_name = await _pin_template(ctx, req)
     sender_type, sender_id = ctx.principal.sender
     route = await resolve_sender(ctx.session, ctx.settings, sender_type, sender_id)
-    from_address = req.from_ or route.default_from or template_from or normalize_address(ctx.settings.default_from)
-    if not req.from_ and template_from_name:  # the template names the sender; the address is its own or the system's
-        from_address = formataddr((template_from_name, bare_address(from_address)))
+    from_address, message_id_domain = await _sender_identity(ctx, req, route.default_from, template_from, template_from_name)
+    if content is not None:
+        _check_rendered_subject(content)
 
     email_id = idempotent_email_id(sender_type, sender_id, idempotency_key) if idempotency_key else new_email_id()
     related = req.related_entity
     spec = EmailSpec(
         email_id=email_id,
-        message_id=message_id_for(email_id, ctx.settings.message_id_domain or domain_of(from_address)),
+        message_id=message_id_for(email_id, message_id_domain),
         from_address=from_address,
         to=req.to,
         cc=req.cc,
@@ -153,8 +189,8 @@ async def prepare_email(ctx: Context, req: EmailRequest, idempotency_key: str | 
         template=template_ref,
         headers=req.headers,
         send_at=req.send_at,
-        retry=retry_settings(ctx.settings, req.max_attempts),
-        priority=str(req.priority),
+        retry=retry_settings(ctx.settings, req.max_attempts, route),
+        priority=_within_ceiling(ctx, str(req.priority), route.max_priority),
         tags=req.tags,
         metadata=req.metadata,
         related_entity_type=related.type if related else None,
@@ -207,13 +243,92 @@ async def commit_email(ctx: Context, prepared: PreparedEmail) -> Email:
     return email
 
 
+# --- volume limits: the priority ceiling and recipients per hour -----------------------------
+
+
+def _within_ceiling(ctx: Context, priority: str, ceiling: str) -> str:
+    """The priority asked for, if the caller may ask for it: admins (and the bootstrap key) may ask for any."""
+    if not ctx.principal.is_admin and not priority_allowed(priority, ceiling):
+        raise invalid(
+            ("body", "priority"),
+            f"priority {priority} is above your ceiling of {ceiling}: ask for {priorities_within(ceiling)} (an admin can raise it)",
+            value=priority,
+        )
+    return priority
+
+
+@dataclass
+class CountedRecipients:
+    """Recipients counted against a user's hourly cap, by email: an email that is not queued after
+    all (409, 503) gives its count back."""
+
+    sender: str
+    window: str
+    by_email: dict[str, int]
+
+
+def _recipients(spec: EmailSpec) -> int:
+    return len(spec.to) + len(spec.cc) + len(spec.bcc)
+
+
+async def _count_recipients(ctx: Context, emails: Sequence[PreparedEmail]) -> CountedRecipients | None:
+    """Count these emails' recipients against their user's cap for this hour, all or none: committed
+    at once (any API process, racing requests: the counter in sender_usage decides), or LimitReached.
+
+    Counted when accepted, scheduled ones included. An email already recorded under its
+    Idempotency-Key (a replay) counts nothing. Two identical requests racing with one new key may
+    both count: on the safe side."""
+    if not emails or emails[0].spec.sender_type != SenderType.USER:
+        return None  # the system (bootstrap key) has no cap
+    session, spec = ctx.session, emails[0].spec
+    cap = recipients_cap(ctx.settings, await session.get(User, spec.sender_id))
+    if not cap:
+        return None
+    by_email = {
+        p.spec.email_id: _recipients(p.spec) for p in emails
+        if not (p.idempotency_key and await session.get(Email, p.spec.email_id) is not None)
+    }
+    n = sum(by_email.values())
+    if not n:
+        return None
+    now = time.time()
+    window = Window.at("r", now, ctx.settings.quota_hour_seconds)
+    sender = sender_key(SenderType.USER, spec.sender_id)
+    connection = await session.connection()
+    if await take(connection, sender, window.key, n, cap):
+        await session.commit()
+        return CountedRecipients(sender, window.key, by_email)
+    so_far = await used(connection, sender, window.key)
+    await session.commit()
+    wait = max(1, math.ceil(window.ends - now))
+    raise LimitReached(
+        f"recipient limit reached: {cap} recipients (to, cc and bcc) may be queued per hour and {so_far} have been "
+        f"this hour; this would add {n}. Try again in {wait} s (Retry-After), or ask an admin to raise recipients_per_hour",
+        retry_after=wait,
+    )
+
+
+async def _commit_counted(ctx: Context, prepared: PreparedEmail, counted: CountedRecipients | None) -> Email:
+    """commit_email; the email's counted recipients are given back when it is not queued after all."""
+    try:
+        return await commit_email(ctx, prepared)
+    except (Conflict, TemporalUnavailable):
+        n = counted.by_email.pop(prepared.spec.email_id, 0) if counted else 0
+        if counted and n:
+            await give_back(await ctx.session.connection(), counted.sender, counted.window, n)
+            await ctx.session.commit()
+        raise
+
+
 async def accept(ctx: Context, req: EmailRequest, idempotency_key: str | None = None) -> Email:
     """Queue one email: a record and its workflow, or an error and nothing."""
-    return await commit_email(ctx, await prepare_email(ctx, req, idempotency_key))
+    prepared = await prepare_email(ctx, req, idempotency_key)
+    return await _commit_counted(ctx, prepared, await _count_recipients(ctx, [prepared]))
 
 
 async def accept_batch(ctx: Context, body: BatchIn) -> BatchOut:
-    """Each email validated and answered on its own; with `all_or_nothing`, one invalid email queues none."""
+    """Each email validated and answered on its own; with `all_or_nothing`, one invalid email queues none
+    (and a batch over the recipients cap: 429). Otherwise the emails that would pass the cap get 429 each."""
     results: list[BatchItemOut | None] = [None] * len(body.emails)
     ready: list[tuple[int, PreparedEmail]] = []
     for index, item in enumerate(body.emails):
@@ -233,10 +348,13 @@ async def accept_batch(ctx: Context, body: BatchIn) -> BatchOut:
             "msg": f"{len(rejected)} of {len(body.emails)} emails are invalid; nothing was queued (all_or_nothing)",
             "items": [r.model_dump(exclude_none=True) for r in rejected],
         })
+    counted = await _count_recipients(ctx, [p for _, p in ready]) if body.all_or_nothing else None
     for index, prepared in ready:
         try:
-            email = await commit_email(ctx, prepared)
+            email = await _commit_counted(ctx, prepared, counted if body.all_or_nothing else await _count_recipients(ctx, [prepared]))
             results[index] = BatchItemOut(index=index, status=202, id=email.id, workflow_id=email.workflow_id, email_status=email.status)
+        except LimitReached as exc:
+            results[index] = BatchItemOut(index=index, status=429, detail=[{"msg": str(exc.detail), "retry_after": exc.retry_after}])
         except Conflict as exc:
             results[index] = BatchItemOut(index=index, status=409, detail=[{"msg": str(exc.detail)}])
         except TemporalUnavailable:

@@ -21,6 +21,14 @@ class Conflict(ServiceError):
     """Not possible in the thing's current state (or an Idempotency-Key reused for another request)."""
 
 
+class LimitReached(ServiceError):
+    """Over a volume limit for now (recipients per hour): `retry_after` says in how many seconds it frees up."""
+
+    def __init__(self, detail: Any, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
 class Invalid(ServiceError):
     """The input is wrong: `detail` is a list of field errors (`loc`, `msg`, `type`, ...), or a
     summary with `items` (a batch refused as a whole)."""

@@ -14,7 +14,7 @@ from api.services.errors import Conflict, Invalid, NotFound, field_error, invali
 from mailqueue.contracts import TemplatePin
 from mailqueue.errors import TemplateError
 from mailqueue.models import EmailTemplate
-from mailqueue.template_library import MissingVariables, Problem, ReloadResult, check_draft, prepare, reload_folder
+from mailqueue.template_library import MissingVariables, Problem, ReloadResult, TemplateLimitError, check_draft, prepare, reload_folder
 from mailqueue.template_store import (
     current_exact,
     current_template,
@@ -43,10 +43,15 @@ def _unprocessable(problems: list[Problem]) -> Invalid:
         field_error(
             ("body", p.field) if p.template is None else ("body", p.template, p.field),
             f"line {p.line}: {p.message}" if p.line else p.message,
-            type="template_error", line=p.line,
+            line=p.line, **_kind(p.limit),
         )
         for p in problems
     ])
+
+
+def _kind(limit: str | None) -> dict[str, Any]:
+    """A render that broke a limit (string, loop, cpu, time, memory, ...) says which; other template errors are just that."""
+    return {"type": "template_limit", "limit": limit} if limit else {"type": "template_error"}
 
 
 def pin_out(p: TemplatePin | TemplateSource) -> TemplatePinOut:
@@ -165,7 +170,7 @@ async def preview(ctx: Context, name: str, locale: str | None, version: int | No
         hint = "" if source == "request" else " (the template's sample_data lacks them; send data in the body)"
         raise invalid(("body", "data"), f"{exc}{hint}", type="missing_variables", missing=exc.names) from None
     except TemplateError as exc:
-        raise invalid(("body", "data"), str(exc), type="template_error") from None
+        raise invalid(("body", "data"), str(exc), **_kind(exc.limit if isinstance(exc, TemplateLimitError) else None)) from None
     return PreviewOut(
         subject=prepared.content.subject,
         html=prepared.content.html,

@@ -1,15 +1,18 @@
-"""Users and their API keys (admins only; the routes check that). A key is shown once, when issued."""
+"""Users, their API keys and limits (admins only, but a user's own record; the routes check that).
+A key is shown once, when issued."""
 
 from __future__ import annotations
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
-from api.schemas.users import UserIn
+from api.schemas.users import LimitsIn, UserIn, UserPatch
 from api.services.context import Context
 from api.services.errors import Conflict, NotFound
 from mailqueue.accounts import IssuedKey, issue_key, new_id
-from mailqueue.models import ApiKey, User, utcnow
+from mailqueue.models import ApiKey, Role, User, utcnow
+
+LIMITS = tuple(LimitsIn.model_fields)
 
 
 async def with_keys(ctx: Context, users: list[User]) -> list[tuple[User, list[ApiKey]]]:
@@ -29,8 +32,15 @@ async def user_or_404(ctx: Context, user_id: str) -> User:
     return user
 
 
+async def me(ctx: Context) -> User:
+    """The caller's own user (their limits shown read-only); the bootstrap key is nobody's."""
+    if not ctx.principal.is_user or ctx.principal.id is None:
+        raise NotFound("the bootstrap key belongs to no user: it is the system's admin key")
+    return await user_or_404(ctx, ctx.principal.id)
+
+
 async def create(ctx: Context, body: UserIn) -> User:
-    user = User(id=new_id(), name=body.name, email=body.email, role=body.role)
+    user = User(id=new_id(), name=body.name, email=body.email, role=body.role, **body.model_dump(include=set(LIMITS)))
     ctx.session.add(user)
     try:
         await ctx.session.commit()
@@ -38,6 +48,38 @@ async def create(ctx: Context, body: UserIn) -> User:
         await ctx.session.rollback()
         raise Conflict(f"a user named {body.name!r} exists") from None
     return user
+
+
+async def update(ctx: Context, user_id: str, body: UserPatch) -> User:
+    """Change a user's limits or deactivate (reactivate) them: a deactivated user's every key is
+    refused from the next request on. Nobody can deactivate themselves, nor the last active admin:
+    someone must always be able to undo it (the bootstrap key may be unset)."""
+    given = body.model_fields_set
+    user = await user_or_404(ctx, user_id)
+    if "is_active" in given and body.is_active is False and user.is_active:
+        await _may_deactivate(ctx, user)
+    for name in given:
+        setattr(user, name, getattr(body, name))
+    ctx.session.add(user)
+    await ctx.session.commit()
+    await ctx.session.refresh(user)
+    return user
+
+
+async def _may_deactivate(ctx: Context, user: User) -> None:
+    if ctx.principal.is_user and ctx.principal.id == user.id:
+        raise Conflict("you cannot deactivate yourself; another admin can")
+    if user.role != Role.ADMIN.value:
+        return
+    # The active admins, locked until this transaction ends (SQLite: its one writer), so that two
+    # admins deactivating each other at once cannot both pass this check.
+    admins = (
+        await ctx.session.exec(
+            select(User.id).where(col(User.role) == Role.ADMIN.value, col(User.is_active)).with_for_update()
+        )
+    ).all()
+    if not set(admins) - {user.id}:
+        raise Conflict("this is the last active admin: create another admin (POST /v1/users with role admin) or reactivate one first")
 
 
 async def list_users(ctx: Context) -> list[User]:

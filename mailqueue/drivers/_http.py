@@ -1,24 +1,94 @@
-"""What the HTTP mail APIs share: classifying their answers, reading their error messages, parts of a message."""
+"""What the HTTP mail APIs share: a client that connects only where the egress policy allows,
+classifying their answers, reading their error messages, parts of a message.
+
+The providers' own error words are kept in reasons (scrubbed, cut short): their endpoints are
+the providers' or the operator's, never a user's choice, and their words are about the user's
+own account ("The from address does not match a verified Sender Identity").
+"""
 
 from __future__ import annotations
 
 import json
+import typing
 from email.message import EmailMessage
 from email.utils import getaddresses
+from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 
+from mailqueue.drivers.base import remote_text
+from mailqueue.egress import Destination, DestinationRefused, NotResolved
 from mailqueue.errors import DeliveryError, PermanentDeliveryError, ServerUnreachable, TransientDeliveryError
 
 MAX_REASON = 300
 
 
-def redact(text: str, secrets: tuple[str, ...]) -> str:
-    """`text` without any of `secrets`: providers may quote a refused key back in their error."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    return text
+class _CheckedBackend(httpcore.AsyncNetworkBackend):
+    """Opens each connection to an address the egress policy allowed for the URL's host, never
+    to the name itself (TLS still verifies, and names, the host: httpcore starts it separately)."""
+
+    def __init__(self, destination: Destination) -> None:
+        self._destination = destination
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+        socket_options: typing.Iterable[typing.Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        failure: Exception = httpcore.ConnectError("no address to connect to")
+        for ip in await self._destination(host, port):  # DestinationRefused passes through httpx unchanged
+            try:
+                return await self._inner.connect_tcp(str(ip), port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc
+        raise failure
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: typing.Iterable[typing.Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("a unix socket is not an egress destination")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class _CheckedTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport over a pool whose every connection goes through the egress check. No
+    proxy: a proxy would connect by name, past the check."""
+
+    def __init__(self, destination: Destination) -> None:
+        super().__init__(trust_env=False)
+        limits = httpx.Limits()
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(),  # the CA bundle (or SSL_CERT_FILE) httpx uses by default
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=_CheckedBackend(destination),
+        )
+
+
+def http_client(timeout: float, destination: Destination | None) -> httpx.AsyncClient:
+    """The client a provider driver talks through: checked by the egress policy when `destination` is given."""
+    if destination is None:
+        return httpx.AsyncClient(timeout=timeout)
+    return httpx.AsyncClient(timeout=timeout, transport=_CheckedTransport(destination))
+
+
+def endpoint(url: str) -> tuple[str, int]:
+    """(host, port) of a base URL, as a connection to it would use them."""
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def destination_error(provider: str, url: str, exc: DestinationRefused) -> DeliveryError:
+    """A provider endpoint the egress policy refused (permanent: no retry changes the policy),
+    or whose name has no address now (unreachable: DNS may answer again)."""
+    host, _ = endpoint(url)
+    if isinstance(exc, NotResolved):
+        return ServerUnreachable(f"{provider} could not be reached ({host} {exc.reason})")
+    return PermanentDeliveryError(f"{provider} endpoint refused: {exc.reason if exc.part == 'port' else f'{host} {exc.reason}'}")
 
 
 def provider_text(response: httpx.Response, secrets: tuple[str, ...] = ()) -> str:
@@ -27,7 +97,7 @@ def provider_text(response: httpx.Response, secrets: tuple[str, ...] = ()) -> st
     try:
         body = response.json()
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-        return redact(response.text.strip(), secrets)[:MAX_REASON]
+        return remote_text(response.text, secrets, MAX_REASON)
     messages: list[str] = []
     if isinstance(body, dict):
         for error in body.get("errors") or []:  # SendGrid: {"errors": [{"message", "field"}]}
@@ -36,7 +106,7 @@ def provider_text(response: httpx.Response, secrets: tuple[str, ...] = ()) -> st
                 messages.append(f"{error['message']}{field}")
         if not messages and body.get("message"):  # Mailgun: {"message": ...}
             messages.append(str(body["message"]))
-    return redact("; ".join(messages) or json.dumps(body), secrets)[:MAX_REASON]
+    return remote_text("; ".join(messages) or json.dumps(body), secrets, MAX_REASON)
 
 
 def classify(provider: str, response: httpx.Response, credential: str, secrets: tuple[str, ...] = ()) -> DeliveryError:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from enum import StrEnum
@@ -47,3 +49,19 @@ class Driver(Protocol):
     async def send(self, message: EmailMessage, sender: str, recipients: list[str]) -> Delivery:
         """Hand the message over, or raise TransientDeliveryError / PermanentDeliveryError."""
         ...
+
+
+# Control characters (C0, C1) and the Unicode line and direction marks: a remote text keeps
+# none of them, so it cannot forge a log line, a header or the reading order of a reason.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]+")
+REMOTE_TEXT_LIMIT = 200
+
+
+def remote_text(text: str, secrets: Iterable[str] = (), limit: int = REMOTE_TEXT_LIMIT) -> str:
+    """A remote server's own words made safe to log or record: every secret out (before the cut,
+    so that no prefix of one survives), no control characters, at most `limit` characters."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    text = _UNSAFE.sub(" ", text).strip()
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -18,6 +18,7 @@ from mailqueue.drivers.mailgun import MailgunDriver
 from mailqueue.drivers.sendgrid import SendGridDriver
 from mailqueue.drivers.ses import SesDriver
 from mailqueue.drivers.smtp import SmtpDriver
+from mailqueue.egress import Kind, destination, plaintext_auth_allowed
 from mailqueue.models import SenderSettings
 from mailqueue.senders import SenderRoute
 
@@ -101,23 +102,31 @@ class DriverFactory:
         timeout = self._settings.smtp_timeout_seconds
         match DriverName(row.driver):
             case DriverName.USER_SMTP:
+                # Anyone's server: reached through the egress policy, told nothing in clear, quoted never.
+                host = row.smtp_host or ""
                 return SmtpDriver(
-                    row.smtp_host or "", row.smtp_port or 587,
+                    host, row.smtp_port or 587,
                     security=SmtpSecurity(row.smtp_security or SmtpSecurity.STARTTLS),
                     username=row.smtp_username, password=self._secret(row.smtp_password_enc) or None,
                     timeout=timeout, validate_certs=self._settings.smtp_validate_certs,
+                    destination=destination(self._settings, Kind.SMTP),
+                    plaintext_auth=plaintext_auth_allowed(self._settings, host),
+                    server_words=False,
                 )
             case DriverName.SENDGRID:
-                return SendGridDriver(self._secret(row.api_key_enc), timeout=timeout, **_base_url(self._settings.sendgrid_base_url))
+                return SendGridDriver(
+                    self._secret(row.api_key_enc), timeout=timeout, destination=destination(self._settings, Kind.HTTP),
+                    **_base_url(self._settings.sendgrid_base_url),
+                )
             case DriverName.MAILGUN:
                 return MailgunDriver(
                     self._secret(row.api_key_enc), row.mailgun_domain or "", region=row.mailgun_region or "us",
-                    timeout=timeout, **_base_url(self._settings.mailgun_base_url),
+                    timeout=timeout, destination=destination(self._settings, Kind.HTTP), **_base_url(self._settings.mailgun_base_url),
                 )
             case DriverName.SES:
                 return SesDriver(
                     self._secret(row.api_key_enc), self._secret(row.api_secret_enc), row.ses_region or "",
-                    endpoint_url=self._settings.ses_endpoint_url, timeout=timeout,
+                    endpoint_url=self._settings.ses_endpoint_url, timeout=timeout, destination=destination(self._settings, Kind.HTTP),
                 )
         return self.system
 

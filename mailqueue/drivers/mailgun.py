@@ -7,7 +7,8 @@ from email.message import EmailMessage
 import httpx
 
 from mailqueue.drivers.base import Delivery, DriverName
-from mailqueue.drivers._http import classify, transport_error
+from mailqueue.drivers._http import classify, destination_error, http_client, transport_error
+from mailqueue.egress import Destination, DestinationRefused
 
 REGIONS = {"us": "https://api.mailgun.net", "eu": "https://api.eu.mailgun.net"}
 
@@ -20,14 +21,15 @@ class MailgunDriver:
 
     def __init__(
         self, api_key: str, domain: str, *, region: str = "us", base_url: str | None = None, timeout: float = 30.0,
-        client: httpx.AsyncClient | None = None,
+        client: httpx.AsyncClient | None = None, destination: Destination | None = None,
     ) -> None:
         if region not in REGIONS:
             raise ValueError(f"unknown Mailgun region {region!r}; use one of {sorted(REGIONS)}")
         self._api_key = api_key
         self.domain = domain
         self.base_url = (base_url or REGIONS[region]).rstrip("/")
-        self._client = client or httpx.AsyncClient(timeout=timeout)
+        # `destination`: the egress check every new connection goes through (a sender's own driver).
+        self._client = client or http_client(timeout, destination)
         self._owns_client = client is None
 
     def __repr__(self) -> str:
@@ -47,6 +49,8 @@ class MailgunDriver:
             )
         except httpx.HTTPError as exc:
             raise transport_error("mailgun", exc) from None
+        except DestinationRefused as exc:
+            raise destination_error("mailgun", self.url, exc) from None
         if response.status_code != 200:
             raise classify("mailgun", response, "API key", (self._api_key,)) from None
         try:

@@ -10,7 +10,8 @@ from typing import Any
 import httpx
 
 from mailqueue.drivers.base import Delivery, DriverName
-from mailqueue.drivers._http import body_parts, classify, split_recipients, transport_error
+from mailqueue.drivers._http import body_parts, classify, destination_error, http_client, split_recipients, transport_error
+from mailqueue.egress import Destination, DestinationRefused
 
 # Headers SendGrid sets itself or refuses in `headers` (its docs list them as reserved).
 _NOT_CUSTOM = {
@@ -100,11 +101,12 @@ class SendGridDriver:
 
     def __init__(
         self, api_key: str, *, base_url: str = "https://api.sendgrid.com", timeout: float = 30.0,
-        client: httpx.AsyncClient | None = None,
+        client: httpx.AsyncClient | None = None, destination: Destination | None = None,
     ) -> None:
         self._api_key = api_key
         self.base_url = base_url.rstrip("/")
-        self._client = client or httpx.AsyncClient(timeout=timeout)
+        # `destination`: the egress check every new connection goes through (a sender's own driver).
+        self._client = client or http_client(timeout, destination)
         self._owns_client = client is None
 
     def __repr__(self) -> str:
@@ -118,6 +120,8 @@ class SendGridDriver:
             )
         except httpx.HTTPError as exc:
             raise transport_error("sendgrid", exc) from None
+        except DestinationRefused as exc:
+            raise destination_error("sendgrid", self.base_url, exc) from None
         if response.status_code not in (200, 202):
             raise classify("sendgrid", response, "API key", (self._api_key,)) from None
         return Delivery(provider_message_id=response.headers.get("X-Message-Id") or str(message["Message-ID"]))

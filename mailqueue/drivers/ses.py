@@ -13,8 +13,9 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
 
-from mailqueue.drivers.base import Delivery, DriverName
-from mailqueue.drivers._http import MAX_REASON, redact
+from mailqueue.drivers.base import Delivery, DriverName, remote_text
+from mailqueue.drivers._http import MAX_REASON, destination_error, endpoint
+from mailqueue.egress import Destination, DestinationRefused
 from mailqueue.errors import DeliveryError, PermanentDeliveryError, ServerUnreachable, TransientDeliveryError
 
 TRANSIENT = {"Throttling", "ThrottlingException", "TooManyRequestsException", "LimitExceededException",
@@ -27,7 +28,7 @@ def classify(exc: ClientError, secrets: tuple[str, ...] = ()) -> DeliveryError:
     """Throttling, 429 and 5xx: worth retrying. Refused credentials and every other error: permanent."""
     error = exc.response.get("Error", {})
     code = str(error.get("Code") or "Unknown")
-    text = redact(str(error.get("Message") or ""), secrets)[:MAX_REASON]
+    text = remote_text(str(error.get("Message") or ""), secrets, MAX_REASON)
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     if code in TRANSIENT or (isinstance(status, int) and (status == 429 or status >= 500)):
         return TransientDeliveryError(f"ses answered {code}: {text}", code=status)
@@ -44,10 +45,14 @@ class SesDriver:
 
     def __init__(
         self, access_key_id: str, secret_access_key: str, region: str, *, endpoint_url: str | None = None,
-        timeout: float = 30.0, configuration_set: str | None = None,
+        timeout: float = 30.0, configuration_set: str | None = None, destination: Destination | None = None,
     ) -> None:
+        """`destination`: the egress check, asked before each send. botocore connects by name
+        after it; the names it can be given are AWS's own (from a checked region) or the
+        operator's endpoint, never one a user chose, so a rebinding name is not in reach."""
         self._access_key_id, self._secret_access_key = access_key_id, secret_access_key
         self.region, self.endpoint_url, self.configuration_set = region, endpoint_url, configuration_set
+        self._destination = destination
         # Temporal retries the send; botocore must not retry underneath it. `total_max_attempts`
         # counts the first request: botocore's own `max_attempts` counts retries only, so
         # {"max_attempts": 1} would send twice.
@@ -78,7 +83,16 @@ class SesDriver:
             request["ConfigurationSetName"] = self.configuration_set
         return str(self.client.send_email(**request)["MessageId"])
 
+    @property
+    def url(self) -> str:
+        return self.endpoint_url or f"https://email.{self.region}.amazonaws.com"  # botocore's sesv2 endpoint
+
     async def send(self, message: EmailMessage, sender: str, recipients: list[str]) -> Delivery:
+        if self._destination is not None:
+            try:
+                await self._destination(*endpoint(self.url))
+            except DestinationRefused as exc:
+                raise destination_error("ses", self.url, exc) from None
         try:
             message_id = await asyncio.to_thread(self._send, message, sender, recipients)
         except ClientError as exc:
