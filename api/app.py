@@ -18,8 +18,7 @@ from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import rate_limit_headers, require_browser_admin
-from api.routes import domains, emails, health, settings as mail_settings, stats, templates, users
-from api.routes import codec
+from api.routes import codec, domains, emails, health, settings as mail_settings, stats, templates, users
 from api.services.errors import Conflict, Invalid, LimitReached, NotFound, ServiceError, invalid
 from mailqueue.accounts import weak_bootstrap_key
 from mailqueue.config import Settings, get_settings

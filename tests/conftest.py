@@ -49,9 +49,9 @@ def _database_kind() -> str:
 
 
 @contextmanager
-def scratch_database(tmp: Path) -> Iterator[str]:
-    """A migrated, empty database of the kind this run tests, dropped afterwards."""
-    if _database_kind() == "sqlite":
+def scratch_database(tmp: Path, kind: str | None = None) -> Iterator[str]:
+    """A migrated, empty database of the kind this run tests (or `kind`), dropped afterwards."""
+    if (kind or _database_kind()) == "sqlite":
         url = f"sqlite:///{tmp / 'mailqueue.db'}"
         migrate(url)
         yield url

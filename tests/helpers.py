@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import ipaddress
 import os
+import ssl
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import trustme
 from aiosmtpd.controller import Controller
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
 
@@ -207,6 +211,50 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         [sys.executable, "-m", "devstack.cli", *args], cwd=ROOT, env=env if env is not None else dict(os.environ),
         capture_output=True, text=True, timeout=120,
     )
+
+
+# --- TLS: a private CA the process trusts, and server certificates from it ----------------------
+
+
+@contextmanager
+def trusted_ca(folder: Path) -> Iterator[trustme.CA]:
+    """A private CA this process trusts while the block runs (SSL_CERT_FILE, read whenever a TLS
+    context is made), as a company relay's would be."""
+    authority = trustme.CA()
+    pem = folder / "ca.pem"
+    authority.cert_pem.write_to_path(str(pem))
+    old = os.environ.get("SSL_CERT_FILE")
+    os.environ["SSL_CERT_FILE"] = str(pem)
+    try:
+        yield authority
+    finally:
+        if old is None:
+            os.environ.pop("SSL_CERT_FILE", None)
+        else:
+            os.environ["SSL_CERT_FILE"] = old
+
+
+def tls_issued_by(ca: trustme.CA, name: str) -> ssl.SSLContext:
+    """A server's TLS context with a certificate for `name` issued by `ca`."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(name).configure_cert(ctx)
+    return ctx
+
+
+class Checked:
+    """A stand-in for a driver's egress check: answers `addresses` for any host (or raises
+    `refuse`), and records what it was asked."""
+
+    def __init__(self, *addresses: str, refuse: Exception | None = None) -> None:
+        self.addresses = [ipaddress.ip_address(a) for a in addresses]
+        self.refuse = refuse
+        self.asked: list[tuple[str, int]] = []
+
+    async def __call__(self, host: str, port: int) -> list[Any]:
+        self.asked.append((host, port))
+        if self.refuse is not None:
+            raise self.refuse
+        return self.addresses
 
 
 # --- settings and specs -----------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import socket
 import ssl
@@ -31,7 +30,7 @@ from devstack.net import free_port
 from mailqueue.crypto import SecretBox
 from mailqueue.models import SenderSettings
 from tests.dns_stub import DnsStub
-from tests.helpers import AUTH, ApiProcess, ScriptedHandler, SmtpSink, Stack, fast_settings, verify_domain, wait_status
+from tests.helpers import AUTH, ApiProcess, ScriptedHandler, SmtpSink, Stack, fast_settings, tls_issued_by, trusted_ca, verify_domain, wait_status
 from worker import build_worker
 
 PASSWORD = "egress-Smtp-passw0rd-4c2e"
@@ -130,23 +129,8 @@ class AuthRecorder:
 
 @pytest.fixture(scope="module")
 def ca(tmp_path_factory: pytest.TempPathFactory) -> Iterator[trustme.CA]:
-    """A private CA the worker trusts (SSL_CERT_FILE), as a company relay's would be."""
-    authority = trustme.CA()
-    pem = tmp_path_factory.mktemp("ca") / "ca.pem"
-    authority.cert_pem.write_to_path(str(pem))
-    old = os.environ.get("SSL_CERT_FILE")
-    os.environ["SSL_CERT_FILE"] = str(pem)
-    yield authority
-    if old is None:
-        os.environ.pop("SSL_CERT_FILE", None)
-    else:
-        os.environ["SSL_CERT_FILE"] = old
-
-
-def tls_for(ca: trustme.CA, name: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(name).configure_cert(ctx)
-    return ctx
+    with trusted_ca(tmp_path_factory.mktemp("ca")) as authority:
+        yield authority
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +303,7 @@ async def test_a_host_change_clears_the_password_and_the_new_server_never_sees_a
     egress: Stack, ann: tuple[str, httpx.AsyncClient], ca: trustme.CA,
 ) -> None:
     user_id, http = ann
-    relay, evil = AuthRecorder(tls_for(ca, "localhost")), AuthRecorder(tls_for(ca, "evil.test"))
+    relay, evil = AuthRecorder(tls_issued_by(ca, "localhost")), AuthRecorder(tls_issued_by(ca, "evil.test"))
     try:
         good = {"driver": "user_smtp", "smtp_host": "localhost", "smtp_port": relay.port, "smtp_username": "ann",
                 "smtp_security": "starttls", "default_from": FROM}

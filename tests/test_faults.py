@@ -37,7 +37,7 @@ from devstack.net import free_port
 from mailqueue.config import Settings
 from mailqueue.db import create_engine
 from mailqueue.models import Email
-from tests.conftest import PG_ADMIN, _database_kind, scratch_database
+from tests.conftest import PG_ADMIN, scratch_database
 from tests.helpers import KEY, ApiProcess, SmtpSink, eventually, fast_settings, post_email, start_worker
 from workflows.send_email import UNREACHABLE_MAX_DELAY
 
@@ -372,12 +372,18 @@ def cut_off(database: str, allow: bool) -> None:
             conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,))
 
 
-async def test_database_unreachable_for_10_seconds(fault_db: str, temporal_server: TemporalDevServer, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    if _database_kind() != "postgres":
-        pytest.skip("needs PostgreSQL (CI always has it): the fault is cutting PostgreSQL's connections")
-    database = fault_db.rsplit("/", 1)[1]
+@pytest.fixture
+def postgres_db(tmp_path: Path) -> Iterator[str]:
+    """PostgreSQL whatever this run's database is: the fault is cutting PostgreSQL's connections
+    (it runs at 127.0.0.1:5432 wherever the suite runs; its absence fails this test, never skips it)."""
+    with scratch_database(tmp_path, "postgres") as url:
+        yield url
+
+
+async def test_database_unreachable_for_10_seconds(postgres_db: str, temporal_server: TemporalDevServer, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    database = postgres_db.rsplit("/", 1)[1]
     marks: dict[str, float] = {}
-    async with stack(fault_db, temporal_server.address, tmp_path) as st:
+    async with stack(postgres_db, temporal_server.address, tmp_path) as st:
         load = Load(st.http, 200, 10, hold_at=100)
 
         async def outage() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import ipaddress
 import logging
 from collections.abc import Iterator
 from email import message_from_bytes, policy
@@ -28,7 +27,7 @@ from mailqueue.egress import DestinationRefused, NotResolved
 from mailqueue.errors import PermanentDeliveryError, ServerUnreachable, TransientDeliveryError
 from mailqueue.message import build_message, envelope
 from tests.fake_providers import FakeAws, FakeMailgun, FakeSendGrid, Scripted
-from tests.helpers import make_spec
+from tests.helpers import Checked, make_spec
 
 SENDGRID_KEY = "SG.test-key-5f0d2b9c7e"
 MAILGUN_KEY = "key-mailgun-test-71ac0e"
@@ -264,21 +263,6 @@ async def test_a_slow_or_absent_provider_is_transient(
 
 
 # --- both HTTP drivers: the egress check ---------------------------------------------------------
-
-
-class Checked:
-    """A stand-in egress check: answers `addresses` for any host (or refuses), and counts the asks."""
-
-    def __init__(self, *addresses: str, refuse: Exception | None = None) -> None:
-        self.addresses = [ipaddress.ip_address(a) for a in addresses]
-        self.refuse = refuse
-        self.asked: list[tuple[str, int]] = []
-
-    async def __call__(self, host: str, port: int) -> list[Any]:
-        self.asked.append((host, port))
-        if self.refuse is not None:
-            raise self.refuse
-        return self.addresses
 
 
 async def test_a_checked_provider_is_reached_at_the_checked_address_under_its_own_name(

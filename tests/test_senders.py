@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import ssl
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,7 +19,7 @@ from sqlmodel import select
 
 from mailqueue.models import SenderSettings
 from devstack.net import free_port
-from tests.helpers import ScriptedHandler, Stack, email, eventually, verify_domain, wait_status
+from tests.helpers import ScriptedHandler, Stack, email, eventually, tls_issued_by, trusted_ca, verify_domain, wait_status
 
 PASSWORD = "user-Smtp-passw0rd-9d1f"
 ANN_FROM = "Ann <ann@example.org>"  # in Ann's verified domain (example.com is the test stacks' system domain)
@@ -28,17 +27,8 @@ ANN_FROM = "Ann <ann@example.org>"  # in Ann's verified domain (example.com is t
 
 @pytest.fixture(scope="module")
 def ca(tmp_path_factory: pytest.TempPathFactory) -> Iterator[trustme.CA]:
-    """A private CA the worker trusts (SSL_CERT_FILE), as a company relay's would be."""
-    authority = trustme.CA()
-    pem = tmp_path_factory.mktemp("ca") / "ca.pem"
-    authority.cert_pem.write_to_path(str(pem))
-    old = os.environ.get("SSL_CERT_FILE")
-    os.environ["SSL_CERT_FILE"] = str(pem)
-    yield authority
-    if old is None:
-        os.environ.pop("SSL_CERT_FILE", None)
-    else:
-        os.environ["SSL_CERT_FILE"] = old
+    with trusted_ca(tmp_path_factory.mktemp("ca")) as authority:
+        yield authority
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +40,9 @@ def user_smtp(ca: trustme.CA) -> Iterator[tuple[ScriptedHandler, int]]:
         ok = isinstance(data, LoginPassword) and text(data.login) == "ann" and text(data.password) == PASSWORD
         return AuthResult(success=ok, handled=False)
 
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     # Reached as `localhost` (the test stacks' allowed name): the connection goes to the address
     # the egress check returned, and TLS verifies the name.
-    ca.issue_cert("localhost").configure_cert(ctx)
+    ctx = tls_issued_by(ca, "localhost")
     handler, port = ScriptedHandler(), free_port()
     controller = Controller(
         handler, hostname="127.0.0.1", port=port, tls_context=ctx, require_starttls=True,

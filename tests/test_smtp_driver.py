@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import ipaddress
 import logging
-import os
 import socket
 import ssl
 import threading
@@ -24,7 +22,7 @@ from mailqueue.config import SmtpSecurity
 from mailqueue.drivers.smtp import SmtpDriver
 from mailqueue.egress import DestinationRefused, NotResolved
 from mailqueue.errors import PermanentDeliveryError, ServerUnreachable, TransientDeliveryError
-from tests.helpers import ScriptedHandler, eventually
+from tests.helpers import Checked, ScriptedHandler, eventually, tls_issued_by, trusted_ca
 
 PASSWORD = "s3cret-Passw0rd!"
 
@@ -454,51 +452,21 @@ async def test_starttls_auth_logs_in_once_for_many_messages_and_a_refused_login_
 USER_HOST = "smtp.user-relay.test"  # no resolver knows it: only the checked address can be reached
 
 
-class Checked:
-    """A stand-in egress check: answers `addresses` for any host (or refuses), and counts the asks."""
-
-    def __init__(self, *addresses: str, refuse: DestinationRefused | None = None) -> None:
-        self.addresses = [ipaddress.ip_address(a) for a in addresses]
-        self.refuse = refuse
-        self.asked: list[tuple[str, int]] = []
-
-    async def __call__(self, host: str, port: int) -> list[Any]:
-        self.asked.append((host, port))
-        if self.refuse is not None:
-            raise self.refuse
-        return self.addresses
-
-
 def user_driver(port: int, destination: Checked, **kw: Any) -> SmtpDriver:
     return SmtpDriver(USER_HOST, port, destination=destination, server_words=False, **{"timeout": 5} | kw)
 
 
 @pytest.fixture(scope="module")
 def user_ca(tmp_path_factory: pytest.TempPathFactory) -> Iterator[trustme.CA]:
-    """A CA the driver trusts (SSL_CERT_FILE is read whenever a TLS context is made), as a real relay's would be."""
-    ca = trustme.CA()
-    pem = tmp_path_factory.mktemp("user-ca") / "ca.pem"
-    ca.cert_pem.write_to_path(str(pem))
-    old = os.environ.get("SSL_CERT_FILE")
-    os.environ["SSL_CERT_FILE"] = str(pem)
-    yield ca
-    if old is None:
-        os.environ.pop("SSL_CERT_FILE", None)
-    else:
-        os.environ["SSL_CERT_FILE"] = old
-
-
-def _tls_for(ca: trustme.CA, name: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(name).configure_cert(ctx)
-    return ctx
+    with trusted_ca(tmp_path_factory.mktemp("user-ca")) as ca:
+        yield ca
 
 
 async def test_a_users_server_is_reached_at_the_checked_address_and_tls_verifies_its_name(user_ca: trustme.CA) -> None:
     """The connection goes to the address the egress check returned (the name itself resolves
     nowhere), once per new connection; STARTTLS verifies the certificate against the name."""
     controller, handler, port, seen = _counting_server(
-        tls_context=_tls_for(user_ca, USER_HOST), require_starttls=True, authenticator=_auth, auth_require_tls=True,
+        tls_context=tls_issued_by(user_ca, USER_HOST), require_starttls=True, authenticator=_auth, auth_require_tls=True,
         auth_exclude_mechanism=["LOGIN"],
     )
     try:
@@ -514,7 +482,7 @@ async def test_a_users_server_is_reached_at_the_checked_address_and_tls_verifies
         impostor = user_driver(port, Checked("127.0.0.1"), security=SmtpSecurity.STARTTLS, username="mailer", password=PASSWORD)
         controller.stop()
         controller, handler, port, seen = _counting_server(
-            tls_context=_tls_for(user_ca, "other.example"), require_starttls=True, authenticator=_auth, auth_require_tls=True,
+            tls_context=tls_issued_by(user_ca, "other.example"), require_starttls=True, authenticator=_auth, auth_require_tls=True,
             auth_exclude_mechanism=["LOGIN"],
         )
         impostor.port = port
@@ -612,7 +580,7 @@ async def test_a_users_servers_replies_are_told_by_their_codes_only(
 async def test_a_users_server_that_refuses_the_login_is_told_by_its_codes(user_ca: trustme.CA, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     controller, _, port, _ = _counting_server(
-        tls_context=_tls_for(user_ca, USER_HOST), require_starttls=True, authenticator=_auth, auth_require_tls=True,
+        tls_context=tls_issued_by(user_ca, USER_HOST), require_starttls=True, authenticator=_auth, auth_require_tls=True,
         auth_exclude_mechanism=["LOGIN"],
     )
     wrong = "wrong-" + PASSWORD
