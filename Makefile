@@ -8,17 +8,25 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install dev test test-faults audit lock bench bench-smtp histories clean
 
+# The first install says what it does and shows pip's progress (a few minutes, a line per package);
+# updating an installed .venv after a change to pyproject.toml stays quiet.
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mailqueue needs Python 3.11 or newer (set PYTHON=...)")'
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	@test -x $(BIN)/python || { echo "mailqueue: creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); }
+	@echo "mailqueue: installing mailqueue and $$(grep -c '==' requirements.lock) pinned packages into $(VENV)$(if $(wildcard $(STAMP)),,: the first time takes a few minutes)"
+	@$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install $(if $(wildcard $(STAMP)),--quiet,--progress-bar off) -c requirements.lock -e '.[dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)
 
+# Ports and options of `mailqueue dev`: make dev API_PORT=8001 TEMPORAL_PORT=7234 UI_PORT=8234 SMTP_PORT=1026
+# MAIL_PORT=8026, and any other option in ARGS: make dev ARGS="--data-dir /tmp/mq --host 0.0.0.0".
+DEV_OPTIONS = $(if $(API_PORT),--api-port $(API_PORT)) $(if $(TEMPORAL_PORT),--temporal-port $(TEMPORAL_PORT)) \
+	$(if $(UI_PORT),--ui-port $(UI_PORT)) $(if $(SMTP_PORT),--smtp-port $(SMTP_PORT)) $(if $(MAIL_PORT),--mail-port $(MAIL_PORT)) $(ARGS)
+
 dev: $(STAMP)
-	$(BIN)/mailqueue dev
+	$(strip $(BIN)/mailqueue dev $(DEV_OPTIONS))
 
 test: $(STAMP)
 	$(BIN)/python -m devstack.audit

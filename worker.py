@@ -25,16 +25,19 @@ from activities.quota import QuotaActivities
 from activities.reconcile import ReconcileActivities
 from activities.render import RenderActivities
 from activities.send import SendActivities
+from mailqueue import search
 from mailqueue.config import Settings, get_settings
 from mailqueue.contracts import send_queue_name
 from mailqueue.db import create_engine, sessionmaker
 from mailqueue.drivers.base import Driver
 from mailqueue.drivers.factory import DriverFactory, driver_from_settings
 from mailqueue.logs import configure_logging
+from mailqueue.metrics import WorkerMetrics, worker_runtime
 from mailqueue.render_pool import RenderPool
 from mailqueue.template_library import Renderer
 from mailqueue.temporal import connect, ensure_reconcile_schedule
 from mailqueue.templating import TemplateEngine
+from mailqueue.tracing import configure_tracing, flush as flush_traces
 from workflows.reconcile import ReconcileEmailsWorkflow
 from workflows.send_email import SendEmailWorkflow
 
@@ -79,12 +82,13 @@ def build_worker(
     """The workers with their activities wired to their dependencies (DB, drivers, templates, the
     clock that decides quota windows)."""
     sessions = sessionmaker(create_engine(settings.database_url))
+    metrics = WorkerMetrics.of(client)  # no-ops unless the client's runtime serves metrics
     audit = AuditActivities(sessions)
     pool = None if renderer is not None else RenderPool.from_settings(settings)
     renderer = renderer or Renderer(sessions, TemplateEngine(settings.default_locale, pool=pool))
     render = RenderActivities(renderer)  # for emails queued before the send activity rendered
     drivers = DriverFactory(settings, driver or driver_from_settings(settings))
-    send = SendActivities(sessions, drivers, renderer, settings)
+    send = SendActivities(sessions, drivers, renderer, settings, metrics)
     queue = task_queue or settings.task_queue
     shutdown = timedelta(seconds=settings.smtp_timeout_seconds + 5)  # let sends in flight finish
     main = Worker(
@@ -92,7 +96,7 @@ def build_worker(
         task_queue=queue,
         workflows=[SendEmailWorkflow, ReconcileEmailsWorkflow],
         activities=[
-            audit.record, QuotaActivities(sessions, settings, clock).reserve, render.render, send.send,
+            audit.record, QuotaActivities(sessions, settings, clock, metrics).reserve, render.render, send.send,
             ReconcileActivities(sessions, client, settings).reconcile,
         ],
         max_concurrent_activities=200,
@@ -113,21 +117,44 @@ def build_worker(
     return Workers([main, *rated], drivers, pool)
 
 
+async def _search_attributes_ready(client: Client, settings: Settings) -> bool:
+    """Emails are started with their search attributes: the namespace must know them (a workflow
+    that upserts an unknown one stalls). Added here when allowed; otherwise say how, and stop."""
+    if not settings.search_attributes:
+        log.warning("MAILQUEUE_SEARCH_ATTRIBUTES is off: emails cannot be searched by status or sender in the Temporal UI")
+        return True
+    try:
+        added = await search.ensure_registered(client, settings.temporal_namespace)
+    except search.SearchAttributesMissing as exc:
+        log.error("%s", exc)
+        return False
+    if added:
+        log.info("added search attributes %s to namespace %s", ", ".join(added), settings.temporal_namespace)
+    return True
+
+
 async def main() -> None:
     settings = get_settings()
     configure_logging(settings.log_level)
-    client = await connect(settings)
+    configure_tracing("mailqueue-worker")  # before connecting: the client's interceptor is the workers' too
+    runtime = worker_runtime(settings)  # serves the metrics port, if set
+    client = await connect(settings, runtime=runtime)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await ensure_reconcile_schedule(client, settings)
+    if not await _search_attributes_ready(client, settings):
+        sys.exit(1)
     async with build_worker(client, settings):
         log.info("worker running on task queue %s at %s", settings.task_queue, settings.temporal_address)
+        if runtime is not None:
+            log.info("metrics at http://%s:%s/metrics", settings.worker_metrics_host, settings.worker_metrics_port)
         for name, rate in sorted(settings.send_rates.items()):
             log.info("sends through %s: at most %s per second (queue %s)", name, rate, send_queue_name(settings.task_queue, name))
         await stop.wait()
         log.info("worker stopping: finishing tasks in flight")
+    flush_traces()
 
 
 if __name__ == "__main__":

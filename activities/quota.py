@@ -22,15 +22,18 @@ from activities.failures import database_error
 from mailqueue.config import Settings
 from mailqueue.contracts import QuotaAnswer, QuotaRequest, SenderType
 from mailqueue.db import STORE_ERRORS
+from mailqueue.metrics import WorkerMetrics
 from mailqueue.senders import resolve_sender, sender_key
 from mailqueue.usage import Window, take
 
 
 class QuotaActivities:
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], settings: Settings, clock: Callable[[], float] = time.time
+        self, sessions: async_sessionmaker[AsyncSession], settings: Settings, clock: Callable[[], float] = time.time,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self._sessions = sessions
+        self._metrics = metrics or WorkerMetrics()
         self._settings = settings
         self._clock = clock  # decides the windows (tests pass one they move by hand)
         self._hour = settings.quota_hour_seconds
@@ -69,6 +72,7 @@ class QuotaActivities:
             if full:
                 await session.rollback()  # a slot taken in the other window is given back
                 label, limit, ends = max(full, key=lambda f: f[2])  # the window that opens last decides
+                self._metrics.deferred(label)
                 # Said in real time, which the workflow's durable timer runs on: with the real clock
                 # the window's end itself; with another, the window's remaining length from now.
                 at = datetime.fromtimestamp(round(ends + skew, 3), UTC)

@@ -177,7 +177,10 @@ class ReconcileActivities:
             f"reconciled: Temporal had no workflow for this {email.status} email; delivery started again",
         )
         try:
-            await start_delivery(self._client, spec, self._settings.task_queue, WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+            await start_delivery(
+                self._client, spec, self._settings.task_queue, WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+                searchable=self._settings.search_attributes,
+            )
         except WorkflowAlreadyStartedError:
             return "running"  # started meanwhile (a client's retry with the same Idempotency-Key)
         return "restarted"

@@ -36,8 +36,10 @@ from mailqueue.drivers.factory import DriverFactory
 from mailqueue.email_store import PriorDelivery, apply_audit
 from mailqueue.errors import PermanentDeliveryError, ServerUnreachable, TemplateError, TransientDeliveryError
 from mailqueue.message import build_message, envelope, redirect
+from mailqueue.metrics import SendOutcome, WorkerMetrics
 from mailqueue.senders import resolve_sender
 from mailqueue.template_library import Renderer
+from mailqueue.tracing import span
 
 log = logging.getLogger("mailqueue.activities.send")
 
@@ -94,9 +96,11 @@ def _event_id(info: activity.Info, event: EventType) -> str:
 
 class SendActivities:
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], drivers: DriverFactory, renderer: Renderer, settings: Settings
+        self, sessions: async_sessionmaker[AsyncSession], drivers: DriverFactory, renderer: Renderer, settings: Settings,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self._sessions = sessions
+        self._metrics = metrics or WorkerMetrics()
         self._drivers = drivers
         self._renderer = renderer
         self._settings = settings
@@ -147,23 +151,33 @@ class SendActivities:
         left = clock.left()
         if left is not None and left < min(MIN_SEND_SECONDS, clock.limit / 4):
             raise _ask_again(spec, f"not sent: {left:.1f}s left of attempt {attempt}, too little to send (the steps before the send were slow)")
+        began = time.monotonic()
+        if_failed = SendOutcome.RETRYING if attempt < spec.retry.max_attempts else SendOutcome.FAILED
         try:
-            async with asyncio.timeout(None if left is None else left - SAFETY_SECONDS):
-                delivery = await driver.send(message, sender, recipients)
+            # The driver call in the email's trace: ids and counts only, never an address.
+            traced = {"mailqueue.email_id": spec.email_id, "mailqueue.attempt": attempt, "mailqueue.driver": driver.name,
+                      "mailqueue.recipients": len(recipients)}
+            with span("deliver", traced):
+                async with asyncio.timeout(None if left is None else left - SAFETY_SECONDS):
+                    delivery = await driver.send(message, sender, recipients)
         except TimeoutError:
             exc = TransientDeliveryError("the send did not finish within the attempt's time limit")
+            self._metrics.send(driver.name, if_failed, time.monotonic() - began)
             if attempt < spec.retry.max_attempts:
                 await self._audit(self._retrying(req, info, exc.reason), within=clock.left())
             raise ApplicationError(exc.reason, {"attempt": attempt}, type=TRANSIENT_DELIVERY_ERROR) from None
         except PermanentDeliveryError as exc:
+            self._metrics.send(driver.name, SendOutcome.FAILED, time.monotonic() - began)
             raise ApplicationError(
                 exc.reason, {"attempt": attempt}, type=PERMANENT_DELIVERY_ERROR, non_retryable=True
             ) from None
         except TransientDeliveryError as exc:
             if isinstance(exc, ServerUnreachable) and spec.retry.unreachable_wait_seconds > 0:
                 # Nothing was handed over: not an attempt. The workflow waits for the server.
+                self._metrics.send(driver.name, SendOutcome.UNREACHABLE, time.monotonic() - began)
                 await self._audit(self._retrying(req, info, exc.reason, unreachable=True), within=clock.left())
                 raise _ask_again(spec, exc.reason, kind=SERVER_UNREACHABLE, attempts_used=attempt - 1) from None
+            self._metrics.send(driver.name, if_failed, time.monotonic() - began)
             if attempt < spec.retry.max_attempts:
                 await self._audit(self._retrying(req, info, exc.reason), within=clock.left())
             raise ApplicationError(exc.reason, {"attempt": attempt}, type=TRANSIENT_DELIVERY_ERROR) from None
@@ -174,6 +188,8 @@ class SendActivities:
             accepted_at=datetime.now(UTC),
             refused_recipients=delivery.refused_recipients,
         )
+        self._metrics.send(driver.name, SendOutcome.SENT, time.monotonic() - began)
+        self._metrics.handed_over(driver.name, info.workflow_run_id, spec.send_at, result.accepted_at)
         # Recorded here, right after the server accepted, so the record never lags the mail (and
         # a later attempt knows not to send again). If the database is away or slow, the attempt
         # still ends in time, so Temporal hears of the delivery and no other attempt starts; the

@@ -14,11 +14,13 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import rate_limit_headers, require_browser_admin
-from api.routes import codec, domains, emails, health, settings as mail_settings, stats, templates, users
+from api.metrics import ApiMetrics, HttpMetrics
+from api.routes import codec, domains, emails, health, metrics, settings as mail_settings, stats, templates, users
 from api.services.errors import Conflict, Invalid, LimitReached, NotFound, ServiceError, invalid
 from mailqueue.accounts import weak_bootstrap_key
 from mailqueue.config import Settings, get_settings
@@ -31,6 +33,7 @@ from mailqueue.ratelimit import RateLimiter
 from mailqueue.temporal import connect
 from mailqueue.render_pool import RenderPool
 from mailqueue.templating import TemplateEngine
+from mailqueue.tracing import configure_tracing, flush as flush_traces, instrument_app
 
 log = logging.getLogger("mailqueue.api")
 
@@ -175,22 +178,41 @@ def _printable(value: Any) -> Any:
     return value
 
 
-def _docs_for_admins(app: FastAPI) -> None:
-    """/docs, /redoc and /openapi.json for admin keys only (MAILQUEUE_PUBLIC_DOCS=false): Bearer for
-    scripts, Basic (the key as the password) for a browser, which then sends it for the schema too."""
-    admins = [Depends(require_browser_admin)]
+# Swagger UI's and ReDoc's scripts, style and icon, as the fastapi-offline package ships them, served
+# by the API itself: FastAPI's defaults load them from a CDN (and ReDoc a Google font), which leaves
+# /docs blank on a machine without internet.
+DOCS_ASSETS = "/docs-assets"
 
-    @app.get("/openapi.json", include_in_schema=False, dependencies=admins)
-    async def _openapi() -> JSONResponse:
-        return JSONResponse(app.openapi())
+
+def _api_docs(app: FastAPI, *, admins_only: bool) -> None:
+    """/docs and /redoc with their assets served here. With `admins_only` (MAILQUEUE_PUBLIC_DOCS=false)
+    they and /openapi.json answer admin keys only: Bearer for scripts, Basic (the key as the password)
+    for a browser, which then sends it for the schema too. The assets are public: they hold nothing of ours."""
+    app.mount(DOCS_ASSETS, StaticFiles(packages=[("fastapi_offline", "static")]), name="docs-assets")
+    admins = [Depends(require_browser_admin)] if admins_only else []
+    if admins_only:
+
+        @app.get("/openapi.json", include_in_schema=False, dependencies=admins)
+        async def _openapi() -> JSONResponse:
+            return JSONResponse(app.openapi())
 
     @app.get("/docs", include_in_schema=False, dependencies=admins)
-    async def _swagger() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
+    async def _swagger(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}/openapi.json", title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js", swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+        )
 
     @app.get("/redoc", include_in_schema=False, dependencies=admins)
-    async def _redoc() -> HTMLResponse:
-        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+    async def _redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}/openapi.json", title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js", redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -199,6 +221,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_level)
+        configure_tracing("mailqueue-api")  # before connecting: the Temporal client's interceptor needs it
         if settings.bootstrap_api_key is not None and (weak := weak_bootstrap_key(settings.bootstrap_api_key.get_secret_value())):
             log.error(weak)
             raise WeakBootstrapKey(weak)  # uvicorn: "Application startup failed. Exiting." (exit code 3)
@@ -222,6 +245,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not settings.require_verified_from:
             log.warning("MAILQUEUE_REQUIRE_VERIFIED_FROM is off: users may send from domains they have not verified (development only)")
         yield
+        flush_traces()
         await pool.close()
         await app.state.rate_limiter.aclose()
         await engine.dispose()
@@ -229,14 +253,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="mailqueue", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
         dependencies=[Depends(reject_nul_in_query)],
-        **({} if settings.public_docs else {"openapi_url": None, "docs_url": None, "redoc_url": None}),
+        openapi_url="/openapi.json" if settings.public_docs else None, docs_url=None, redoc_url=None,  # _api_docs serves them
     )
-    if not settings.public_docs:
-        _docs_for_admins(app)
+    _api_docs(app, admins_only=not settings.public_docs)
     if settings.rate_limit_per_minute:
         app.add_middleware(RateLimitHeaders)
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
-    app.add_middleware(codec.CodecCORS, origins=settings.codec_cors_origins)  # outermost: answers the UI's preflights
+    app.add_middleware(codec.CodecCORS, origins=settings.codec_cors_origins)  # outside auth and limits: answers the UI's preflights
+    app.state.metrics = ApiMetrics()  # this app's own registry (tests build several apps in one process)
+    app.add_middleware(HttpMetrics, metrics=app.state.metrics)  # around the rest: 413s and preflights count too
+    instrument_app(app)  # when OTEL_* asks for traces: a server span per request, outside every middleware
     app.include_router(health.router)
     app.include_router(emails.router)
     app.include_router(templates.router)
@@ -244,6 +270,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(mail_settings.router)
     app.include_router(domains.router)
     app.include_router(stats.router)
+    app.include_router(metrics.router)
     app.include_router(codec.router)
 
     def unavailable(what: str) -> JSONResponse:

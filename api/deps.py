@@ -128,7 +128,7 @@ BrowserPrincipalDep = Annotated[Principal, Depends(get_browser_principal)]
 AdminDep = Annotated[Principal, Depends(require_admin)]
 
 
-def _context(request: Request, principal: Principal, session: AsyncSession) -> Context:
+def context_for(request: Request, principal: Principal, session: AsyncSession) -> Context:
     state = request.app.state
     return Context(
         principal=principal, session=session, settings=state.settings, temporal=state.temporal,
@@ -138,17 +138,17 @@ def _context(request: Request, principal: Principal, session: AsyncSession) -> C
 
 async def get_context(request: Request, principal: PrincipalDep, session: SessionDep) -> Context:
     """What a service call needs, for any caller with a valid key."""
-    return _context(request, principal, session)
+    return context_for(request, principal, session)
 
 
 async def get_admin_context(request: Request, principal: AdminDep, session: SessionDep) -> Context:
     """The same, for admins only (403 otherwise)."""
-    return _context(request, principal, session)
+    return context_for(request, principal, session)
 
 
 async def get_browser_context(request: Request, principal: BrowserPrincipalDep, session: SessionDep) -> Context:
     """The same, for pages a browser opens (Basic auth accepted)."""
-    return _context(request, principal, session)
+    return context_for(request, principal, session)
 
 
 ContextDep = Annotated[Context, Depends(get_context)]

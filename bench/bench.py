@@ -4,6 +4,7 @@
                                     [--workers 1] [--database-url URL] [--json-out FILE]
                                     [--template StockIssueApproved [--template-items 50]]
                                     [--render-only] [--render-seconds 5] [--scheduled 200]
+                                    [--telemetry] [--ab telemetry|search-attributes [--pairs 2]]
 
 Starts its own stack on free ports in a temporary directory (Temporal dev server persisted
 to a file with WAL, SQLite unless --database-url, N workers, the API under uvicorn, a sink
@@ -17,6 +18,12 @@ process) and measures:
   D. template rendering in one process: StockIssueApproved (layout, header, footer) with
      50 items, compiled templates cached; full renders (Jinja + CSS inlining + text part)
      and the Jinja step alone. `--render-only` runs just D.
+
+`--telemetry` runs the stack with tracing (OTLP to a receiver in this process) and metrics (the
+API's /metrics and the worker's endpoint) on. `--ab telemetry` runs only B, `--pairs` times with
+telemetry off and as many on (scraped every 5 s), alternating, a new stack each time, and reports
+end-to-end emails/s and the CPU per email of every process of the stack; `--ab search-attributes`
+the same with MAILQUEUE_SEARCH_ATTRIBUTES false and true.
 """
 
 from __future__ import annotations
@@ -78,11 +85,14 @@ def read_sink(log: Path) -> list[tuple[str, float]]:
 
 
 class Stack:
-    def __init__(self, tmp: Path, database_url: str, workers: int) -> None:
+    def __init__(self, tmp: Path, database_url: str, workers: int, telemetry: bool = False, **env: str) -> None:
         from devstack.devserver import TemporalDevServer
         from devstack.net import free_port
 
         self.tmp, self.database_url = tmp, database_url
+        self.telemetry, self.extra_env = telemetry, env
+        self.receiver: Any = None
+        self.worker_metrics_ports = [free_port() for _ in range(workers)] if telemetry else []
         self.sink_port, self.api_port = free_port(), free_port()
         self.sink_log = tmp / "sink.tsv"
         self.sink_log.touch()
@@ -96,7 +106,7 @@ class Stack:
     def env(self) -> dict[str, str]:
         from mailqueue.config import Settings, settings_env
 
-        return settings_env(Settings(
+        env = settings_env(Settings(
             database_url=self.database_url, temporal_address=self.temporal.address, task_queue="bench",
             smtp_host="127.0.0.1", smtp_port=self.sink_port, bootstrap_api_key=KEY, log_level="WARNING",
             templates_dir=ROOT / "templates", payload_keys=self.payload_keys, _env_file=None,  # type: ignore[call-arg]
@@ -104,20 +114,30 @@ class Stack:
             # would measure itself. Its cost per request is measured in tests/test_door_limits.py.
             rate_limit_per_minute=0,
         ))
+        if self.receiver is not None:
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.receiver.endpoint
+        return env | self.extra_env
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], **extra: str) -> None:
         log = (self.tmp / f"{name}.log").open("ab")
-        self.children.append(subprocess.Popen(args, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT))
+        env = self.env() | extra
+        self.children.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
 
     def start(self) -> None:
         from devstack.net import wait_for_port
         from devstack.supervisor import api_command
 
+        if self.telemetry:
+            sys.path.insert(0, str(ROOT))
+            from tests.otlp_receiver import OtlpReceiver
+
+            self.receiver = OtlpReceiver(keep=False).start()  # counts spans, keeps none
         self.temporal.start()
         py = sys.executable
         self._spawn("sink", [py, __file__, "--sink", str(self.sink_port), str(self.sink_log)])
         for i in range(self.workers):
-            self._spawn(f"worker-{i}", [py, "worker.py"])
+            ports = {"MAILQUEUE_WORKER_METRICS_PORT": str(self.worker_metrics_ports[i])} if self.telemetry else {}
+            self._spawn(f"worker-{i}", [py, "worker.py"], **ports)
         self._spawn("api", [*api_command("127.0.0.1", self.api_port), "--log-level", "warning"])
         wait_for_port(self.sink_port)
         wait_for_port(self.api_port, timeout=60)
@@ -132,6 +152,89 @@ class Stack:
             except subprocess.TimeoutExpired:
                 child.kill()
         self.temporal.stop()
+        if self.receiver is not None:
+            self.receiver.stop()
+
+    def metrics_urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{self.api_port}/metrics", *(f"http://127.0.0.1:{p}/metrics" for p in self.worker_metrics_ports)]
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU so far of every process of the stack (Temporal, API, workers and their
+        render processes, the sink), read from /proc: the children and all their descendants."""
+        roots = {c.pid for c in self.children} | ({self.temporal.process.pid} if self.temporal.process else set())
+        stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, cpu seconds)
+        tick = os.sysconf("SC_CLK_TCK")
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+        ours, grew = set(roots), True
+        while grew:
+            more = {pid for pid, (parent, _) in stats.items() if parent in ours and pid not in ours}
+            ours |= more
+            grew = bool(more)
+        return sum(cpu for pid, (_, cpu) in stats.items() if pid in ours)
+
+
+async def scrape(http: Any, stack: Stack, every: float, counts: Counter[str]) -> None:
+    """What Prometheus would do (every 15 s by default; here more often): GET each /metrics."""
+    while True:
+        for url in stack.metrics_urls():
+            try:
+                resp = await http.get(url)
+                counts["ok" if resp.status_code == 200 else str(resp.status_code)] += 1
+            except Exception as exc:  # noqa: BLE001 - counted, not fatal
+                counts[type(exc).__name__] += 1
+        await asyncio.sleep(every)
+
+
+async def ab(args: argparse.Namespace) -> dict[str, Any]:
+    """B alone, the feature off and on in turn, each on a new stack: emails/s and CPU per email."""
+    import httpx
+
+    runs: list[dict[str, Any]] = []
+    for i in range(args.pairs * 2):
+        on = i % 2 == 1
+        telemetry = on and args.ab == "telemetry"
+        env = {"MAILQUEUE_SEARCH_ATTRIBUTES": "false"} if args.ab == "search-attributes" and not on else {}
+        tmp = Path(tempfile.mkdtemp(prefix="mailqueue-bench-"))
+        url, drop = prepare_database(args.database_url, tmp)
+        stack = Stack(tmp, url, args.workers, telemetry=telemetry, **env)
+        scrapes: Counter[str] = Counter()
+        try:
+            print(f"run {i + 1}: {args.ab} {'on' if on else 'off'} ({tmp})", flush=True)
+            stack.start()
+            limits = httpx.Limits(max_connections=args.clients + 10, max_keepalive_connections=args.clients + 10)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{stack.api_port}", headers={"Authorization": f"Bearer {KEY}"},
+                                         timeout=60, limits=limits) as http:
+                await warm_up(stack, http)
+                scraper = asyncio.create_task(scrape(http, stack, 5.0, scrapes)) if telemetry else None
+                cpu0 = stack.cpu_seconds()
+                result = await throughput(stack, http, args.emails, args.clients)
+                cpu = stack.cpu_seconds() - cpu0
+                if scraper is not None:
+                    scraper.cancel()
+            result.update(
+                feature=args.ab, on=on, telemetry=telemetry, cpu_seconds=round(cpu, 1), cpu_ms_per_email=round(cpu * 1000 / max(result["delivered"], 1), 1),
+                spans=stack.receiver.count if stack.receiver is not None else 0, scrapes=dict(scrapes),
+            )
+            print("   " + ab_line(result), flush=True)
+            runs.append(result)
+        finally:
+            stack.stop()
+            drop()
+    return {"machine": machine(), "emails": args.emails, "clients": args.clients, "runs": runs}
+
+
+def ab_line(r: dict[str, Any]) -> str:
+    return (
+        f"{r['feature']} {'on ' if r['on'] else 'off'}: {r['emails_per_s']} emails/s, {r['cpu_ms_per_email']} ms CPU per email "
+        f"({r['cpu_seconds']} s), delivered {r['delivered']}, missing {r['missing']}, errors {r['errors'] or 0}"
+        + (f"; {r['spans']} spans exported, scrapes {r['scrapes']}" if r["telemetry"] else "")
+    )
 
 
 # --- measurements ------------------------------------------------------------------------------
@@ -345,7 +448,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     tmp = Path(tempfile.mkdtemp(prefix="mailqueue-bench-"))
     url, drop = prepare_database(args.database_url, tmp)
-    stack = Stack(tmp, url, args.workers)
+    stack = Stack(tmp, url, args.workers, telemetry=args.telemetry)
     results: dict[str, Any] = {
         "machine": machine(),
         "settings": {"database": "postgresql" if args.database_url else "sqlite (file)", "temporal": "dev server, file + WAL",
@@ -474,7 +577,16 @@ def main() -> None:
     parser.add_argument("--scheduled", type=int, default=200, help="E: emails due at the same second (0: skip E)")
     parser.add_argument("--scheduled-lead", type=float, default=15.0, help="E: seconds from the first POST to the due second")
     parser.add_argument("--render-only", action="store_true", help="run only D (template rendering)")
+    parser.add_argument("--telemetry", action="store_true", help="tracing (OTLP) and metrics on, scraped every 5 s")
+    parser.add_argument("--ab", choices=["telemetry", "search-attributes"], default=None, help="only B, this off and on in turn")
+    parser.add_argument("--pairs", type=int, default=2, help="--ab: how many off/on pairs")
     args = parser.parse_args()
+    if args.ab:
+        compared = asyncio.run(ab(args))
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(compared, indent=2) + "\n")
+        print("\n" + "\n".join(ab_line(r) for r in compared["runs"]))
+        return
     if args.render_only:
         print(render_summary(render_bench(args.render_seconds)))
         return

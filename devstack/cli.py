@@ -117,13 +117,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mailqueue", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("dev", help="run the embedded stack: Temporal, worker, API, SMTP catcher")
-    p.add_argument("--data-dir", type=Path, default=Path(".mailqueue"))
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--api-port", type=int, default=8000)
-    p.add_argument("--temporal-port", type=int, default=7233)
-    p.add_argument("--ui-port", type=int, default=8233)
-    p.add_argument("--smtp-port", type=int, default=1025)
+    # `make dev` passes API_PORT=…, TEMPORAL_PORT=…, UI_PORT=…, SMTP_PORT=…, MAIL_PORT=… and ARGS="…" here.
+    p = sub.add_parser(
+        "dev", help="run the embedded stack: Temporal, worker, API, SMTP catcher",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data-dir", type=Path, default=Path(".mailqueue"), help="state: databases, keys, caught mail, logs")
+    p.add_argument("--host", default="127.0.0.1", help="where every part listens")
+    p.add_argument("--api-port", type=int, default=8000, help="the HTTP API and its /docs")
+    p.add_argument("--temporal-port", type=int, default=7233, help="Temporal's gRPC")
+    p.add_argument("--ui-port", type=int, default=8233, help="the Temporal Web UI")
+    p.add_argument("--smtp-port", type=int, default=1025, help="the SMTP catcher")
     p.add_argument("--mail-port", type=int, default=8025, help="the caught-mail page")
     p.set_defaults(func=dev_cmd)
 

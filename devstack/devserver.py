@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import IO
 
 from devstack.net import wait_for_port
+from mailqueue import search
 
 
 def temporal_cli() -> str:
@@ -50,6 +51,8 @@ class TemporalDevServer:
             "--log-level", self.log_level,
             # Activities scheduled by a workflow task go straight back to the worker that completed it.
             "--dynamic-config-value", "system.enableActivityEagerExecution=true",
+            # mailqueue's search attributes (EmailStatus, EmailSender, …), for the UI and the tests.
+            *search.dev_server_args(),
         ]
         cmd += ["--ui-port", str(self.ui_port)] if self.ui_port else ["--headless"]
         if self.ui_port and self.ui_codec_endpoint:

@@ -166,6 +166,11 @@ def _ports_in_use(host: str, ports: dict[str, int]) -> list[str]:
     return busy
 
 
+def make_variable(option: str) -> str:
+    """The variable `make dev` takes for an option of `mailqueue dev` (the Makefile's DEV_OPTIONS): --api-port → API_PORT."""
+    return option.removeprefix("--").replace("-", "_").upper()
+
+
 def client_host_for(host: str) -> str:
     """Where the children reach a server bound to `host`."""
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
@@ -242,7 +247,8 @@ def dev(args: argparse.Namespace, configured: Settings) -> int:
     if busy := _ports_in_use(host, ports):
         print(
             f"mailqueue dev: already in use on {host}: {', '.join(busy)}.\n"
-            "  Is another `mailqueue dev` running? Stop it, or choose other ports with the options above.",
+            "  Is another `mailqueue dev` running? Stop it, or choose other ports with the options above\n"
+            f"  (with make: make dev {' '.join(make_variable(b.split()[0]) + '=…' for b in busy)}).",
             file=sys.stderr,
         )
         return 1

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     temporal_namespace: str = "default"
     task_queue: str = "mailqueue"
     temporal_grpc_gzip: bool = False
+    # Emails carry search attributes (EmailStatus, EmailSender, …: mailqueue/search.py) for the
+    # Temporal UI. Workers add them to the namespace at start when allowed, else stop and say how.
+    search_attributes: bool = True
 
     driver: DriverName = Field(default=DriverName.SMTP, description="the system's driver: smtp or log")
     smtp_host: str = "127.0.0.1"
@@ -183,6 +186,11 @@ class Settings(BaseSettings):
     temporal_api_key: SecretStr | None = None
 
     log_level: str = "INFO"
+
+    # Metrics (issue 13; README "Metrics"). The API serves /metrics on its own port. A worker serves
+    # its own and the Temporal SDK's at http://<host>:<port>/metrics when the port is set (0: off).
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    worker_metrics_host: str = "0.0.0.0"
 
     @field_validator("database_url")
     @classmethod

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import logging
+from datetime import UTC, datetime, timedelta
 
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 from temporalio.common import Priority, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
+from mailqueue import search
 from mailqueue.config import Settings
-from mailqueue.contracts import SEND_EMAIL_WORKFLOW, EmailSpec, RetrySettings, SenderType, priority_key, workflow_id_for
+from mailqueue.contracts import SEND_EMAIL_WORKFLOW, EmailSpec, EmailStatus, RetrySettings, SenderType, priority_key, workflow_id_for
 from mailqueue.drivers.base import DriverName
 from mailqueue.email_store import spec_from_record
 from mailqueue.models import Email
 from mailqueue.senders import SenderRoute, resolve_sender
+
+log = logging.getLogger("mailqueue.delivery")
 
 RPC_TIMEOUT = timedelta(seconds=10)
 
@@ -56,7 +60,12 @@ async def redelivery_spec(session: AsyncSession, settings: Settings, email: Emai
     return spec
 
 
-async def start_delivery(temporal: Client, spec: EmailSpec, task_queue: str, reuse: WorkflowIDReusePolicy) -> None:
+async def start_delivery(
+    temporal: Client, spec: EmailSpec, task_queue: str, reuse: WorkflowIDReusePolicy, *, searchable: bool = True
+) -> None:
+    """Start the email's workflow. `searchable`: with its search attributes, which the workflow then
+    keeps up to date (MAILQUEUE_SEARCH_ATTRIBUTES), and in any case with its summary for the UI."""
+    status = EmailStatus.SCHEDULED if spec.send_at is not None and spec.send_at > datetime.now(UTC) else EmailStatus.QUEUED
     try:
         await temporal.start_workflow(
             SEND_EMAIL_WORKFLOW,
@@ -67,9 +76,19 @@ async def start_delivery(temporal: Client, spec: EmailSpec, task_queue: str, reu
             rpc_timeout=RPC_TIMEOUT,
             # Ordered by the server: with a backlog, high before normal before low. Activities inherit it.
             priority=Priority(priority_key=priority_key(spec.priority)),
+            search_attributes=search.initial(spec, status) if searchable else None,
+            static_summary=search.summary(spec),
+            static_details=search.details(spec),
         )
     except WorkflowAlreadyStartedError:
         raise
-    except (RPCError, RuntimeError) as exc:
+    except RPCError as exc:
+        if exc.status is RPCStatusCode.INVALID_ARGUMENT and "search attribute" in exc.message.lower():
+            log.error(
+                "Temporal refused the email's search attributes (%s): start a worker, which adds them, or see the "
+                "README's 'Operating it'; MAILQUEUE_SEARCH_ATTRIBUTES=false runs without them", exc.message,
+            )
+        raise TemporalUnavailable(str(exc)) from exc
+    except RuntimeError as exc:
         raise TemporalUnavailable(str(exc)) from exc
 

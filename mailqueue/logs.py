@@ -7,6 +7,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from opentelemetry import trace
+
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
 
 
@@ -23,6 +25,11 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         out.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
+        # The trace this line belongs to, beside email_id/workflow_id: a log search finds the trace.
+        # With tracing off no span is ever current, and this is one context lookup.
+        current = trace.get_current_span().get_span_context()
+        if current.is_valid:
+            out["trace_id"], out["span_id"] = trace.format_trace_id(current.trace_id), trace.format_span_id(current.span_id)
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)

@@ -21,11 +21,13 @@ from temporalio.client import (
     ScheduleUpdate,
 )
 from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
+from temporalio.runtime import Runtime
 from temporalio.service import GrpcCompression, RPCError, RPCStatusCode, TLSConfig
 
 from mailqueue.codec import PayloadCipher
 from mailqueue.config import Settings
 from mailqueue.contracts import RECONCILE_WORKFLOW, ReconcileRequest, reconcile_schedule_id
+from mailqueue.tracing import interceptors
 
 log = logging.getLogger("mailqueue.temporal")
 
@@ -73,13 +75,16 @@ def tls_config(settings: Settings) -> TLSConfig | bool | None:
     )
 
 
-async def connect(settings: Settings, *, lazy: bool = False) -> Client:
-    """The Temporal client of the API, the workers and the tools: all of them must encode with the same keys."""
+async def connect(settings: Settings, *, lazy: bool = False, runtime: Runtime | None = None) -> Client:
+    """The Temporal client of the API, the workers and the tools: all of them must encode with the same keys.
+    `runtime`: one serving metrics (mailqueue.metrics.worker_runtime); None: the SDK's default."""
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
         lazy=lazy,
+        runtime=runtime,
         data_converter=data_converter(settings),
+        interceptors=interceptors(),  # tracing's, when on (the workers built on this client inherit them)
         tls=tls_config(settings),
         api_key=settings.temporal_api_key.get_secret_value() if settings.temporal_api_key else None,
         # gzip costs CPU on both ends and saves nothing on a local network (about 5 % of

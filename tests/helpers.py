@@ -7,12 +7,14 @@ import asyncio
 import inspect
 import ipaddress
 import os
+import signal
 import ssl
 import subprocess
 import sys
+import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -160,17 +162,19 @@ class SmtpSink:
 class ApiProcess:
     """`uvicorn api.app:app` in a child process, the way it runs in production."""
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(self, settings: Settings, log_path: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._settings = settings
+        self._env = env or {}  # extra environment (OTEL_* and the like) over the settings'
         self._log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 
     async def __aenter__(self) -> ApiProcess:
         self._log = open(self._log_path, "wb")  # noqa: SIM115 - closed in __aexit__
         self.process = subprocess.Popen(
-            api_command("127.0.0.1", self.port), env=settings_env(self._settings), stdout=self._log, stderr=subprocess.STDOUT,
+            api_command("127.0.0.1", self.port), env={**settings_env(self._settings), **self._env}, stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         try:
             async with httpx.AsyncClient(timeout=1) as http:
@@ -198,10 +202,66 @@ class ApiProcess:
         self._log.close()
 
 
-def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    """`python worker.py` in a child process with exactly these settings (kill it to crash it)."""
+class DevStack:
+    """`mailqueue dev` (what `make dev` runs) as a child process on free ports with its embedded
+    defaults (SQLite, a generated key), state in `data_dir`; leaving stops it as Ctrl-C does."""
+
+    NAMES = ("api", "temporal", "ui", "smtp", "mail")
+
+    def __init__(self, data_dir: Path, output: Path) -> None:
+        self.data_dir, self.output = data_dir, output
+        self.ports = {name: free_port() for name in self.NAMES}
+        self.api = f"http://127.0.0.1:{self.ports['api']}"
+        self.mail = f"http://127.0.0.1:{self.ports['mail']}"  # the catcher's page and /api/messages
+        self.exit_code: int | None = None
+
+    @property
+    def printed(self) -> str:
+        return self.output.read_text()
+
+    @property
+    def key(self) -> str:
+        return (self.data_dir / "api.key").read_text().strip()
+
+    async def __aenter__(self) -> DevStack:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MAILQUEUE_")}
+        self._out = self.output.open("wb")
+        ports = [arg for name in self.NAMES for arg in (f"--{name}-port", str(self.ports[name]))]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "devstack.cli", "dev", "--data-dir", str(self.data_dir), *ports],
+            cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT,
+        )
+
+        def running() -> bool:
+            assert self.process.poll() is None, self.printed
+            return "mailqueue is running" in self.printed
+
+        try:
+            await eventually(running, timeout=PROCESS_STARTS, interval=0.2, what="the stack did not come up")
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """SIGINT, as Ctrl-C; its children die with it even if it has to be killed (PR_SET_PDEATHSIG).
+        It stops in stages of at most 65 s in all (devstack.supervisor._stop_all)."""
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.exit_code = await asyncio.to_thread(self.process.wait, PROCESS_STARTS)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            self._out.close()
+
+
+def start_worker(settings: Settings, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """`python worker.py` in a child process with exactly these settings, and `env` (extra
+    variables such as OTEL_*) over them (kill it to crash it)."""
     return subprocess.Popen(
-        [sys.executable, "worker.py"], cwd=ROOT, env=settings_env(settings), stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        [sys.executable, "worker.py"], cwd=ROOT, env={**settings_env(settings), **(env or {})}, stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -426,3 +486,31 @@ def sends_scheduled(history: WorkflowHistory) -> int:
 
 async def total_emails(http: httpx.AsyncClient) -> int:
     return (await http.get("/v1/emails", params={"page_size": 1})).json()["total"]
+
+
+@dataclass
+class Sender:
+    """A user made through the API, with one key, a client holding it, and a verified domain."""
+
+    id: str
+    key: str
+    http: httpx.AsyncClient
+    domain: str
+
+    def mail(self, **overrides: Any) -> dict[str, Any]:
+        return email(**({"from": f"Sender <mail@{self.domain}>"} | overrides))
+
+
+@asynccontextmanager
+async def new_user(stack: Stack, sessions: Any, **fields: Any) -> AsyncIterator[Sender]:
+    suffix = uuid.uuid4().hex[:10]
+    made = await stack.http.post("/v1/users", json={"name": f"sender-{suffix}", **fields})
+    assert made.status_code == 201, made.text
+    user_id = made.json()["id"]
+    issued = await stack.http.post(f"/v1/users/{user_id}/api-keys")
+    assert issued.status_code == 201, issued.text
+    key = issued.json()["key"]
+    domain = f"sender-{suffix}.example"
+    await verify_domain(sessions, user_id, domain)  # users send only from verified domains
+    async with httpx.AsyncClient(base_url=str(stack.http.base_url), headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+        yield Sender(user_id, key, http, domain)

@@ -23,6 +23,7 @@ from temporalio.common import WorkflowIDReusePolicy
 
 from devstack.devserver import TemporalDevServer
 from devstack.net import free_port
+from mailqueue import search
 from mailqueue.config import Settings
 from mailqueue.contracts import (
     CancelRequest,
@@ -50,7 +51,13 @@ Scenario = Callable[[Client, str, SmtpSink], Awaitable[WorkflowHandle]]
 
 
 async def _start(client: Client, spec: EmailSpec, tq: str, **kw) -> WorkflowHandle:  # type: ignore[no-untyped-def]
-    return await client.start_workflow(SendEmailWorkflow.run, spec, id=workflow_id_for(spec.email_id), task_queue=tq, **kw)
+    """Started as mailqueue.delivery.start_delivery starts emails: with search attributes and a summary."""
+    status = EmailStatus.SCHEDULED if spec.send_at is not None else EmailStatus.QUEUED
+    return await client.start_workflow(
+        SendEmailWorkflow.run, spec, id=workflow_id_for(spec.email_id), task_queue=tq,
+        search_attributes=search.initial(spec, status), static_summary=search.summary(spec), static_details=search.details(spec),
+        **kw,
+    )
 
 
 async def _settle(handle: WorkflowHandle) -> WorkflowHandle:

@@ -10,9 +10,7 @@ import math
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,37 +25,9 @@ from mailqueue.db import create_engine, migrate, sessionmaker
 from mailqueue.logs import SQL_LOGGER_CAPS, configure_logging
 from mailqueue.models import User
 from tests.conftest import scratch_database
-from tests.helpers import KEY, PROCESS_STARTS, ApiProcess, Stack, email, verify_domain, wait_status
+from tests.helpers import KEY, PROCESS_STARTS, ApiProcess, Stack, email, new_user, wait_status
 
 HOUR = 3600
-
-
-@dataclass
-class Sender:
-    """A user made through the API, with one key, a client holding it, and a verified domain."""
-
-    id: str
-    key: str
-    http: httpx.AsyncClient
-    domain: str
-
-    def mail(self, **overrides: Any) -> dict[str, Any]:
-        return email(**({"from": f"Sender <mail@{self.domain}>"} | overrides))
-
-
-@asynccontextmanager
-async def new_user(stack: Stack, sessions: Any, **fields: Any) -> AsyncIterator[Sender]:
-    suffix = uuid.uuid4().hex[:10]
-    made = await stack.http.post("/v1/users", json={"name": f"abuse-{suffix}", **fields})
-    assert made.status_code == 201, made.text
-    user_id = made.json()["id"]
-    issued = await stack.http.post(f"/v1/users/{user_id}/api-keys")
-    assert issued.status_code == 201, issued.text
-    key = issued.json()["key"]
-    domain = f"abuse-{suffix}.example"
-    await verify_domain(sessions, user_id, domain)  # users send only from verified domains
-    async with httpx.AsyncClient(base_url=str(stack.http.base_url), headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
-        yield Sender(user_id, key, http, domain)
 
 
 async def patch_user(stack: Stack, user_id: str, **fields: Any) -> dict[str, Any]:

@@ -86,6 +86,13 @@ def test_app_services_share_one_configuration_of_real_settings() -> None:
     assert env["MAILQUEUE_DATABASE_URL"].endswith(f"/{pg['POSTGRES_DB']}")
 
 
+def test_workers_serve_metrics_to_the_compose_network() -> None:
+    """Prometheus scrapes every replica by the service's name: on all its interfaces, published on none."""
+    port = int(SERVICES["worker"]["environment"]["MAILQUEUE_WORKER_METRICS_PORT"])
+    assert port and Settings(_env_file=None).worker_metrics_host == "0.0.0.0"  # type: ignore[call-arg]
+    assert "ports" not in SERVICES["worker"]  # replicas cannot share a host port
+
+
 def test_commands_run_the_real_entry_points() -> None:
     assert SERVICES["worker"]["command"] == ["python", "worker.py"] and (ROOT / "worker.py").exists()
     assert SERVICES["migrate"]["command"] == ["sh", "-c", "mailqueue migrate && mailqueue templates"]

@@ -1,6 +1,7 @@
 """Every recorded history of our workflows replays against today's code (determinism), through
 the data converter the workers use: histories recorded before payloads were encrypted (v1-v5,
-r1) and after (enc1, encrypted with the test key, tests/helpers.TEST_PAYLOAD_KEY)."""
+r1) and after (enc1, encrypted with the test key, tests/helpers.TEST_PAYLOAD_KEY), and with the
+search attributes kept up to date (enc2)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,15 @@ SHAPES = {
 def test_every_workflow_shape_has_a_recorded_history() -> None:
     recorded = {p.stem.split("_", 1)[1] for p in HISTORIES}
     assert SHAPES <= recorded, f"no history recorded for {sorted(SHAPES - recorded)}"
+
+
+def test_every_email_shape_was_recorded_keeping_its_search_attributes_up_to_date() -> None:
+    """enc2 (patch search-attributes): each email's run upserts its status as it changes."""
+    upserting = {
+        p.stem.split("_", 1)[1] for p in HISTORIES
+        if p.stem.startswith("enc2_") and "upsertWorkflowSearchAttributesEventAttributes" in p.read_text()
+    }
+    assert upserting == SHAPES - {"reconcile"}
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])

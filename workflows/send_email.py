@@ -7,7 +7,7 @@ from datetime import timedelta
 from typing import Any, NoReturn
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RetryPolicy, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError as TemporalTimeoutError
 
 with workflow.unsafe.imports_passed_through():
@@ -44,6 +44,7 @@ with workflow.unsafe.imports_passed_through():
         send_queue_name,
     )
 
+    from mailqueue import search
     from workflows.timer import UpdatableTimer
 
 # The steps that read or write the database (audit, quota; and, for emails from before
@@ -83,6 +84,10 @@ ASK_AGAIN_MAX_DELAY = 30
 # queue (MAILQUEUE_SEND_RATES): the send step said so without sending, and the workflow sends
 # from that queue at once. The patch is asked only when such an answer arrives.
 SEND_FOLLOWS_THE_SENDER = "send-follows-the-senders-queue"
+# The email's search attributes (mailqueue/search.py) follow its status and due time, for the
+# Temporal UI. Only for runs started with them (MAILQUEUE_SEARCH_ATTRIBUTES): the patch is asked
+# at the first change of such a run.
+SEARCH_ATTRIBUTES = "search-attributes"
 
 
 @workflow.defn(name=SEND_EMAIL_WORKFLOW)
@@ -103,7 +108,7 @@ class SendEmailWorkflow:
             if not spec.recorded:
                 await self._record(EventType.QUEUED, EmailStatus.QUEUED, attempt=0)
             if spec.send_at is not None and spec.send_at > workflow.now():
-                self._status = EmailStatus.SCHEDULED
+                self._set_status(EmailStatus.SCHEDULED)
                 await self._record(
                     EventType.SCHEDULED, EmailStatus.SCHEDULED,
                     scheduled_for=spec.send_at, detail=f"due {spec.send_at.isoformat()}",
@@ -122,9 +127,9 @@ class SendEmailWorkflow:
             raise
         if not go or self._cancel_reason is not None:
             return await self._finish_cancelled()
-        self._status = EmailStatus.SENDING  # from here on, cancel is refused
+        self._set_status(EmailStatus.SENDING)  # from here on, cancel is refused
         result = await self._send(content)
-        self._status = EmailStatus.SENT
+        self._set_status(EmailStatus.SENT)
         self._attempts = result.attempt
         self._provider_message_id = result.provider_message_id
         if not result.recorded:  # the send step could not write it down (database away?): do it now
@@ -149,7 +154,7 @@ class SendEmailWorkflow:
             )
             if answer.ok or answer.retry_at is None:
                 return self._cancel_reason is None
-            self._status = EmailStatus.DEFERRED
+            self._set_status(EmailStatus.DEFERRED)
             await self._record(EventType.DEFERRED, EmailStatus.DEFERRED, scheduled_for=answer.retry_at, detail=answer.detail)
             remaining = (answer.retry_at - workflow.now()).total_seconds()
             if remaining > 0:
@@ -250,7 +255,7 @@ class SendEmailWorkflow:
         await self._record(EventType.CANCEL_REJECTED, detail="cancel requested while sending; the send's outcome stands")
 
     async def _fail(self, reason: str, *, attempt: int) -> NoReturn:
-        self._status = EmailStatus.FAILED
+        self._set_status(EmailStatus.FAILED)
         self._attempts, self._last_error = attempt, reason
         try:
             await self._record(EventType.FAILED, EmailStatus.FAILED, attempt=attempt, last_error=reason, detail=reason)
@@ -263,7 +268,7 @@ class SendEmailWorkflow:
     async def _finish_cancelled(self) -> EmailState:
         reason = self._cancel_reason or "cancelled"
         await self._record(EventType.CANCELLED, EmailStatus.CANCELLED, detail=reason)
-        self._status = EmailStatus.CANCELLED
+        self._set_status(EmailStatus.CANCELLED)
         return await self._finish()
 
     async def _finish(self) -> EmailState:
@@ -289,6 +294,20 @@ class SendEmailWorkflow:
         except asyncio.CancelledError:
             await write  # a step that happened is always written down; then the cancellation goes on
             raise
+
+    def _set_status(self, status: EmailStatus) -> None:
+        self._status = status
+        self._index(search.STATUS.value_set(status.value))
+
+    def _index(self, *updates: SearchAttributeUpdate) -> None:
+        """Bring the run's search attributes up to date: those it started with (none: the API sets
+        none, and neither does this), under SEARCH_ATTRIBUTES. Unchanged values are not sent again."""
+        current = workflow.info().typed_search_attributes
+        if search.STATUS not in current:
+            return
+        changed = [u for u in updates if current.get(u.key) != u.value]
+        if changed and workflow.patched(SEARCH_ATTRIBUTES):
+            workflow.upsert_search_attributes(changed)
 
     def _state(self) -> EmailState:
         return EmailState(
@@ -323,8 +342,9 @@ class SendEmailWorkflow:
     @workflow.update(name=RESCHEDULE_UPDATE)
     async def reschedule(self, req: RescheduleRequest) -> EmailState:
         self._timer.move(req.send_at)  # before any await: the timer must not fire on the old time
+        self._index(search.SEND_AT.value_set(req.send_at))
         await self._record(
-            EventType.RESCHEDULED, scheduled_for=req.send_at, detail=f"due {req.send_at.isoformat()}"
+            EventType.RESCHEDULED, self._status, scheduled_for=req.send_at, detail=f"due {req.send_at.isoformat()}"
         )
         return self._state()
 

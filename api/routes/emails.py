@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, Query, Response, status
+from fastapi import APIRouter, Body, Header, Query, Request, Response, status
 
 from api.deps import ContextDep
+from api.metrics import ApiMetrics, Received
 from api.schemas.emails import (
     IDEMPOTENCY_KEY_MAX_LENGTH,
     IDEMPOTENCY_KEY_PATTERN,
@@ -22,6 +23,7 @@ from api.schemas.emails import (
     RescheduleBody,
 )
 from api.services import emails
+from api.services.errors import ServiceError
 from mailqueue.contracts import EmailStatus
 from mailqueue.models import Email
 
@@ -37,6 +39,10 @@ IdempotencyKey = Annotated[
 ]
 
 
+def _metrics(request: Request) -> ApiMetrics:
+    return request.app.state.metrics
+
+
 def accepted(email: Email, response: Response) -> EmailAccepted:
     response.headers["Location"] = f"/v1/emails/{email.id}"
     return EmailAccepted.of(email)
@@ -49,8 +55,12 @@ def accepted(email: Email, response: Response) -> EmailAccepted:
     responses={409: {"description": "Idempotency-Key reused with a different body"}, 503: {"description": "Temporal unavailable; retry"}},
     summary="Queue an email",
 )
-async def queue_email(req: EmailRequest, response: Response, ctx: ContextDep, idempotency_key: IdempotencyKey = None) -> EmailAccepted:
-    return accepted(await emails.accept(ctx, req, idempotency_key), response)
+async def queue_email(
+    req: EmailRequest, request: Request, response: Response, ctx: ContextDep, idempotency_key: IdempotencyKey = None
+) -> EmailAccepted:
+    email = await emails.accept(ctx, req, idempotency_key)
+    _metrics(request).received(Received.DUPLICATE if ctx.replays else Received.ACCEPTED)  # refusals: counted from the answer
+    return accepted(email, response)
 
 
 @router.post(
@@ -59,8 +69,14 @@ async def queue_email(req: EmailRequest, response: Response, ctx: ContextDep, id
     responses={422: {"description": "all_or_nothing, and at least one email is invalid: nothing was queued"}},
     summary="Queue up to 100 emails; each is validated and answered on its own",
 )
-async def queue_batch(body: BatchIn, ctx: ContextDep) -> BatchOut:
-    return await emails.accept_batch(ctx, body)
+async def queue_batch(body: BatchIn, request: Request, ctx: ContextDep) -> BatchOut:
+    try:
+        out = await emails.accept_batch(ctx, body)
+    except ServiceError as exc:
+        _metrics(request).refused_batch(exc, len(body.emails))
+        raise
+    _metrics(request).received_batch((item.status for item in out.items), ctx.replays)
+    return out
 
 
 @router.get("/{email_id}", response_model=EmailDetail, response_model_by_alias=True, responses=NOT_FOUND, summary="An email with its events")

@@ -16,6 +16,6 @@ router = APIRouter(prefix="/v1/stats", tags=["stats"])
 @router.get("", response_model=StatsOut, summary="Counts by status, queue depth, recent throughput, stuck emails")
 async def stats(
     ctx: ContextDep,
-    stuck_after_seconds: Annotated[int, Query(ge=1, le=7 * 86400, description="Default: 5 minutes")] = 300,
+    stuck_after_seconds: Annotated[int, Query(ge=1, le=7 * 86400, description="Default: 5 minutes")] = queue_stats.STUCK_AFTER_SECONDS,
 ) -> StatsOut:
     return await queue_stats.stats(ctx, stuck_after_seconds)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -14,6 +14,11 @@ from api.schemas.common import Address, JsonObject, Text, header_text, normalize
 from mailqueue.message import HEADERS_RULE, header_refusal
 from mailqueue.models import Email, EmailEvent
 from mailqueue.templating import check_locale
+
+# The docs' examples of send_at: dates that stay valid ("Try it out" must not answer 422 for a date in
+# the past or more than MAILQUEUE_SEND_AT_MAX_DAYS ahead), fixed when the API starts.
+_9AM = (datetime.now(UTC) + timedelta(days=1)).replace(hour=9, minute=0, second=0, microsecond=0)
+TOMORROW_9AM, DAY_AFTER_9AM = _9AM.isoformat(), (_9AM + timedelta(days=1)).isoformat()
 
 # An Idempotency-Key (the header, or a batch item's `idempotency_key`): 1 to 255 printable ASCII characters, no spaces.
 IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]+$"
@@ -49,7 +54,7 @@ class EmailRequest(BaseModel):
                     "to": ["bob@example.com"],
                     "template": "welcome",
                     "template_data": {"name": "Bob"},
-                    "send_at": "2030-01-01T09:00:00+00:00",
+                    "send_at": TOMORROW_9AM,
                     "max_attempts": 5,
                 },
             ]
@@ -179,7 +184,7 @@ class CancelBody(BaseModel):
 
 
 class RescheduleBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"send_at": "2030-01-01T09:00:00Z"}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"send_at": DAY_AFTER_9AM}]})
     send_at: AwareDatetime
 
 

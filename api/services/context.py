@@ -21,3 +21,4 @@ class Context:
     temporal: Client
     templates: TemplateEngine
     secrets: SecretBox  # encrypts sender secrets (only workers decrypt)
+    replays: int = 0  # Idempotency-Key replays this request answered (commit_email counts them, for the metrics)

@@ -232,7 +232,10 @@ async def commit_email(ctx: Context, prepared: PreparedEmail) -> Email:
 
     await session.commit()  # never hold a database transaction while waiting on Temporal
     try:
-        await start_delivery(ctx.temporal, spec, ctx.settings.task_queue, WorkflowIDReusePolicy.REJECT_DUPLICATE)
+        await start_delivery(
+            ctx.temporal, spec, ctx.settings.task_queue, WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            searchable=ctx.settings.search_attributes,
+        )
     except WorkflowAlreadyStartedError:
         pass  # a repeated request: the first one started it
     except TemporalUnavailable:
@@ -240,6 +243,8 @@ async def commit_email(ctx: Context, prepared: PreparedEmail) -> Email:
             await (await session.connection()).execute(sa.delete(Email.__table__).where(Email.__table__.c.id == email_id))  # type: ignore[attr-defined]
             await session.commit()
         raise
+    if not created:
+        ctx.replays += 1  # an Idempotency-Key replay: the email it names, nothing new queued
     return email
 
 
@@ -509,7 +514,10 @@ async def retry(ctx: Context, email_id: str) -> Email:
     session.add(event)
     await session.commit()
     try:
-        await start_delivery(ctx.temporal, spec, settings.task_queue, WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY)
+        await start_delivery(
+            ctx.temporal, spec, settings.task_queue, WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+            searchable=settings.search_attributes,
+        )
     except (WorkflowAlreadyStartedError, TemporalUnavailable) as exc:
         email.status = EmailStatus.FAILED.value
         await session.delete(event)

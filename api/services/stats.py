@@ -14,6 +14,9 @@ from api.services.emails import visible_to
 from mailqueue.contracts import IN_FLIGHT, WAITING, EmailStatus, status_values
 from mailqueue.models import Email, utcnow
 
+# An email in flight with no change for this long is stuck (/v1/stats' default, and /metrics').
+STUCK_AFTER_SECONDS = 300
+
 
 async def stats(ctx: Context, stuck_after_seconds: int) -> StatsOut:
     session = ctx.session

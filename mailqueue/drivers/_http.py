@@ -20,6 +20,7 @@ import httpx
 from mailqueue.drivers.base import remote_text
 from mailqueue.egress import Destination, DestinationRefused, NotResolved
 from mailqueue.errors import DeliveryError, PermanentDeliveryError, ServerUnreachable, TransientDeliveryError
+from mailqueue.tracing import instrument_http_client
 
 MAX_REASON = 300
 
@@ -70,10 +71,14 @@ class _CheckedTransport(httpx.AsyncHTTPTransport):
 
 
 def http_client(timeout: float, destination: Destination | None) -> httpx.AsyncClient:
-    """The client a provider driver talks through: checked by the egress policy when `destination` is given."""
+    """The client a provider driver talks through: checked by the egress policy when `destination`
+    is given, and each request a span in the email's trace while tracing is on."""
     if destination is None:
-        return httpx.AsyncClient(timeout=timeout)
-    return httpx.AsyncClient(timeout=timeout, transport=_CheckedTransport(destination))
+        client = httpx.AsyncClient(timeout=timeout)
+    else:
+        client = httpx.AsyncClient(timeout=timeout, transport=_CheckedTransport(destination))
+    instrument_http_client(client)
+    return client
 
 
 def endpoint(url: str) -> tuple[str, int]:

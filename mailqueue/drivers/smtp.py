@@ -24,11 +24,13 @@ from typing import Any
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
+from opentelemetry.trace import SpanKind
 
 from mailqueue.config import Settings, SmtpSecurity
 from mailqueue.drivers.base import Delivery, DriverName, remote_text
 from mailqueue.egress import Destination, DestinationRefused, IPAddress, NotResolved
 from mailqueue.errors import DeliveryError, PermanentDeliveryError, ServerUnreachable, TransientDeliveryError
+from mailqueue.tracing import span
 
 log = logging.getLogger("mailqueue.drivers.smtp")
 
@@ -156,39 +158,46 @@ class SmtpDriver:
 
     async def send(self, message: EmailMessage, sender: str, recipients: list[str]) -> Delivery:
         async with self._slots:  # at most max_connections talking to this server at once
-            try:
-                conn = await self._checkout() if self.reuse_connections else None
-                if conn is not None:
-                    try:
-                        refused, reply = await self._transaction(conn, message, sender, recipients)
-                    except ConnectionError:
-                        if not conn.client.lost_at_mail_from:
-                            raise
-                        conn = None  # closed by the server while pooled, seen only at MAIL FROM: once more, fresh
-                if conn is None:
-                    refused, reply = await self._transaction(await self._open(), message, sender, recipients)
-            except DeliveryError:
-                raise  # classified where it happened (opening the connection)
-            except aiosmtplib.SMTPRecipientsRefused as exc:
-                worst = max(r.code for r in exc.recipients) if all(r.code >= 500 for r in exc.recipients) else min(r.code for r in exc.recipients)
-                if self.server_words:
-                    detail = "; ".join(f"{r.recipient}: {r.code} {self._words(r.message)}" for r in exc.recipients)
-                    raise _classify(worst, f"all recipients refused by {self.server}: {detail}") from None
-                self._log_words("all recipients refused", *(f"{r.code} {r.message}" for r in exc.recipients))
-                detail = "; ".join(f"{r.recipient} ({codes(r.code, r.message)})" for r in exc.recipients)
-                raise _classify(worst, f"all recipients refused: {detail}") from None
-            except aiosmtplib.SMTPResponseException as exc:
-                raise self._refused(exc, sender) from None
-            except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-                if self.server_words:
-                    raise TransientDeliveryError(f"cannot talk to {self.server}: {type(exc).__name__}: {self._words(str(exc))}") from None
-                self._log_words("connection lost", f"{type(exc).__name__}: {exc}")
-                raise TransientDeliveryError(f"the connection to {self.server} was lost ({type(exc).__name__})") from None
+            # The SMTP conversation in the email's trace (the wait for a slot is not part of it).
+            with span("smtp send", {"server.address": self.host, "server.port": self.port}, kind=SpanKind.CLIENT):
+                refused, reply = await self._converse(message, sender, recipients)
         match = _QUEUED_AS.search(reply)
         return Delivery(
             provider_message_id=match.group(1) if match else str(message["Message-ID"]),
             refused_recipients={addr: self._reply(r.code, r.message) for addr, r in refused.items()},
         )
+
+    async def _converse(self, message: EmailMessage, sender: str, recipients: list[str]) -> tuple[dict[str, SMTPResponse], str]:
+        """The transaction, on a pooled connection or a new one; every failure classified."""
+        try:
+            conn = await self._checkout() if self.reuse_connections else None
+            if conn is not None:
+                try:
+                    refused, reply = await self._transaction(conn, message, sender, recipients)
+                except ConnectionError:
+                    if not conn.client.lost_at_mail_from:
+                        raise
+                    conn = None  # closed by the server while pooled, seen only at MAIL FROM: once more, fresh
+            if conn is None:
+                refused, reply = await self._transaction(await self._open(), message, sender, recipients)
+        except DeliveryError:
+            raise  # classified where it happened (opening the connection)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            worst = max(r.code for r in exc.recipients) if all(r.code >= 500 for r in exc.recipients) else min(r.code for r in exc.recipients)
+            if self.server_words:
+                detail = "; ".join(f"{r.recipient}: {r.code} {self._words(r.message)}" for r in exc.recipients)
+                raise _classify(worst, f"all recipients refused by {self.server}: {detail}") from None
+            self._log_words("all recipients refused", *(f"{r.code} {r.message}" for r in exc.recipients))
+            detail = "; ".join(f"{r.recipient} ({codes(r.code, r.message)})" for r in exc.recipients)
+            raise _classify(worst, f"all recipients refused: {detail}") from None
+        except aiosmtplib.SMTPResponseException as exc:
+            raise self._refused(exc, sender) from None
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            if self.server_words:
+                raise TransientDeliveryError(f"cannot talk to {self.server}: {type(exc).__name__}: {self._words(str(exc))}") from None
+            self._log_words("connection lost", f"{type(exc).__name__}: {exc}")
+            raise TransientDeliveryError(f"the connection to {self.server} was lost ({type(exc).__name__})") from None
+        return refused, reply
 
     # --- what reasons may say ------------------------------------------------------------------
 
