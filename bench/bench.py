@@ -99,6 +99,7 @@ class Stack:
         self.temporal = TemporalDevServer(free_port(), db_file=tmp / "temporal.db", log_level="error")
         self.workers = workers
         self.children: list[subprocess.Popen[bytes]] = []
+        self.names: dict[int, str] = {}  # pid -> what it is (api, worker, sink)
         from mailqueue.codec import new_payload_key
 
         self.payload_keys = new_payload_key()  # one for the API and every worker: payloads encrypted as in production
@@ -122,6 +123,7 @@ class Stack:
         log = (self.tmp / f"{name}.log").open("ab")
         env = self.env() | extra
         self.children.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+        self.names[self.children[-1].pid] = name.split("-")[0]
 
     def start(self) -> None:
         from devstack.net import wait_for_port
@@ -158,10 +160,13 @@ class Stack:
     def metrics_urls(self) -> list[str]:
         return [f"http://127.0.0.1:{self.api_port}/metrics", *(f"http://127.0.0.1:{p}/metrics" for p in self.worker_metrics_ports)]
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU so far of every process of the stack (Temporal, API, workers and their
-        render processes, the sink), read from /proc: the children and all their descendants."""
-        roots = {c.pid for c in self.children} | ({self.temporal.process.pid} if self.temporal.process else set())
+    def cpu_seconds(self) -> dict[str, float]:
+        """User + system CPU so far of every process of the stack, by what it is (temporal, api,
+        worker, sink), read from /proc: each child with all its descendants (a worker's render
+        processes count as the worker's)."""
+        roots = dict(self.names)
+        if self.temporal.process is not None:
+            roots[self.temporal.process.pid] = "temporal"
         stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, cpu seconds)
         tick = os.sysconf("SC_CLK_TCK")
         for entry in Path("/proc").iterdir():
@@ -171,12 +176,25 @@ class Stack:
                 except OSError:
                     continue
                 stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-        ours, grew = set(roots), True
+        owner = {pid: name for pid, name in roots.items() if pid in stats}
+        grew = True
         while grew:
-            more = {pid for pid, (parent, _) in stats.items() if parent in ours and pid not in ours}
-            ours |= more
+            more = {pid: owner[parent] for pid, (parent, _) in stats.items() if parent in owner and pid not in owner}
+            owner |= more
             grew = bool(more)
-        return sum(cpu for pid, (_, cpu) in stats.items() if pid in ours)
+        totals: Counter[str] = Counter()
+        for pid, name in owner.items():
+            totals[name] += stats[pid][1]
+        return dict(totals)
+
+
+def api_client(stack: Stack, clients: int) -> Any:
+    """The load's HTTP client: the admin key, a connection for each concurrent client."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients + 10, max_keepalive_connections=clients + 10)
+    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{stack.api_port}", headers={"Authorization": f"Bearer {KEY}"},
+                             timeout=60, limits=limits)
 
 
 async def scrape(http: Any, stack: Stack, every: float, counts: Counter[str]) -> None:
@@ -193,7 +211,6 @@ async def scrape(http: Any, stack: Stack, every: float, counts: Counter[str]) ->
 
 async def ab(args: argparse.Namespace) -> dict[str, Any]:
     """B alone, the feature off and on in turn, each on a new stack: emails/s and CPU per email."""
-    import httpx
 
     runs: list[dict[str, Any]] = []
     for i in range(args.pairs * 2):
@@ -207,18 +224,17 @@ async def ab(args: argparse.Namespace) -> dict[str, Any]:
         try:
             print(f"run {i + 1}: {args.ab} {'on' if on else 'off'} ({tmp})", flush=True)
             stack.start()
-            limits = httpx.Limits(max_connections=args.clients + 10, max_keepalive_connections=args.clients + 10)
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{stack.api_port}", headers={"Authorization": f"Bearer {KEY}"},
-                                         timeout=60, limits=limits) as http:
+            async with api_client(stack, args.clients) as http:
                 await warm_up(stack, http)
                 scraper = asyncio.create_task(scrape(http, stack, 5.0, scrapes)) if telemetry else None
                 cpu0 = stack.cpu_seconds()
                 result = await throughput(stack, http, args.emails, args.clients)
-                cpu = stack.cpu_seconds() - cpu0
+                by_process = {name: round(seconds - cpu0.get(name, 0.0), 1) for name, seconds in stack.cpu_seconds().items()}
+                cpu = sum(by_process.values())
                 if scraper is not None:
                     scraper.cancel()
             result.update(
-                feature=args.ab, on=on, telemetry=telemetry, cpu_seconds=round(cpu, 1), cpu_ms_per_email=round(cpu * 1000 / max(result["delivered"], 1), 1),
+                feature=args.ab, on=on, telemetry=telemetry, cpu_seconds=round(cpu, 1), cpu_by_process=by_process, cpu_ms_per_email=round(cpu * 1000 / max(result["delivered"], 1), 1),
                 spans=stack.receiver.count if stack.receiver is not None else 0, scrapes=dict(scrapes),
             )
             print("   " + ab_line(result), flush=True)
@@ -232,7 +248,7 @@ async def ab(args: argparse.Namespace) -> dict[str, Any]:
 def ab_line(r: dict[str, Any]) -> str:
     return (
         f"{r['feature']} {'on ' if r['on'] else 'off'}: {r['emails_per_s']} emails/s, {r['cpu_ms_per_email']} ms CPU per email "
-        f"({r['cpu_seconds']} s), delivered {r['delivered']}, missing {r['missing']}, errors {r['errors'] or 0}"
+        f"({r['cpu_seconds']} s: {', '.join(f'{k} {v}' for k, v in sorted(r['cpu_by_process'].items()))}), delivered {r['delivered']}, missing {r['missing']}, errors {r['errors'] or 0}"
         + (f"; {r['spans']} spans exported, scrapes {r['scrapes']}" if r["telemetry"] else "")
     )
 
@@ -444,7 +460,6 @@ def prepare_database(url: str | None, tmp: Path) -> tuple[str, Any]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    import httpx
 
     tmp = Path(tempfile.mkdtemp(prefix="mailqueue-bench-"))
     url, drop = prepare_database(args.database_url, tmp)
@@ -458,9 +473,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         print(f"starting the stack in {tmp}", flush=True)
         stack.start()
-        limits = httpx.Limits(max_connections=args.clients + 10, max_keepalive_connections=args.clients + 10)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{stack.api_port}", headers={"Authorization": f"Bearer {KEY}"},
-                                     timeout=60, limits=limits) as http:
+        async with api_client(stack, args.clients) as http:
             await warm_up(stack, http)
             if args.template:
                 await use_template(http, args.template, args.template_items)
