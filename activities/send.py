@@ -15,6 +15,7 @@ from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from mailqueue.config import Settings
 from mailqueue.contracts import (
+    EMAIL_CLOSED,
     NOT_SENT_ASK_AGAIN,
     PERMANENT_DELIVERY_ERROR,
     SEND_QUEUE_CHANGED,
@@ -33,7 +34,7 @@ from mailqueue.crypto import SecretKeyError
 from mailqueue.db import STORE_ERRORS
 from mailqueue.drivers.base import Driver
 from mailqueue.drivers.factory import DriverFactory
-from mailqueue.email_store import PriorDelivery, apply_audit
+from mailqueue.email_store import PriorDelivery, RecordClosed, apply_audit
 from mailqueue.errors import PermanentDeliveryError, ServerUnreachable, TemplateError, TransientDeliveryError
 from mailqueue.message import build_message, envelope, redirect
 from mailqueue.metrics import SendOutcome, WorkerMetrics
@@ -284,7 +285,10 @@ class SendActivities:
         the database away or slow the send goes ahead (the duplicate guard needs the database)."""
         try:
             async with asyncio.timeout(CLAIM_SECONDS), self._sessions() as session:
-                return await apply_audit(session, entry, unless_sent=True)
+                return await apply_audit(session, entry, unless_final=True)
+        except RecordClosed as exc:  # its run has ended: Temporal drops this attempt's answer; send nothing
+            log.warning("%s", exc)
+            raise ApplicationError(str(exc), type=EMAIL_CLOSED, non_retryable=True) from None
         except Exception as exc:  # noqa: BLE001 - logged; delivery must not wait for the audit
             log.warning("could not record sending for email %s: %s: %s", entry.email_id, type(exc).__name__, exc)
             return None

@@ -296,6 +296,9 @@ SEND_QUEUE_CHANGED = "SendQueueChanged"
 # A local activity's database step failed (the database is away): retried without limit.
 DATABASE_ERROR = "DatabaseError"
 EMAIL_FAILED = "EmailDeliveryFailed"
+# A send attempt that outlived its workflow run (a starved worker) found the record final
+# (failed or cancelled): it sends nothing. Its run has ended, so no workflow ever sees this.
+EMAIL_CLOSED = "EmailAlreadyClosed"
 
 # Names shared by the workflow and its callers (the API starts and updates by name).
 SEND_EMAIL_WORKFLOW = "SendEmailWorkflow"

@@ -13,6 +13,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from mailqueue.contracts import (
+    FINAL,
     AuditEntry,
     Content,
     EmailSpec,
@@ -22,6 +23,7 @@ from mailqueue.contracts import (
     SenderType,
     TemplatePin,
     TemplateRef,
+    status_values,
     workflow_id_for,
 )
 from mailqueue.message import bare_address
@@ -128,6 +130,16 @@ def queued_event(email_id: str, detail: str) -> EmailEvent:
 _AUDITED_FIELDS = ("scheduled_for", "sent_at", "provider", "provider_message_id", "last_error")
 
 
+class RecordClosed(Exception):
+    """The record already says failed or cancelled: its workflow run has ended. An attempt still
+    running then (one that outlived its run on a starved worker) must not send, nor write `sending`
+    over the final status."""
+
+    def __init__(self, email_id: str, status: str) -> None:
+        super().__init__(f"email {email_id} is already {status}: this attempt outlived its workflow run and does not send")
+        self.status = status
+
+
 @dataclass(frozen=True)
 class PriorDelivery:
     """What the record says of a delivery that already happened."""
@@ -138,15 +150,16 @@ class PriorDelivery:
     provider_message_id: str | None
 
 
-async def apply_audit(session: AsyncSession, entry: AuditEntry, *, unless_sent: bool = False) -> PriorDelivery | None:
+async def apply_audit(session: AsyncSession, entry: AuditEntry, *, unless_final: bool = False) -> PriorDelivery | None:
     """Record one audit step: update the record, add the event, in one transaction.
 
     Idempotent: the event id makes a repeated step a no-op. Plain SQL statements (two in the
     common case) because this runs for every step of every email.
 
-    `unless_sent` (the `sending` step): when the record already says `sent`, change nothing and
-    return what it says, so that a send retried after the mail went out does not go out again.
-    The check rides on the same UPDATE, so it costs nothing when the record is not sent."""
+    `unless_final` (the `sending` step): when the record already says `sent`, change nothing and
+    return what it says, so that a send retried after the mail went out does not go out again; when
+    it says failed or cancelled, change nothing and raise RecordClosed. The check rides on the same
+    UPDATE, so it costs nothing when the record is not final."""
     values: dict[str, object] = {"updated_at": utcnow(), "next_attempt_at": entry.next_attempt_at}
     if entry.status is not None:
         values["status"] = entry.status.value
@@ -161,10 +174,10 @@ async def apply_audit(session: AsyncSession, entry: AuditEntry, *, unless_sent: 
     emails, events = Email.__table__, EmailEvent.__table__  # type: ignore[attr-defined]
     conn = await session.connection()
     update = sa.update(emails).where(emails.c.id == entry.email_id)
-    if unless_sent:
-        update = update.where(emails.c.status != EmailStatus.SENT.value)
+    if unless_final:
+        update = update.where(emails.c.status.not_in(status_values(FINAL)))
     updated = await conn.execute(update.values(**values))
-    if updated.rowcount == 0 and unless_sent:  # type: ignore[attr-defined]
+    if updated.rowcount == 0 and unless_final:  # type: ignore[attr-defined]
         row = (
             await conn.execute(
                 sa.select(emails.c.status, emails.c.attempts, emails.c.sent_at, emails.c.provider, emails.c.provider_message_id)
@@ -174,6 +187,9 @@ async def apply_audit(session: AsyncSession, entry: AuditEntry, *, unless_sent: 
         if row is not None and row.status == EmailStatus.SENT.value:
             await session.rollback()
             return PriorDelivery(row.attempts, row.sent_at, row.provider, row.provider_message_id)
+        if row is not None and EmailStatus(row.status).is_final:
+            await session.rollback()
+            raise RecordClosed(entry.email_id, row.status)
     if updated.rowcount == 0:  # type: ignore[attr-defined]
         if entry.spec is None:
             raise LookupError(f"email {entry.email_id} has no record")

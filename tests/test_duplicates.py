@@ -13,13 +13,15 @@ import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
 import sqlalchemy as sa
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from mailqueue.template_library import Renderer
 from activities.send import SendActivities
 from mailqueue.config import Settings
-from mailqueue.contracts import SendRequest, SendResult
+from mailqueue.contracts import EMAIL_CLOSED, SendRequest, SendResult
 from mailqueue.drivers.factory import DriverFactory, driver_from_settings
 from mailqueue.models import Email
 from mailqueue.email_store import events_of, insert_email, record_from_spec
@@ -88,4 +90,28 @@ async def test_outcome_unknown_sends_again_with_the_same_message_id(settings: Se
     async with sessions() as s:
         email = await s.get(Email, req.spec.email_id)
         assert email is not None and (email.status, email.attempts) == ("sent", 2)
+    await acts._drivers.aclose()
+
+
+async def test_an_attempt_that_outlived_its_run_neither_sends_nor_reopens_the_record(
+    settings: Settings, sessions, sink: SmtpSink
+) -> None:
+    """On a starved worker an attempt can still be running when Temporal has timed it out for the
+    last time and the workflow has recorded `failed` (seen under load in the fault suite: the record
+    went back to `sending`). Such an attempt finds the record final and stops."""
+    acts = send_activities(settings, sessions)
+    for final in ("failed", "cancelled"):
+        req = SendRequest(make_spec())
+        await queued(sessions, req)
+        async with sessions() as s:
+            await (await s.connection()).execute(sa.update(Email).where(Email.id == req.spec.email_id).values(status=final))
+            await s.commit()
+        with pytest.raises(ApplicationError) as refused:
+            await attempt(acts, req, 3)
+        assert refused.value.type == EMAIL_CLOSED and refused.value.non_retryable
+        async with sessions() as s:
+            email = await s.get(Email, req.spec.email_id)
+            assert email is not None and email.status == final
+            assert [e.event for e in await events_of(s, req.spec.email_id)] == ["queued"]
+    assert sink.messages == []
     await acts._drivers.aclose()
