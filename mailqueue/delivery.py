@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
@@ -13,7 +13,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from mailqueue import search
 from mailqueue.config import Settings
-from mailqueue.contracts import SEND_EMAIL_WORKFLOW, EmailSpec, EmailStatus, RetrySettings, SenderType, priority_key, workflow_id_for
+from mailqueue.contracts import SEND_EMAIL_WORKFLOW, EmailSpec, RetrySettings, SenderType, priority_key, workflow_id_for
 from mailqueue.drivers.base import DriverName
 from mailqueue.email_store import spec_from_record
 from mailqueue.models import Email
@@ -65,7 +65,6 @@ async def start_delivery(
 ) -> None:
     """Start the email's workflow. `searchable`: with its search attributes, which the workflow then
     keeps up to date (MAILQUEUE_SEARCH_ATTRIBUTES), and in any case with its summary for the UI."""
-    status = EmailStatus.SCHEDULED if spec.send_at is not None and spec.send_at > datetime.now(UTC) else EmailStatus.QUEUED
     try:
         await temporal.start_workflow(
             SEND_EMAIL_WORKFLOW,
@@ -76,7 +75,7 @@ async def start_delivery(
             rpc_timeout=RPC_TIMEOUT,
             # Ordered by the server: with a backlog, high before normal before low. Activities inherit it.
             priority=Priority(priority_key=priority_key(spec.priority)),
-            search_attributes=search.initial(spec, status) if searchable else None,
+            search_attributes=search.initial(spec) if searchable else None,
             static_summary=search.summary(spec),
             static_details=search.details(spec),
         )

@@ -55,10 +55,12 @@ def sender_value(spec: EmailSpec) -> str:
     return "system" if spec.sender_type is SenderType.SYSTEM else str(spec.sender_id)
 
 
-def initial(spec: EmailSpec, status: EmailStatus) -> TypedSearchAttributes:
-    """The attributes an email's workflow starts with; the workflow updates status and due time."""
+def initial(spec: EmailSpec) -> TypedSearchAttributes:
+    """The attributes an email's workflow starts with (`scheduled` when it is due later, else
+    `queued`); the workflow updates status and due time."""
+    later = spec.send_at is not None and spec.send_at > datetime.now(UTC)
     pairs: list[SearchAttributePair] = [
-        SearchAttributePair(STATUS, status.value),
+        SearchAttributePair(STATUS, (EmailStatus.SCHEDULED if later else EmailStatus.QUEUED).value),
         SearchAttributePair(SENDER, sender_value(spec)),
         SearchAttributePair(PRIORITY, priority_key(spec.priority)),
     ]

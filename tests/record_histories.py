@@ -52,10 +52,9 @@ Scenario = Callable[[Client, str, SmtpSink], Awaitable[WorkflowHandle]]
 
 async def _start(client: Client, spec: EmailSpec, tq: str, **kw) -> WorkflowHandle:  # type: ignore[no-untyped-def]
     """Started as mailqueue.delivery.start_delivery starts emails: with search attributes and a summary."""
-    status = EmailStatus.SCHEDULED if spec.send_at is not None else EmailStatus.QUEUED
     return await client.start_workflow(
         SendEmailWorkflow.run, spec, id=workflow_id_for(spec.email_id), task_queue=tq,
-        search_attributes=search.initial(spec, status), static_summary=search.summary(spec), static_details=search.details(spec),
+        search_attributes=search.initial(spec), static_summary=search.summary(spec), static_details=search.details(spec),
         **kw,
     )
 
