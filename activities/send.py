@@ -35,10 +35,22 @@ from mailqueue.db import STORE_ERRORS
 from mailqueue.drivers.base import Driver
 from mailqueue.drivers.factory import DriverFactory
 from mailqueue.email_store import PriorDelivery, RecordClosed, apply_audit
-from mailqueue.errors import PermanentDeliveryError, ServerUnreachable, TemplateError, TransientDeliveryError
+from mailqueue.errors import (
+    PermanentDeliveryError,
+    ServerUnreachable,
+    TemplateError,
+    TransientDeliveryError,
+)
 from mailqueue.message import build_message, envelope, redirect
 from mailqueue.metrics import SendOutcome, WorkerMetrics
-from mailqueue.senders import resolve_sender
+from mailqueue.senders import resolve_sender, sender_key
+from mailqueue.suppressions import (
+    dropped_detail,
+    has_recipients,
+    recipients_of,
+    suppressed_among,
+    without_suppressed,
+)
 from mailqueue.template_library import Renderer
 from mailqueue.tracing import span
 
@@ -115,7 +127,7 @@ class SendActivities:
         spec = req.spec
         content = await self._content(req)  # before `sending`: a template that cannot render was never sent
         driver = await self._driver_for(spec)
-        prior = await self._claim(
+        prior, found = await self._claim(
             AuditEntry(
                 email_id=spec.email_id,
                 event_id=_event_id(info, EventType.SENDING),
@@ -141,6 +153,13 @@ class SendActivities:
                 attempt=prior.attempt,
                 accepted_at=prior.sent_at or datetime.now(UTC),
                 recorded=True,
+            )
+        # After the claim, so that a mail an earlier attempt sent is never re-recorded as suppressed.
+        spec = await self._without_suppressed(spec, info, found)
+        if not has_recipients(spec):  # all suppressed since the email was accepted: recorded, nothing sent
+            return SendResult(
+                provider=driver.name, provider_message_id="", attempt=attempt, accepted_at=datetime.now(UTC),
+                recorded=True, suppressed=True,
             )
         message = build_message(spec, content)
         sender, recipients = envelope(spec)
@@ -236,6 +255,33 @@ class SendActivities:
             )
         return driver
 
+    async def _without_suppressed(self, spec: EmailSpec, info: activity.Info, found: dict[str, str] | None) -> EmailSpec:
+        """The spec without the recipients its sender suppressed since the email was accepted (one
+        indexed query), and a `suppressed` event if there were any. With none left, the record
+        ends `suppressed`; if that cannot be written, nothing is sent and the workflow asks again."""
+        if found is None:  # the claim could not look (the database slow or away): once more, on its own
+            try:
+                async with self._sessions() as session:
+                    found = await suppressed_among(session, sender_key(spec.sender_type, spec.sender_id), recipients_of(spec))
+            except STORE_ERRORS as exc:
+                raise _store_unavailable(spec, "suppression list", exc) from None
+        if not found:
+            return spec
+        kept, dropped = without_suppressed(spec, found)
+        none_left = not has_recipients(kept)
+        recorded = await self._audit(AuditEntry(
+            email_id=spec.email_id,
+            event_id=_event_id(info, EventType.SUPPRESSED),
+            event=EventType.SUPPRESSED,
+            at=datetime.now(UTC),
+            status=EmailStatus.SUPPRESSED if none_left else None,
+            detail=dropped_detail(dropped) + ("; nothing sent" if none_left else " since the email was accepted"),
+            spec=spec,
+        ))
+        if none_left and not recorded:
+            raise _ask_again(spec, "not sent: every recipient is suppressed, and the record could not say so yet")
+        return kept
+
     async def _content(self, req: SendRequest) -> Content:
         """The mail to send: given by the workflow (emails queued before the send rendered), raw, or rendered now."""
         spec = req.spec
@@ -280,18 +326,25 @@ class SendActivities:
             spec=req.spec,
         )
 
-    async def _claim(self, entry: AuditEntry) -> PriorDelivery | None:
+    async def _claim(self, entry: AuditEntry) -> tuple[PriorDelivery | None, dict[str, str] | None]:
         """Record `sending`, or learn that the mail already went. Best effort like `_audit`: with
         the database away or slow the send goes ahead (the duplicate guard needs the database)."""
         try:
             async with asyncio.timeout(CLAIM_SECONDS), self._sessions() as session:
-                return await apply_audit(session, entry, unless_final=True)
+                prior = await apply_audit(session, entry, unless_final=True)
+                if prior is not None:
+                    return prior, None
+                # The suppression list, on the same connection: a second checkout per send, with 200
+                # sends in flight on a pool of 20, made attempts run out of time before sending.
+                spec = entry.spec
+                assert spec is not None
+                return None, await suppressed_among(session, sender_key(spec.sender_type, spec.sender_id), recipients_of(spec))
         except RecordClosed as exc:  # its run has ended: Temporal drops this attempt's answer; send nothing
             log.warning("%s", exc)
             raise ApplicationError(str(exc), type=EMAIL_CLOSED, non_retryable=True) from None
         except Exception as exc:  # noqa: BLE001 - logged; delivery must not wait for the audit
             log.warning("could not record sending for email %s: %s: %s", entry.email_id, type(exc).__name__, exc)
-            return None
+            return None, None
 
     async def _audit(self, entry: AuditEntry, within: float | None = None) -> bool:
         """Best effort: a database outage must not stop or repeat a send; the workflow

@@ -20,20 +20,43 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import rate_limit_headers, require_browser_admin
 from api.metrics import ApiMetrics, HttpMetrics
-from api.routes import codec, domains, emails, health, metrics, settings as mail_settings, stats, templates, users
-from api.services.errors import Conflict, Invalid, LimitReached, NotFound, ServiceError, invalid
+from api.routes import (
+    codec,
+    domains,
+    emails,
+    health,
+    metrics,
+    stats,
+    suppressions,
+    templates,
+    unsubscribe,
+    users,
+)
+from api.routes import events as email_events
+from api.routes import settings as mail_settings
+from api.services.errors import (
+    Conflict,
+    Invalid,
+    LimitReached,
+    NotFound,
+    ServiceError,
+    invalid,
+)
 from mailqueue.accounts import weak_bootstrap_key
 from mailqueue.config import Settings, get_settings
 from mailqueue.crypto import SecretBox
 from mailqueue.db import create_engine, sessionmaker
 from mailqueue.delivery import TemporalUnavailable
 from mailqueue.domains import system_domains
+from mailqueue.events import FeedSignal
 from mailqueue.logs import configure_logging
 from mailqueue.ratelimit import RateLimiter
-from mailqueue.temporal import connect
 from mailqueue.render_pool import RenderPool
+from mailqueue.suppressions import UnsubscribeTokens
 from mailqueue.templating import TemplateEngine
-from mailqueue.tracing import configure_tracing, flush as flush_traces, instrument_app
+from mailqueue.temporal import connect
+from mailqueue.tracing import configure_tracing, instrument_app
+from mailqueue.tracing import flush as flush_traces
 
 log = logging.getLogger("mailqueue.api")
 
@@ -237,7 +260,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await pool.start()  # renders run in child processes bounded in CPU, time and memory, off this event loop
         app.state.templates = TemplateEngine(settings.default_locale, pool=pool)
         app.state.secrets = SecretBox.from_settings(settings)  # encrypts sender secrets; only workers decrypt
+        if settings.public_url:  # unsubscribe links are made: a bad key must stop the start, not the first email
+            try:
+                UnsubscribeTokens.from_settings(settings)
+            except ValueError as exc:
+                log.error("MAILQUEUE_UNSUBSCRIBE_KEYS: %s", exc)
+                raise
         app.state.rate_limiter = RateLimiter.for_settings(settings, engine)
+        # Wakes this process's event streams: LISTEN on PostgreSQL, a short poll on SQLite.
+        app.state.event_signal = FeedSignal(settings.database_url, engine, settings.events_poll_seconds, retry_seconds=1.0)
+        await app.state.event_signal.start()
         # Lazy: the API starts (and /readyz reports) even while Temporal is still coming up.
         app.state.temporal = await connect(settings, lazy=True)
         if settings.bootstrap_api_key is None:
@@ -246,6 +278,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("MAILQUEUE_REQUIRE_VERIFIED_FROM is off: users may send from domains they have not verified (development only)")
         yield
         flush_traces()
+        await app.state.event_signal.stop()
         await pool.close()
         await app.state.rate_limiter.aclose()
         await engine.dispose()
@@ -265,10 +298,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     instrument_app(app)  # when OTEL_* asks for traces: a server span per request, outside every middleware
     app.include_router(health.router)
     app.include_router(emails.router)
+    app.include_router(email_events.router)
     app.include_router(templates.router)
     app.include_router(users.router)
     app.include_router(mail_settings.router)
     app.include_router(domains.router)
+    app.include_router(suppressions.router)
+    app.include_router(unsubscribe.router)  # /u/{token}: no API key, the signed token is the credential
     app.include_router(stats.router)
     app.include_router(metrics.router)
     app.include_router(codec.router)

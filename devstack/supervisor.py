@@ -213,6 +213,11 @@ def dev_settings(args: argparse.Namespace, configured: Settings) -> Settings:
         # Temporal payloads: MAILQUEUE_PAYLOAD_KEYS if set, else a key generated once into the data folder
         # and shared by the API and the worker, as the secret key is.
         update["payload_key_file"] = data / "payload.key"
+    if "unsubscribe_key_file" not in given:
+        # Unsubscribe tokens: MAILQUEUE_UNSUBSCRIBE_KEYS if set, else a key generated once into the data folder.
+        update["unsubscribe_key_file"] = data / "unsubscribe.key"
+    if "public_url" not in given:
+        update["public_url"] = f"http://{client_host}:{args.api_port}"  # where List-Unsubscribe links point
     if "codec_cors_origins" not in given:
         update["codec_cors_origins"] = sorted({f"http://{client_host}:{args.ui_port}", f"http://localhost:{args.ui_port}"})
     if "require_verified_from" not in given:

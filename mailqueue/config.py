@@ -185,7 +185,23 @@ class Settings(BaseSettings):
     temporal_tls_server_name: str | None = None
     temporal_api_key: SecretStr | None = None
 
+    # Suppressions and one-click unsubscribe (issue 14; README "Suppressions and unsubscribe").
+    # The API's public base URL: List-Unsubscribe links point at <public_url>/u/<token>. Unset: emails
+    # asking for an unsubscribe link are refused (422), since no link could reach this API.
+    public_url: str | None = Field(default=None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+    # Fernet keys (HMAC-signed, encrypted) for unsubscribe tokens, comma-separated, newest first (the
+    # first makes tokens, all are accepted). Unset: a key generated once into unsubscribe_key_file.
+    unsubscribe_keys: SecretStr | None = None
+    unsubscribe_key_file: Path = DATA_DIR / "unsubscribe.key"
+
     log_level: str = "INFO"
+
+    # The event feed's live streams (issue 14; README "Events: the feed and live streams").
+    # A comment line this often keeps proxies from closing an idle stream (many cut at 30-60 s).
+    events_heartbeat_seconds: float = Field(default=15.0, gt=0)
+    # SQLite has no notifications: each API process polls the feed this often. Also how soon a
+    # PostgreSQL stream reads again when events wait for an older transaction to end.
+    events_poll_seconds: float = Field(default=0.5, gt=0)
 
     # Metrics (issue 13; README "Metrics"). The API serves /metrics on its own port. A worker serves
     # its own and the Temporal SDK's at http://<host>:<port>/metrics when the port is set (0: off).

@@ -48,6 +48,7 @@ class EmailStatus(StrEnum):
     SENT = "sent"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    SUPPRESSED = "suppressed"  # every recipient is on the sender's suppression list: nothing was sent
 
     @property
     def is_final(self) -> bool:
@@ -67,7 +68,7 @@ IN_FLIGHT = frozenset({EmailStatus.QUEUED, EmailStatus.SENDING, EmailStatus.RETR
 # Not handed to the send step yet: cancel still stops them.
 CANCELLABLE = frozenset({EmailStatus.QUEUED, EmailStatus.SCHEDULED, EmailStatus.DEFERRED})
 # Ended: nothing changes them but a retry (failed ones only).
-FINAL = frozenset({EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED})
+FINAL = frozenset({EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED, EmailStatus.SUPPRESSED})
 
 
 def status_values(group: frozenset[EmailStatus]) -> list[str]:
@@ -108,6 +109,7 @@ class EventType(StrEnum):
     CANCELLED = "cancelled"
     CANCEL_REJECTED = "cancel_rejected"
     RECONCILED = "reconciled"  # set right from Temporal's state by the reconciler
+    SUPPRESSED = "suppressed"  # recipients dropped: on the sender's suppression list (mailqueue/suppressions.py)
 
 
 @dataclass
@@ -271,6 +273,9 @@ class SendResult:
     refused_recipients: dict[str, str] = field(default_factory=dict)
     # True when the activity already recorded `sent` (right after the server accepted).
     recorded: bool = False
+    # True when nothing was sent because every recipient was suppressed by the time of sending;
+    # the activity has recorded the email `suppressed` (then `recorded` is True as well).
+    suppressed: bool = False
 
     def describe(self) -> str:
         refused = "; ".join(f"{addr}: {why}" for addr, why in self.refused_recipients.items())

@@ -128,6 +128,29 @@ class EmailEvent(SQLModel, table=True):
     created_at: datetime = _ts(default_factory=utcnow)
 
 
+class EmailEventFeed(SQLModel, table=True):
+    """The event feed's order: one row per email_events row, written by a database trigger
+    (migration 0007), so no writer (ORM or plain SQL) can add an event the feed misses.
+
+    The feed's order is (xid, seq): `seq` is taken at insert, `xid` is the inserting transaction
+    (PostgreSQL; always 0 on SQLite, whose single writer commits in seq order). Readers hand out
+    only rows whose transaction is older than every running one (mailqueue/events.py)."""
+
+    __tablename__ = "email_event_feed"
+    __table_args__ = (
+        sa.Index("ix_email_event_feed_order", "xid", "seq"),
+        sa.Index("ix_email_event_feed_email", "email_id", "xid", "seq"),
+        {"sqlite_autoincrement": True},  # a deleted last row's seq is never reused: a cursor stays behind it
+    )
+
+    seq: int | None = Field(default=None, sa_column=sa.Column(
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True,
+    ))
+    xid: int = Field(default=0, sa_type=sa.BigInteger)
+    event_id: str = Field(foreign_key="email_events.id", ondelete="CASCADE", max_length=36, unique=True)
+    email_id: str = Field(max_length=36)
+
+
 class EmailTemplate(SQLModel, table=True):
     """A named template; every change adds a version and emails pin the one they used."""
 
@@ -264,3 +287,32 @@ class RateLimitCounter(SQLModel, table=True):
     minute: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})  # minutes since the epoch
     subject: str = Field(primary_key=True, max_length=64)  # a hash of the key, never the key
     count: int = 0
+
+
+class SuppressionReason(StrEnum):
+    HARD_BOUNCE = "hard_bounce"  # the address does not exist (a 5xx bounce)
+    COMPLAINT = "complaint"  # the recipient marked a mail as spam
+    UNSUBSCRIBE = "unsubscribe"  # the recipient followed a List-Unsubscribe link
+    MANUAL = "manual"  # added by hand (POST /v1/suppressions)
+
+
+class Suppression(SQLModel, table=True):
+    """An address one sender does not mail any more, and why (mailqueue/suppressions.py).
+
+    Matched on `match_key` (the local part as written, the domain in lower-case ASCII), so
+    Ann@Example.ORG and Ann@example.org are one entry; `address` keeps the spelling it came with."""
+
+    __tablename__ = "suppressions"
+    __table_args__ = (
+        # Also the index of the send step's lookup: one sender, a few addresses.
+        sa.UniqueConstraint("sender", "match_key", name="uq_suppressions_sender_match_key"),
+        sa.Index("ix_suppressions_sender_created", "sender", "created_at"),
+    )
+
+    id: str = Field(primary_key=True, max_length=36)
+    sender: str = Field(max_length=80)  # "system:" or "user:<id>" (mailqueue.senders.sender_key)
+    address: str = Field(max_length=320)
+    match_key: str = Field(max_length=320)
+    reason: str = Field(max_length=16)
+    source: str = Field(max_length=32)  # api, unsubscribe link (later ses, smtp-dsn, ...)
+    created_at: datetime = _ts(default_factory=utcnow)

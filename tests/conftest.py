@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import psycopg
 import pytest
 from temporalio.client import Client
@@ -25,7 +24,15 @@ from mailqueue.config import Settings
 from mailqueue.db import create_engine, migrate, sessionmaker
 from mailqueue.temporal import connect
 from tests.dns_stub import DnsStub
-from tests.helpers import AUTH, KEY, PROCESS_STARTS, TEST_PAYLOAD_KEY, ApiProcess, SmtpSink, Stack, eventually, fast_settings
+from tests.helpers import (
+    PROCESS_STARTS,
+    TEST_PAYLOAD_KEY,
+    SmtpSink,
+    Stack,
+    eventually,
+    fast_settings,
+    running_stack,
+)
 from worker import build_worker
 
 PG_ADMIN = os.environ.get("MAILQUEUE_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -151,12 +158,5 @@ async def stack(
     dns_stub: DnsStub,
 ) -> AsyncIterator[Stack]:
     tmp = tmp_path_factory.mktemp("api")
-    with SmtpSink() as sink:
-        settings = fast_settings(
-            database_url, temporal_server.address, sink.port, f"api-{uuid.uuid4()}", bootstrap_api_key=KEY,
-            dns_servers=[dns_stub.server],
-        )
-        async with build_worker(client, settings):
-            async with ApiProcess(settings, tmp / "api.log") as api:
-                async with httpx.AsyncClient(base_url=api.url, headers=AUTH, timeout=30) as http:
-                    yield Stack(http, sink, settings, tmp)
+    async with running_stack(client, database_url, temporal_server.address, dns_stub.server, tmp, "api") as stack:
+        yield stack

@@ -28,12 +28,13 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
 from devstack.catcher import CatchingHandler, CaughtMessage
 from devstack.net import free_port
 from devstack.supervisor import api_command
+from mailqueue.accounts import new_id
 from mailqueue.config import Settings, settings_env
 from mailqueue.contracts import Content, EmailSpec, RetrySettings, workflow_id_for
-from mailqueue.accounts import new_id
-from mailqueue.ids import message_id_for, new_email_id
 from mailqueue.domains import new_token
+from mailqueue.ids import message_id_for, new_email_id
 from mailqueue.models import DomainStatus, SenderDomain, SenderSettings, User, utcnow
+from worker import build_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -323,6 +324,8 @@ class Checked:
 TEST_SECRET_KEY = "bWFpbHF1ZXVlLXRlc3Qtc2VjcmV0LWtleS0wMDAwMDA="
 # A fixed key for Temporal payloads in test stacks and recorded histories (mailqueue/codec.py; never used outside tests).
 TEST_PAYLOAD_KEY = "bWFpbHF1ZXVlLXRlc3QtcGF5bG9hZC1rZXktMDAwMDA="
+# A fixed key for unsubscribe tokens in test stacks (mailqueue/suppressions.py; never used outside tests).
+TEST_UNSUBSCRIBE_KEY = "bWFpbHF1ZXVlLXRlc3QtdW5zdWJzY3JpYmUta2V5LTA="
 
 
 def fast_settings(database_url: str, temporal_address: str, smtp_port: int, task_queue: str, **overrides: Any) -> Settings:
@@ -340,6 +343,7 @@ def fast_settings(database_url: str, temporal_address: str, smtp_port: int, task
         "bootstrap_api_key": KEY,
         "secret_key": TEST_SECRET_KEY,
         "payload_keys": TEST_PAYLOAD_KEY,
+        "unsubscribe_keys": TEST_UNSUBSCRIBE_KEY,
         "templates_dir": ROOT / "templates",
         "reconcile_interval_seconds": 0,  # the tests share one database: a reconciler would touch other tests' records
         # User SMTP servers and fake providers in tests listen on localhost's free ports: allowed
@@ -415,6 +419,25 @@ class Stack:
     sink: SmtpSink
     settings: Settings
     tmp: Path
+
+
+@asynccontextmanager
+async def running_stack(
+    client: Client, database_url: str, temporal_address: str, dns_server: str, tmp: Path, name: str, **overrides: Any,
+) -> AsyncIterator[Stack]:
+    """An in-process worker and an API process on their own task queue, with their own SMTP sink and the admin
+    key: the stack the API tests share (settings beyond fast_settings' come as overrides)."""
+    with SmtpSink() as sink:
+        settings = fast_settings(
+            database_url, temporal_address, sink.port, f"{name}-{uuid.uuid4()}", bootstrap_api_key=KEY,
+            dns_servers=[dns_server], **overrides,
+        )
+        async with (
+            build_worker(client, settings),
+            ApiProcess(settings, tmp / "api.log") as api,
+            httpx.AsyncClient(base_url=api.url, headers=AUTH, timeout=30) as http,
+        ):
+            yield Stack(http, sink, settings, tmp)
 
 
 def email(**overrides: Any) -> dict[str, Any]:

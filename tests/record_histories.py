@@ -23,7 +23,7 @@ from temporalio.common import WorkflowIDReusePolicy
 
 from devstack.devserver import TemporalDevServer
 from devstack.net import free_port
-from mailqueue import search
+from mailqueue import search, suppressions
 from mailqueue.config import Settings
 from mailqueue.contracts import (
     CancelRequest,
@@ -37,12 +37,21 @@ from mailqueue.contracts import (
     workflow_id_for,
 )
 from mailqueue.db import create_engine, migrate, sessionmaker
-from mailqueue.models import EmailTemplate
+from mailqueue.models import EmailTemplate, SuppressionReason
+from mailqueue.senders import sender_key
 from mailqueue.template_library import Renderer
 from mailqueue.template_store import save_template_version
 from mailqueue.templating import TemplateEngine
 from mailqueue.temporal import connect
-from tests.helpers import EMAIL_SETTLES, TEST_PAYLOAD_KEY, UNREACHABLE_DATABASE, SmtpSink, eventually, make_sender, make_spec
+from tests.helpers import (
+    EMAIL_SETTLES,
+    TEST_PAYLOAD_KEY,
+    UNREACHABLE_DATABASE,
+    SmtpSink,
+    eventually,
+    make_sender,
+    make_spec,
+)
 from worker import build_worker
 from workflows.reconcile import ReconcileEmailsWorkflow
 from workflows.send_email import SendEmailWorkflow
@@ -219,6 +228,19 @@ def sender_changed_drivers(sessions, settings: Settings) -> Scenario:  # type: i
     return run
 
 
+def suppressed_at_send(sessions) -> Scenario:  # type: ignore[no-untyped-def]
+    """The recipient is on the system's suppression list by the time of sending: nothing is sent,
+    the email ends suppressed."""
+
+    async def run(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+        spec = make_spec(to=[f"gone-{uuid.uuid4().hex[:6]}@example.com"])
+        async with sessions() as s:
+            await suppressions.add(s, sender_key(SenderType.SYSTEM, None), spec.to[0], SuppressionReason.HARD_BOUNCE, "recorded")
+        return await _settle(await _start(client, spec, tq))
+
+    return run
+
+
 async def server_unreachable_then_sent(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
     """The SMTP server refuses connections for a while: the workflow waits (no attempt used), then sends."""
     sink.down()
@@ -276,6 +298,7 @@ async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
         "server_unreachable_then_sent": server_unreachable_then_sent,
         "server_unreachable_gave_up": server_unreachable_gave_up,
         "sender_changed_drivers": sender_changed_drivers(sessions, settings),
+        "suppressed_at_send": suppressed_at_send(sessions),
         "reconcile": reconcile,  # record with --prefix rN: a shape of ReconcileEmailsWorkflow
     }
     if only:

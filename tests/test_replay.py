@@ -34,7 +34,7 @@ SHAPES = {
     "sent", "scheduled_then_sent", "cancelled_while_scheduled", "cancelled_from_temporal", "rescheduled_then_sent",
     "transient_then_sent", "permanent_failure", "retried_after_failure", "cancel_rejected_while_sending", "templated",
     "templated_with_layout", "template_store_outage", "deferred_by_quota", "server_unreachable_then_sent",
-    "server_unreachable_gave_up", "sender_changed_drivers",
+    "server_unreachable_gave_up", "sender_changed_drivers", "suppressed_at_send",
     "reconcile",  # ReconcileEmailsWorkflow
 }
 
@@ -45,12 +45,11 @@ def test_every_workflow_shape_has_a_recorded_history() -> None:
 
 
 def test_every_email_shape_was_recorded_keeping_its_search_attributes_up_to_date() -> None:
-    """enc2 (patch search-attributes): each email's run upserts its status as it changes."""
-    upserting = {
-        p.stem.split("_", 1)[1] for p in HISTORIES
-        if p.stem.startswith("enc2_") and "upsertWorkflowSearchAttributesEventAttributes" in p.read_text()
-    }
-    assert upserting == SHAPES - {"reconcile"}
+    """enc2 (patch search-attributes): each email's run upserts its status as it changes; so do the
+    shapes recorded since (enc3: send-honours-suppressions)."""
+    since = [p for p in HISTORIES if p.stem.split("_", 1)[0] in ("enc2", "enc3")]
+    assert all("upsertWorkflowSearchAttributesEventAttributes" in p.read_text() for p in since)
+    assert {p.stem.split("_", 1)[1] for p in since} == SHAPES - {"reconcile"}
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])

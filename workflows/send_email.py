@@ -8,13 +8,15 @@ from typing import Any, NoReturn
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeUpdate
-from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError as TemporalTimeoutError
+from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import TimeoutError as TemporalTimeoutError
 
 with workflow.unsafe.imports_passed_through():
     from activities.audit import AuditActivities
     from activities.quota import QuotaActivities
     from activities.render import RenderActivities
     from activities.send import SendActivities
+    from mailqueue import search
     from mailqueue.contracts import (
         CANCEL_UPDATE,
         EMAIL_FAILED,
@@ -36,15 +38,13 @@ with workflow.unsafe.imports_passed_through():
         QuotaRequest,
         RenderRequest,
         RescheduleRequest,
+        SenderType,
         SendRequest,
         SendResult,
-        SenderType,
         cancel_refusal,
         reschedule_refusal,
         send_queue_name,
     )
-
-    from mailqueue import search
     from workflows.timer import UpdatableTimer
 
 # The steps that read or write the database (audit, quota; and, for emails from before
@@ -88,6 +88,10 @@ SEND_FOLLOWS_THE_SENDER = "send-follows-the-senders-queue"
 # Temporal UI. Only for runs started with them (MAILQUEUE_SEARCH_ATTRIBUTES): the patch is asked
 # at the first change of such a run.
 SEARCH_ATTRIBUTES = "search-attributes"
+# Every recipient was suppressed (a bounce, a complaint, an unsubscribe) after the email was
+# accepted: the send step sent nothing and recorded it; the email ends `suppressed`, not `sent`.
+# The patch is asked only when such an answer arrives.
+SUPPRESSED_AT_SEND = "send-honours-suppressions"
 
 
 @workflow.defn(name=SEND_EMAIL_WORKFLOW)
@@ -129,6 +133,9 @@ class SendEmailWorkflow:
             return await self._finish_cancelled()
         self._set_status(EmailStatus.SENDING)  # from here on, cancel is refused
         result = await self._send(content)
+        if result.suppressed and workflow.patched(SUPPRESSED_AT_SEND):
+            self._set_status(EmailStatus.SUPPRESSED)  # the send step recorded it
+            return await self._finish()
         self._set_status(EmailStatus.SENT)
         self._attempts = result.attempt
         self._provider_message_id = result.provider_message_id

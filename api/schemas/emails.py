@@ -8,7 +8,14 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from api.schemas.common import Address, JsonObject, Text, header_text, normalize_address
 from mailqueue.message import HEADERS_RULE, header_refusal
@@ -85,6 +92,18 @@ class EmailRequest(BaseModel):
     tags: list[Annotated[Text, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=20)
     metadata: JsonObject = Field(default_factory=dict)
     related_entity: RelatedEntity | None = None
+    category: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] | None = Field(
+        default=None, description="What kind of mail this is; `marketing` carries a one-click unsubscribe link (as `unsubscribe`)",
+    )
+    unsubscribe: bool = Field(
+        default=False,
+        description="Add List-Unsubscribe (RFC 8058 one-click) naming the recipient: the email must have exactly one "
+        "recipient, in `to`. Needs MAILQUEUE_PUBLIC_URL on the server",
+    )
+
+    @property
+    def wants_unsubscribe(self) -> bool:
+        return self.unsubscribe or self.category == "marketing"
 
     @field_validator("to", "cc", "bcc")
     @classmethod

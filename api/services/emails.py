@@ -7,8 +7,10 @@ import json
 import math
 import re
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,7 +18,10 @@ import sqlalchemy as sa
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
-from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
+from temporalio.client import (
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError
@@ -42,6 +47,7 @@ from mailqueue.contracts import (
     EmailSpec,
     EmailState,
     EmailStatus,
+    EventType,
     RescheduleRequest,
     SenderType,
     TemplateRef,
@@ -49,14 +55,41 @@ from mailqueue.contracts import (
     reschedule_refusal,
     retry_refusal,
 )
-from mailqueue.delivery import RPC_TIMEOUT, TemporalUnavailable, redelivery_spec, retry_settings, start_delivery
+from mailqueue.delivery import (
+    RPC_TIMEOUT,
+    TemporalUnavailable,
+    redelivery_spec,
+    retry_settings,
+    start_delivery,
+)
 from mailqueue.domains import FromRefused, sender_identity
-from mailqueue.email_store import events_of, insert_email, queued_event, record_from_spec
+from mailqueue.email_store import (
+    events_of,
+    insert_email,
+    queued_event,
+    record_from_spec,
+)
 from mailqueue.errors import TemplateError
 from mailqueue.ids import idempotent_email_id, message_id_for, new_email_id
 from mailqueue.message import bare_address, header_text_problem
 from mailqueue.models import Email, EmailEvent, EmailRecipient, User, utcnow
-from mailqueue.senders import priorities_within, priority_allowed, recipients_cap, resolve_sender, sender_key
+from mailqueue.senders import (
+    priorities_within,
+    priority_allowed,
+    recipients_cap,
+    resolve_sender,
+    sender_key,
+)
+from mailqueue.suppressions import (
+    Unsubscribe,
+    UnsubscribeTokens,
+    dropped_detail,
+    has_recipients,
+    recipients_of,
+    suppressed_among,
+    unsubscribe_headers,
+    without_suppressed,
+)
 from mailqueue.template_library import MissingVariables, TemplateLimitError, prepare
 from mailqueue.template_store import current_template
 from mailqueue.templating import is_partial
@@ -78,6 +111,10 @@ class PreparedEmail:
     body_hash: str = ""
     idempotency_key: str | None = None
     send_at: datetime | None = None
+    # Recipients on the sender's suppression list, left out of what is sent (the record keeps them):
+    # how many, by reason; and the spec the workflow gets (None: `spec` itself).
+    dropped: Counter[str] = field(default_factory=Counter)
+    delivery: EmailSpec | None = None
 
 
 def check_send_at(settings: Settings, send_at: datetime | None) -> None:
@@ -200,7 +237,29 @@ async def prepare_email(ctx: Context, req: EmailRequest, idempotency_key: str | 
         send_queue=route.send_queue,
         recorded=True,  # the record and its `queued` event are written before the workflow starts
     )
-    return PreparedEmail(spec, content, _request_hash(req), idempotency_key, req.send_at)
+    if req.wants_unsubscribe:
+        spec = replace(spec, headers={**spec.headers, **_unsubscribe_headers(ctx, req, sender_key(sender_type, sender_id))})
+    prepared = PreparedEmail(spec, content, _request_hash(req), idempotency_key, req.send_at)
+    found = await suppressed_among(ctx.session, sender_key(sender_type, sender_id), recipients_of(spec))
+    if found:
+        prepared.delivery, prepared.dropped = without_suppressed(spec, found)
+    return prepared
+
+
+def _unsubscribe_headers(ctx: Context, req: EmailRequest, sender: str) -> dict[str, str]:
+    """List-Unsubscribe (RFC 8058 one-click) for the email's one recipient. One message goes to all
+    of an email's recipients, and a link names one of them: hence exactly one, in `to`."""
+    loc = ("body", "unsubscribe")
+    if len(req.to) != 1 or req.cc or req.bcc:
+        raise invalid(loc, "an email with an unsubscribe link (unsubscribe: true, or category marketing) goes to exactly "
+                      "one recipient, in `to`: the link unsubscribes that recipient. Send one email per recipient (POST /v1/emails/batch)")
+    if ctx.settings.public_url is None:
+        raise invalid(loc, "this server has no public URL (MAILQUEUE_PUBLIC_URL) for unsubscribe links; ask its operator")
+    given = sorted(name for name in req.headers if name.lower() in ("list-unsubscribe", "list-unsubscribe-post"))
+    if given:
+        raise invalid(("body", "headers"), f"give either the {' and '.join(given)} header or unsubscribe/category marketing, not both")
+    token = UnsubscribeTokens.from_settings(ctx.settings).make(Unsubscribe(sender, bare_address(req.to[0]), req.category))
+    return unsubscribe_headers(ctx.settings.public_url, token)
 
 
 async def commit_email(ctx: Context, prepared: PreparedEmail) -> Email:
@@ -218,8 +277,12 @@ async def commit_email(ctx: Context, prepared: PreparedEmail) -> Email:
             email.subject = prepared.content.subject  # as rendered at acceptance, for people reading the record
         if prepared.send_at is not None and prepared.send_at > datetime.now(UTC):
             email.status = EmailStatus.SCHEDULED.value
+        if prepared.delivery is not None and not has_recipients(prepared.delivery):
+            email.status = EmailStatus.SUPPRESSED.value  # final: no workflow is started for it
         try:
             await insert_email(session, email)
+            if prepared.dropped:
+                session.add(_suppressed_event(email, prepared.dropped))
             await session.commit()
         except IntegrityError:  # the same key, at the same moment, from another request
             await session.rollback()
@@ -231,9 +294,13 @@ async def commit_email(ctx: Context, prepared: PreparedEmail) -> Email:
         raise Conflict("this Idempotency-Key was used with a different request body")
 
     await session.commit()  # never hold a database transaction while waiting on Temporal
+    if email.status == EmailStatus.SUPPRESSED:  # every recipient suppressed: recorded, nothing to deliver
+        if not created:
+            ctx.replays += 1
+        return email
     try:
         await start_delivery(
-            ctx.temporal, spec, ctx.settings.task_queue, WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            ctx.temporal, prepared.delivery or spec, ctx.settings.task_queue, WorkflowIDReusePolicy.REJECT_DUPLICATE,
             searchable=ctx.settings.search_attributes,
         )
     except WorkflowAlreadyStartedError:
@@ -246,6 +313,16 @@ async def commit_email(ctx: Context, prepared: PreparedEmail) -> Email:
     if not created:
         ctx.replays += 1  # an Idempotency-Key replay: the email it names, nothing new queued
     return email
+
+
+def _suppressed_event(email: Email, dropped: Counter[str]) -> EmailEvent:
+    """Recipients left out at the door; with none left, the email's end. Counts and reasons only."""
+    final = email.status == EmailStatus.SUPPRESSED.value
+    return EmailEvent(
+        id=str(uuid.uuid4()), email_id=email.id, event=EventType.SUPPRESSED.value,
+        status=EmailStatus.SUPPRESSED.value if final else None, attempt=0,
+        detail=dropped_detail(dropped) + ("; nothing to send" if final else ""),
+    )
 
 
 # --- volume limits: the priority ceiling and recipients per hour -----------------------------

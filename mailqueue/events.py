@@ -1,0 +1,204 @@
+"""The event feed: every email event in one order with a cursor, and the signal that wakes its readers.
+
+Every email_events row gets a feed row from a database trigger (migration 0007), whichever code
+wrote it. The feed's order is (xid, seq): `seq` is taken when the row is inserted, `xid` is the
+inserting transaction. On PostgreSQL, transactions commit in any order, so a reader that saw seq
+102 could later find 101; ordering by (xid, seq) and handing out only rows whose transaction is
+older than every transaction still running (`pg_snapshot_xmin`) makes the handed-out part of
+the feed final: a row that appears later always sorts after every row already handed out. On
+SQLite there is one writer at a time, seq order is commit order, and xid is always 0.
+
+The cursor on the wire is "<xid>-<seq>": opaque to clients, who pass back the last one they saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import psycopg
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from mailqueue.contracts import SenderType
+from mailqueue.models import Email, EmailEvent, EmailEventFeed
+
+log = logging.getLogger("mailqueue.events")
+
+# The channel the feed trigger notifies on PostgreSQL (migration 0007 names it too).
+CHANNEL = "mailqueue_events"
+
+CURSOR_PATTERN = r"^[0-9]{1,19}-[0-9]{1,19}$"
+_CURSOR = re.compile(CURSOR_PATTERN)
+START = (0, 0)  # before every event
+
+
+@dataclass(frozen=True)
+class Cursor:
+    xid: int
+    seq: int
+
+    @classmethod
+    def parse(cls, text: str | None) -> Cursor:
+        """The cursor a client passed back; ValueError for anything this feed never handed out."""
+        if text is None or text == "":
+            return cls(*START)
+        if not _CURSOR.match(text):
+            raise ValueError("not a cursor of this feed (expected <number>-<number>, as handed out)")
+        xid, seq = (int(part) for part in text.split("-"))
+        if max(xid, seq) >= 2**63:
+            raise ValueError("not a cursor of this feed (number too large)")
+        return cls(xid, seq)
+
+    def __str__(self) -> str:
+        return f"{self.xid}-{self.seq}"
+
+
+@dataclass(frozen=True)
+class FeedEvent:
+    """One event as the feed hands it out (never the email's content)."""
+
+    cursor: Cursor
+    email_id: str
+    event: str
+    status: str | None
+    attempt: int | None
+    detail: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class FeedPage:
+    events: Sequence[FeedEvent]
+    next: Cursor  # where to go on from: the last event's cursor, or the one asked with
+    more: bool  # a full page: ask again at once
+    held: bool  # rows of transactions older ones are still running are waiting: ask again soon
+
+
+@dataclass(frozen=True)
+class FeedFilter:
+    """Which events: those of the emails a sender sees (None: all, for admins), of one email, of these types."""
+
+    sender_id: str | None = None
+    everyone: bool = False
+    email_id: str | None = None
+    types: Sequence[str] = ()
+
+
+async def read_feed(session: AsyncSession, where: FeedFilter, after: Cursor, limit: int) -> FeedPage:
+    """Events after `after`, in feed order, at most `limit` of them: only final rows (see the module doc)."""
+    feed, events, emails = EmailEventFeed.__table__, EmailEvent.__table__, Email.__table__  # type: ignore[attr-defined]
+    conn = await session.connection()
+    postgres = conn.dialect.name == "postgresql"
+    # Computed in the same statement as the rows, so from the same snapshot.
+    horizon = sa.literal_column("pg_snapshot_xmin(pg_current_snapshot())::text::bigint") if postgres else sa.literal(2**62)
+    query = (
+        sa.select(
+            feed.c.xid, feed.c.seq, feed.c.email_id, events.c.event, events.c.status, events.c.attempt, events.c.detail,
+            events.c.created_at, horizon.label("horizon"),
+        )
+        .join(events, events.c.id == feed.c.event_id)
+        .where(sa.tuple_(feed.c.xid, feed.c.seq) > sa.tuple_(sa.literal(after.xid), sa.literal(after.seq)))
+        .order_by(feed.c.xid, feed.c.seq)
+        .limit(limit)
+    )
+    if not where.everyone:
+        query = query.join(emails, emails.c.id == feed.c.email_id).where(
+            emails.c.sender_type == SenderType.USER.value, emails.c.sender_id == where.sender_id,
+        )
+    if where.email_id is not None:
+        query = query.where(feed.c.email_id == where.email_id)
+    if where.types:
+        query = query.where(events.c.event.in_(list(where.types)))
+    rows = (await conn.execute(query)).all()
+    await session.commit()  # nothing held between pages: a waiting stream holds no connection
+    # (xid, seq) order puts every row of a still-unsafe transaction after all safe ones.
+    final = [row for row in rows if row.xid < row.horizon]
+    out = [
+        FeedEvent(Cursor(row.xid, row.seq), row.email_id, row.event, row.status, row.attempt, row.detail, row.created_at)
+        for row in final
+    ]
+    return FeedPage(
+        events=out, next=out[-1].cursor if out else after, more=len(rows) == limit and len(final) == len(rows),
+        held=len(final) < len(rows),
+    )
+
+
+async def latest_seq(session: AsyncSession) -> int:
+    feed = EmailEventFeed.__table__  # type: ignore[attr-defined]
+    value = (await session.execute(sa.select(sa.func.max(feed.c.seq)))).scalar()
+    await session.commit()
+    return int(value or 0)
+
+
+class FeedSignal:
+    """Wakes every stream of this process waiting for new events.
+
+    On PostgreSQL one LISTENing connection per process (woken by the trigger's NOTIFY at each
+    commit that added events); on SQLite, which has no notifications, one short poll per process
+    of the feed's highest seq. Streams wait on the signal without a database connection and read
+    the feed themselves when woken."""
+
+    def __init__(self, database_url: str, engine: AsyncEngine, poll_seconds: float, retry_seconds: float) -> None:
+        self._url = make_url(database_url.replace("postgres://", "postgresql://", 1))
+        self._engine = engine
+        self.poll_seconds = poll_seconds
+        self.retry_seconds = retry_seconds  # the wait between reconnects of the listener
+        self._woken = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def waiter(self) -> asyncio.Event:
+        """The event the next wake sets: take it BEFORE reading the feed, so a wake that comes
+        during the read is not lost."""
+        return self._woken
+
+    def wake(self) -> None:
+        woken, self._woken = self._woken, asyncio.Event()
+        woken.set()
+
+    async def start(self) -> None:
+        postgres = self._url.get_backend_name() == "postgresql"
+        self._task = asyncio.create_task(self._listen() if postgres else self._poll(), name="event-feed-signal")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.wake()
+
+    async def _listen(self) -> None:
+        conninfo = self._url.set(drivername="postgresql").render_as_string(hide_password=False)
+        while True:
+            try:
+                # TCP keepalives: a connection that died silently (no FIN) is noticed, and replaced, within a minute.
+                async with await psycopg.AsyncConnection.connect(
+                    conninfo, autocommit=True, connect_timeout=10, keepalives=1, keepalives_idle=30, keepalives_interval=10,
+                    keepalives_count=3,
+                ) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    self.wake()  # notifications may have been missed while (re)connecting
+                    async for _ in conn.notifies():
+                        self.wake()
+            except psycopg.Error as exc:
+                log.warning("event feed listener lost its connection (%s); reconnecting", type(exc).__name__)
+                self.wake()  # streams read once more: nothing waits on a notification that may never come
+                await asyncio.sleep(self.retry_seconds)
+
+    async def _poll(self) -> None:
+        seen: int | None = None
+        while True:
+            try:
+                async with AsyncSession(self._engine) as session:
+                    latest = await latest_seq(session)
+            except (sa.exc.SQLAlchemyError, OSError) as exc:
+                log.warning("event feed poll failed (%s)", type(exc).__name__)
+            else:
+                if latest != seen:
+                    seen = latest
+                    self.wake()
+            await asyncio.sleep(self.poll_seconds)
