@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml requirements.lock
 install: $(STAMP)
 
 # Ports and options of `mailqueue dev`: make dev API_PORT=8001 TEMPORAL_PORT=7234 UI_PORT=8234 SMTP_PORT=1026
-# MAIL_PORT=8026, and any other option in ARGS: make dev ARGS="--data-dir /tmp/mq --host 0.0.0.0".
+# MAIL_PORT=8026 BOUNCE_PORT=2526, and any other option in ARGS: make dev ARGS="--data-dir /tmp/mq --host 0.0.0.0".
 DEV_OPTIONS = $(if $(API_PORT),--api-port $(API_PORT)) $(if $(TEMPORAL_PORT),--temporal-port $(TEMPORAL_PORT)) \
-	$(if $(UI_PORT),--ui-port $(UI_PORT)) $(if $(SMTP_PORT),--smtp-port $(SMTP_PORT)) $(if $(MAIL_PORT),--mail-port $(MAIL_PORT)) $(ARGS)
+	$(if $(UI_PORT),--ui-port $(UI_PORT)) $(if $(SMTP_PORT),--smtp-port $(SMTP_PORT)) $(if $(MAIL_PORT),--mail-port $(MAIL_PORT)) \
+	$(if $(BOUNCE_PORT),--bounce-port $(BOUNCE_PORT)) $(ARGS)
 
 dev: $(STAMP)
 	$(strip $(BIN)/mailqueue dev $(DEV_OPTIONS))

@@ -13,7 +13,7 @@ import asyncio  # noqa: E402
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import timedelta
 
@@ -25,6 +25,7 @@ from activities.quota import QuotaActivities
 from activities.reconcile import ReconcileActivities
 from activities.render import RenderActivities
 from activities.send import SendActivities
+from activities.webhooks import WebhookActivities
 from mailqueue import search
 from mailqueue.config import Settings, get_settings
 from mailqueue.contracts import send_queue_name
@@ -38,8 +39,10 @@ from mailqueue.template_library import Renderer
 from mailqueue.temporal import connect, ensure_reconcile_schedule
 from mailqueue.templating import TemplateEngine
 from mailqueue.tracing import configure_tracing, flush as flush_traces
+from mailqueue.webhooks import start_active_endpoints, webhook_queue
 from workflows.reconcile import ReconcileEmailsWorkflow
 from workflows.send_email import SendEmailWorkflow
+from workflows.webhooks import WebhookEndpointWorkflow, WebhookRedeliveryWorkflow
 
 log = logging.getLogger("mailqueue.worker")
 
@@ -53,6 +56,7 @@ class Workers:
         self.workers = workers
         self.drivers = drivers
         self.pool = pool  # the processes templates render in (None: the caller brought its own renderer)
+        self.on_close: list[Callable[[], Awaitable[None]]] = []  # after the workers stop (webhook clients, feed listener)
         self._stack: AsyncExitStack | None = None
 
     async def __aenter__(self) -> Workers:
@@ -68,6 +72,8 @@ class Workers:
         assert self._stack is not None
         await self._stack.aclose()
         await self.drivers.aclose()  # pooled SMTP connections, HTTP clients
+        for close in self.on_close:
+            await close()
 
 
 def build_worker(
@@ -99,7 +105,7 @@ def build_worker(
             audit.record, QuotaActivities(sessions, settings, clock, metrics).reserve, render.render, send.send,
             ReconcileActivities(sessions, client, settings).reconcile,
         ],
-        max_concurrent_activities=200,
+        max_concurrent_activities=settings.worker_concurrency,
         # Sends are the task queue's ordinary activities (but for one reconciler run a minute):
         # this caps sends per second across all workers.
         max_task_queue_activities_per_second=settings.send_rate_per_second,
@@ -110,11 +116,21 @@ def build_worker(
     rated = [
         Worker(
             client, task_queue=send_queue_name(queue, name), activities=[send.send],
-            max_concurrent_activities=200, max_task_queue_activities_per_second=rate, graceful_shutdown_timeout=shutdown,
+            max_concurrent_activities=settings.worker_concurrency, max_task_queue_activities_per_second=rate,
+            graceful_shutdown_timeout=shutdown,
         )
         for name, rate in sorted(settings.send_rates.items())
     ]
-    return Workers([main, *rated], drivers, pool)
+    # Webhook deliveries on their own task queue and slots: a slow or dead endpoint never holds a send's slot.
+    hooks = WebhookActivities(sessions, settings)
+    webhook_worker = Worker(
+        client, task_queue=webhook_queue(queue), workflows=[WebhookEndpointWorkflow, WebhookRedeliveryWorkflow],
+        activities=[hooks.deliver, hooks.disable, hooks.redeliver], max_concurrent_activities=settings.webhook_concurrency,
+        max_concurrent_workflow_tasks=50, graceful_shutdown_timeout=timedelta(seconds=settings.webhook_timeout_seconds + 5),
+    )
+    workers = Workers([main, *rated, webhook_worker], drivers, pool)
+    workers.on_close.append(hooks.aclose)
+    return workers
 
 
 async def _search_attributes_ready(client: Client, settings: Settings) -> bool:
@@ -144,6 +160,10 @@ async def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await ensure_reconcile_schedule(client, settings)
+    # Every active webhook endpoint has its delivery workflow (started by the API; here again in case that failed).
+    sweep = create_engine(settings.database_url)
+    await start_active_endpoints(client, sessionmaker(sweep), settings)
+    await sweep.dispose()
     if not await _search_attributes_ready(client, settings):
         sys.exit(1)
     async with build_worker(client, settings):

@@ -13,6 +13,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
+from mailqueue.bounces import bounce_address
 from mailqueue.config import Settings
 from mailqueue.contracts import (
     EMAIL_CLOSED,
@@ -32,7 +33,7 @@ from mailqueue.contracts import (
 )
 from mailqueue.crypto import SecretKeyError
 from mailqueue.db import STORE_ERRORS
-from mailqueue.drivers.base import Driver
+from mailqueue.drivers.base import Driver, DriverName
 from mailqueue.drivers.factory import DriverFactory
 from mailqueue.email_store import PriorDelivery, RecordClosed, apply_audit
 from mailqueue.errors import (
@@ -163,6 +164,12 @@ class SendActivities:
             )
         message = build_message(spec, content)
         sender, recipients = envelope(spec)
+        if self._settings.bounce_domain and driver is self._drivers.system and driver.name == DriverName.SMTP:
+            # The system's relay gets its bounces back by mail, at an address that names the email
+            # (VERP); the From header stays. Not a user's own SMTP server: many (Gmail, Microsoft 365)
+            # refuse or rewrite a MAIL FROM that is not the signed-in account, and their bounces go to
+            # the user. Providers report bounces as events of their own, and take `sender` for the From.
+            sender = bounce_address(spec.email_id, self._settings.bounce_domain)
         if self._redirect_to:
             recipients = redirect(message, recipients, self._redirect_to)
         # Once this attempt's time is up, Temporal starts the next one, whether or not this one is

@@ -31,9 +31,11 @@ from api.routes import (
     templates,
     unsubscribe,
     users,
+    webhooks,
 )
 from api.routes import events as email_events
 from api.routes import settings as mail_settings
+from api.routes import inbound as provider_events
 from api.services.errors import (
     Conflict,
     Invalid,
@@ -53,6 +55,7 @@ from mailqueue.logs import configure_logging
 from mailqueue.ratelimit import RateLimiter
 from mailqueue.render_pool import RenderPool
 from mailqueue.suppressions import UnsubscribeTokens
+from mailqueue.inbound import SnsCertificates, sendgrid_public_key
 from mailqueue.templating import TemplateEngine
 from mailqueue.temporal import connect
 from mailqueue.tracing import configure_tracing, instrument_app
@@ -253,13 +256,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except ValueError as exc:
             log.error("MAILQUEUE_DEFAULT_FROM, MAILQUEUE_MESSAGE_ID_DOMAIN or MAILQUEUE_SYSTEM_DOMAINS: %s", exc)
             raise
+        if settings.sendgrid_webhook_public_key:  # a key that cannot verify anything stops the start, not the first event
+            try:
+                sendgrid_public_key(settings.sendgrid_webhook_public_key)
+            except ValueError as exc:
+                log.error("%s", exc)
+                raise
         engine = create_engine(settings.database_url)
         app.state.settings = settings
         app.state.sessions = sessionmaker(engine)
         pool = RenderPool.from_settings(settings)
         await pool.start()  # renders run in child processes bounded in CPU, time and memory, off this event loop
         app.state.templates = TemplateEngine(settings.default_locale, pool=pool)
-        app.state.secrets = SecretBox.from_settings(settings)  # encrypts sender secrets; only workers decrypt
+        # Encrypts sender secrets; only workers decrypt them, but for a user's Mailgun webhook signing key,
+        # which /v1/inbound/mailgun/{user_id} decrypts to verify that user's events.
+        app.state.secrets = SecretBox.from_settings(settings)
+        app.state.sns_certificates = SnsCertificates.from_settings(settings)  # /v1/inbound/ses: fetched once per URL
         if settings.public_url:  # unsubscribe links are made: a bad key must stop the start, not the first email
             try:
                 UnsubscribeTokens.from_settings(settings)
@@ -305,6 +317,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(domains.router)
     app.include_router(suppressions.router)
     app.include_router(unsubscribe.router)  # /u/{token}: no API key, the signed token is the credential
+    app.include_router(webhooks.router)
+    app.include_router(provider_events.router)  # /v1/inbound/*: no API key, the provider's signature is the credential
     app.include_router(stats.router)
     app.include_router(metrics.router)
     app.include_router(codec.router)

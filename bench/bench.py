@@ -4,7 +4,7 @@
                                     [--workers 1] [--database-url URL] [--json-out FILE]
                                     [--template StockIssueApproved [--template-items 50]]
                                     [--render-only] [--render-seconds 5] [--scheduled 200]
-                                    [--telemetry] [--ab telemetry|search-attributes [--pairs 2]]
+                                    [--telemetry] [--ab telemetry|search-attributes|webhooks [--pairs 2]]
 
 Starts its own stack on free ports in a temporary directory (Temporal dev server persisted
 to a file with WAL, SQLite unless --database-url, N workers, the API under uvicorn, a sink
@@ -23,7 +23,8 @@ process) and measures:
 API's /metrics and the worker's endpoint) on. `--ab telemetry` runs only B, `--pairs` times with
 telemetry off and as many on (scraped every 5 s), alternating, a new stack each time, and reports
 end-to-end emails/s and the CPU per email of every process of the stack; `--ab search-attributes`
-the same with MAILQUEUE_SEARCH_ATTRIBUTES false and true.
+the same with MAILQUEUE_SEARCH_ATTRIBUTES false and true; `--ab webhooks` with no webhook endpoint and
+with one (the bootstrap key's: every event) whose receiver takes 5 s per call.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the tests' receivers (OTLP, webhooks): `python bench/bench.py` puts bench/ first
 
 KEY = "bench-admin-key-Vq7Lz3Xw9Rk2Tn6Hc8Jm4Fp"  # strong enough for the API to start (mailqueue.accounts)
 BODY = {"to": ["bench@example.com"], "subject": "bench", "text": "hello"}
@@ -70,6 +73,17 @@ def run_sink(port: int, log: Path) -> None:
     controller.start()
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     controller.stop()
+
+
+def slow_receiver(delay: float) -> Any:
+    """The tests' webhook receiver (Standard Webhooks verification), holding every call `delay` seconds
+    before its 200 (--ab webhooks)."""
+    from tests.webhook_receiver import WebhookReceiver
+
+    receiver = WebhookReceiver()
+    receiver.delay = delay
+    receiver.up()
+    return receiver
 
 
 def read_sink(log: Path) -> list[tuple[str, float]]:
@@ -130,7 +144,6 @@ class Stack:
         from devstack.supervisor import api_command
 
         if self.telemetry:
-            sys.path.insert(0, str(ROOT))
             from tests.otlp_receiver import OtlpReceiver
 
             self.receiver = OtlpReceiver(keep=False).start()  # counts spans, keeps none
@@ -217,6 +230,10 @@ async def ab(args: argparse.Namespace) -> dict[str, Any]:
         on = i % 2 == 1
         telemetry = on and args.ab == "telemetry"
         env = {"MAILQUEUE_SEARCH_ATTRIBUTES": "false"} if args.ab == "search-attributes" and not on else {}
+        hooked = on and args.ab == "webhooks"
+        if hooked:
+            env["MAILQUEUE_WEBHOOK_ALLOW_PRIVATE"] = "true"  # the receiver listens on 127.0.0.1
+        receiver = slow_receiver(5.0) if hooked else None
         tmp = Path(tempfile.mkdtemp(prefix="mailqueue-bench-"))
         url, drop = prepare_database(args.database_url, tmp)
         stack = Stack(tmp, url, args.workers, telemetry=telemetry, **env)
@@ -226,6 +243,10 @@ async def ab(args: argparse.Namespace) -> dict[str, Any]:
             stack.start()
             async with api_client(stack, args.clients) as http:
                 await warm_up(stack, http)
+                if receiver is not None:  # the bootstrap key's endpoint: every event of every email
+                    made = await http.post("/v1/webhooks", json={"url": receiver.url})
+                    assert made.status_code == 201, made.text
+                    receiver.secret = made.json()["secret"]  # it verifies every call, as a real receiver does
                 scraper = asyncio.create_task(scrape(http, stack, 5.0, scrapes)) if telemetry else None
                 cpu0 = stack.cpu_seconds()
                 result = await throughput(stack, http, args.emails, args.clients)
@@ -236,12 +257,16 @@ async def ab(args: argparse.Namespace) -> dict[str, Any]:
             result.update(
                 feature=args.ab, on=on, telemetry=telemetry, cpu_seconds=round(cpu, 1), cpu_by_process=by_process, cpu_ms_per_email=round(cpu * 1000 / max(result["delivered"], 1), 1),
                 spans=stack.receiver.count if stack.receiver is not None else 0, scrapes=dict(scrapes),
+                webhook_calls=receiver.calls if receiver is not None else None,
+                webhook_verified=len(receiver.verified()) if receiver is not None else None,
             )
             print("   " + ab_line(result), flush=True)
             runs.append(result)
         finally:
             stack.stop()
             drop()
+            if receiver is not None:
+                receiver.down()
     return {"machine": machine(), "emails": args.emails, "clients": args.clients, "runs": runs}
 
 
@@ -250,6 +275,7 @@ def ab_line(r: dict[str, Any]) -> str:
         f"{r['feature']} {'on ' if r['on'] else 'off'}: {r['emails_per_s']} emails/s, {r['cpu_ms_per_email']} ms CPU per email "
         f"({r['cpu_seconds']} s: {', '.join(f'{k} {v}' for k, v in sorted(r['cpu_by_process'].items()))}), delivered {r['delivered']}, missing {r['missing']}, errors {r['errors'] or 0}"
         + (f"; {r['spans']} spans exported, scrapes {r['scrapes']}" if r["telemetry"] else "")
+        + (f"; webhook calls received (5 s each) {r['webhook_calls']}" if r.get("webhook_calls") is not None else "")
     )
 
 
@@ -591,7 +617,7 @@ def main() -> None:
     parser.add_argument("--scheduled-lead", type=float, default=15.0, help="E: seconds from the first POST to the due second")
     parser.add_argument("--render-only", action="store_true", help="run only D (template rendering)")
     parser.add_argument("--telemetry", action="store_true", help="tracing (OTLP) and metrics on, scraped every 5 s")
-    parser.add_argument("--ab", choices=["telemetry", "search-attributes"], default=None, help="only B, this off and on in turn")
+    parser.add_argument("--ab", choices=["telemetry", "search-attributes", "webhooks"], default=None, help="only B, this off and on in turn")
     parser.add_argument("--pairs", type=int, default=2, help="--ab: how many off/on pairs")
     args = parser.parse_args()
     if args.ab:

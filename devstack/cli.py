@@ -4,8 +4,9 @@
     mailqueue mail       list the mail the dev catcher caught (--show N for one message)
     mailqueue migrate    apply database migrations to MAILQUEUE_DATABASE_URL
     mailqueue templates  load the templates folder (a new version of every changed template)
-    mailqueue rotate-secrets  re-encrypt stored sender secrets with the newest MAILQUEUE_SECRET_KEY
+    mailqueue rotate-secrets  re-encrypt stored secrets (senders', webhooks') with the newest MAILQUEUE_SECRET_KEY
     mailqueue worker     run a worker          mailqueue api   serve the HTTP API
+    mailqueue bounces    the bounce domain's SMTP listener (bounces and unsubscribe mail)
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def migrate_cmd(args: argparse.Namespace) -> int:
 
 
 def rotate_secrets_cmd(args: argparse.Namespace) -> int:
-    """Re-encrypt every stored sender secret with the first key of MAILQUEUE_SECRET_KEY."""
+    """Re-encrypt every stored secret (sender settings, webhook endpoints) with the first key of MAILQUEUE_SECRET_KEY."""
     from mailqueue.crypto import SecretBox, SecretKeyError
     from mailqueue.db import create_engine, sessionmaker
     from mailqueue.senders import rotate_secrets
@@ -89,13 +90,13 @@ def rotate_secrets_cmd(args: argparse.Namespace) -> int:
         finally:
             await engine.dispose()
 
-    print(f"re-encrypting sender secrets in {supervisor.safe_url(settings.database_url)} with the newest key", flush=True)
+    print(f"re-encrypting stored secrets in {supervisor.safe_url(settings.database_url)} with the newest key", flush=True)
     try:
         count = asyncio.run(run())
     except SecretKeyError as exc:
         print(f"stopped, nothing changed: {exc}", file=sys.stderr)
         return 1
-    print(f"done: {count} sender(s) re-encrypted; the older keys can now be removed from MAILQUEUE_SECRET_KEY")
+    print(f"done: {count} row(s) re-encrypted (sender settings, webhook endpoints); the older keys can now be removed from MAILQUEUE_SECRET_KEY")
     return 0
 
 
@@ -103,6 +104,24 @@ def worker_cmd(args: argparse.Namespace) -> int:
     import worker
 
     asyncio.run(worker.main())
+    return 0
+
+
+def bounces_cmd(args: argparse.Namespace) -> int:
+    """The SMTP listener of MAILQUEUE_BOUNCE_DOMAIN (mailqueue/bounce_server.py): the database only, no Temporal."""
+    from mailqueue.bounce_server import serve
+    from mailqueue.logs import configure_logging
+
+    settings = get_settings()
+    if not settings.bounce_domain:
+        print("mailqueue bounces: set MAILQUEUE_BOUNCE_DOMAIN (the domain whose MX points at this listener)", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except OSError as exc:
+        print(f"mailqueue bounces: cannot listen on {settings.bounce_host}:{settings.bounce_port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -117,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mailqueue", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    # `make dev` passes API_PORT=…, TEMPORAL_PORT=…, UI_PORT=…, SMTP_PORT=…, MAIL_PORT=… and ARGS="…" here.
+    # `make dev` passes API_PORT=…, TEMPORAL_PORT=…, UI_PORT=…, SMTP_PORT=…, MAIL_PORT=…, BOUNCE_PORT=… and ARGS="…" here.
     p = sub.add_parser(
         "dev", help="run the embedded stack: Temporal, worker, API, SMTP catcher",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -129,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ui-port", type=int, default=8233, help="the Temporal Web UI")
     p.add_argument("--smtp-port", type=int, default=1025, help="the SMTP catcher")
     p.add_argument("--mail-port", type=int, default=8025, help="the caught-mail page")
+    p.add_argument("--bounce-port", type=int, default=2525, help="the bounce listener (bounces and unsubscribe mail by SMTP)")
     p.set_defaults(func=dev_cmd)
 
     p = sub.add_parser("mail", help="list mail caught by the dev stack")
@@ -141,10 +161,12 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("templates", help="load the templates folder into the database")
     p.add_argument("--dir", type=Path, default=None, help="default: MAILQUEUE_TEMPLATES_DIR, else ./templates")
     p.set_defaults(func=templates_cmd)
-    p = sub.add_parser("rotate-secrets", help="re-encrypt stored sender secrets with the newest MAILQUEUE_SECRET_KEY")
+    p = sub.add_parser("rotate-secrets", help="re-encrypt stored secrets (sender settings, webhook endpoints) with the newest MAILQUEUE_SECRET_KEY")
     p.set_defaults(func=rotate_secrets_cmd)
     p = sub.add_parser("worker", help="run a worker (same as python worker.py)")
     p.set_defaults(func=worker_cmd)
+    p = sub.add_parser("bounces", help="run the bounce domain's SMTP listener (MAILQUEUE_BOUNCE_DOMAIN, _HOST, _PORT)")
+    p.set_defaults(func=bounces_cmd)
     p = sub.add_parser("api", help="serve the HTTP API")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]  # where worker.py and api/ live
 # key: the API refuses weak ones, and a web page can reach 127.0.0.1 (DNS rebinding) with a key
 # it can guess.
 DEV_API_KEY_FILE = "api.key"
+DEV_BOUNCE_DOMAIN = "bounces.localhost"  # `make dev`'s bounce domain (RFC 6761: .localhost never leaves the machine)
 
 
 def dev_api_key(data: Path) -> str:
@@ -222,10 +223,18 @@ def dev_settings(args: argparse.Namespace, configured: Settings) -> Settings:
         update["codec_cors_origins"] = sorted({f"http://{client_host}:{args.ui_port}", f"http://localhost:{args.ui_port}"})
     if "require_verified_from" not in given:
         update["require_verified_from"] = False  # users of a development stack send from any domain (the API warns)
+    # The bounce listener (mailqueue bounces) on the stack's host and --bounce-port; a bounce domain of
+    # its own unless configured, so that sends carry VERP senders and unsubscribe mailtos to try out.
+    # (Callers that build the options by hand may leave --bounce-port out: the configured port then.)
+    update["bounce_host"], update["bounce_port"] = args.host, getattr(args, "bounce_port", configured.bounce_port)
+    if "bounce_domain" not in given:
+        update["bounce_domain"] = DEV_BOUNCE_DOMAIN
     if "egress_allow" not in given:
         # A user's SMTP settings may name this machine's catcher (smtp_host "localhost", any port):
         # that name only; 127.0.0.1 in any notation and other local names stay refused, as in production.
         update["egress_allow"] = ["localhost"]
+    if "webhook_allow_private" not in given:
+        update["webhook_allow_private"] = True  # webhooks to a receiver on this machine (http://localhost:<port>/...)
     return configured.model_copy(update=update)
 
 
@@ -244,7 +253,7 @@ def dev(args: argparse.Namespace, configured: Settings) -> int:
     host, client_host = args.host, client_host_for(args.host)
     ports = {
         "--api-port": args.api_port, "--temporal-port": args.temporal_port, "--ui-port": args.ui_port,
-        "--smtp-port": args.smtp_port, "--mail-port": args.mail_port,
+        "--smtp-port": args.smtp_port, "--mail-port": args.mail_port, "--bounce-port": args.bounce_port,
     }
     if len(set(ports.values())) != len(ports):
         print(f"mailqueue dev: the ports must differ: {ports}", file=sys.stderr)
@@ -305,11 +314,14 @@ def dev(args: argparse.Namespace, configured: Settings) -> int:
         children.append(worker)
         api = Child("api", api_command(host, args.api_port), env, logs / "api.log")
         children.append(api)
+        bounces = Child("bounces", [py, "-m", "devstack.cli", "bounces"], env, logs / "bounces.log")
+        children.append(bounces)
         _wait_port(args.smtp_port, client_host, catcher, children, stop)
         _wait_port(args.mail_port, client_host, catcher, children, stop)
+        _wait_port(args.bounce_port, client_host, bounces, children, stop)
         _wait_port(args.ui_port, client_host, tchild, children, stop)
         _wait_http(f"http://{client_host}:{args.api_port}/healthz", api, children, stop, timeout=60)
-        _banner(args, key, key_is_dev=configured.bootstrap_api_key is None)
+        _banner(args, key, key_is_dev=configured.bootstrap_api_key is None, bounce_domain=settings.bounce_domain)
         while True:
             _check(children, stop)
             time.sleep(0.3)
@@ -331,7 +343,7 @@ def dev(args: argparse.Namespace, configured: Settings) -> int:
 def _stop_all(children: list[Child], temporal: TemporalDevServer) -> None:
     """API and worker first (the worker lets sends in flight finish), then the catcher, then Temporal."""
     by_name = {c.name: c for c in children}
-    stages = [["api", "worker"], ["catcher"], ["temporal"]]
+    stages = [["api", "worker", "bounces"], ["catcher"], ["temporal"]]
     for stage, timeout in zip(stages, (40.0, 10.0, 15.0), strict=True):
         group = [by_name[n] for n in stage if n in by_name]
         for child in group:
@@ -344,7 +356,7 @@ def _stop_all(children: list[Child], temporal: TemporalDevServer) -> None:
             child.wait(deadline - time.monotonic())
 
 
-def _banner(args: argparse.Namespace, key: str, *, key_is_dev: bool) -> None:
+def _banner(args: argparse.Namespace, key: str, *, key_is_dev: bool, bounce_domain: str | None = None) -> None:
     h = client_host_for(args.host)
     api = f"http://{h}:{args.api_port}"
     key_path = args.data_dir / DEV_API_KEY_FILE
@@ -362,6 +374,7 @@ mailqueue is running (Ctrl-C stops everything)
                  API key), then turn on "include cross-origin credentials" in the UI's codec server settings
   Caught mail    http://{h}:{args.mail_port}     or run: {mail_command(args.data_dir)}
   SMTP catcher   {h}:{args.smtp_port}     Temporal gRPC: {h}:{args.temporal_port}
+  Bounces (SMTP) {h}:{args.bounce_port}     mail to bounce+<email id>@{bounce_domain}, unsubscribe+<email id>@{bounce_domain}
   API key        {key}{dev_note}
   Templates      {api}/v1/templates     preview one in a browser (user: anything, password: the API key):
                  {api}/v1/templates/StockIssueApproved/preview

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from enum import Enum, StrEnum
 from functools import lru_cache
@@ -73,6 +74,12 @@ class Settings(BaseSettings):
     test_redirect_to: str | None = None
     # Sends per second across all workers of the task queue (Temporal task-queue rate limit); unset: no limit.
     send_rate_per_second: float | None = Field(default=None, gt=0)
+    # Send (and other) activities one worker process runs at once, per task queue. More than the process
+    # can start promptly only moves the backlog from Temporal's queue, where waiting costs nothing, into
+    # the worker, where each waiting send's start-to-close clock already runs: under a burst, attempts
+    # then time out before they send, and their retries add to the burst. Raise it for remote servers
+    # that take long to answer (sends mostly wait on the network then).
+    worker_concurrency: int = Field(default=50, ge=1, le=1000)
     # Per driver (smtp, log, user_smtp, sendgrid, mailgun, ses), e.g. {"sendgrid": 10, "ses": 14}: each
     # rated driver's sends wait in their own task queue, limited across all workers. API and workers
     # must share this setting (a worker polls only the queues of the drivers it knows).
@@ -194,6 +201,41 @@ class Settings(BaseSettings):
     unsubscribe_keys: SecretStr | None = None
     unsubscribe_key_file: Path = DATA_DIR / "unsubscribe.key"
 
+    # Provider events in (issue 14; README "Provider events in", mailqueue/inbound.py).
+    # SES via SNS: the topics whose notifications /v1/inbound/ses accepts, comma-separated (any AWS
+    # account can sign genuine SNS messages, so the topic is what makes one ours). Unset: it refuses all.
+    sns_topic_arns: str = ""
+    # Where SNS signing certificates and subscription confirmations may be fetched from: a regex the
+    # URL must match from its start. For tests only; the default is AWS's own SNS endpoints.
+    sns_cert_url_pattern: str = r"https://sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/"
+    # SendGrid's Event Webhook verification key (base64 DER, as SendGrid's settings page shows it). Unset:
+    # /v1/inbound/sendgrid refuses all.
+    sendgrid_webhook_public_key: str | None = None
+    # Mailgun's HTTP webhook signing key. Unset: /v1/inbound/mailgun refuses all.
+    mailgun_webhook_signing_key: SecretStr | None = None
+    # SendGrid's and Mailgun's signed timestamps older than this (or as far ahead) are refused; Mailgun
+    # tokens are remembered this long to refuse a replay. (SNS messages: one hour, as AWS advises.)
+    inbound_max_age_seconds: float = Field(default=600.0, gt=0, le=3600)
+
+    @property
+    def sns_topics(self) -> list[str]:
+        return [arn.strip() for arn in self.sns_topic_arns.split(",") if arn.strip()]
+
+    @field_validator("sendgrid_webhook_public_key")
+    @classmethod
+    def _sendgrid_key(cls, value: str | None) -> str | None:
+        # Read (and a bad one refused, stopping the API's start) by mailqueue.inbound.sendgrid_public_key.
+        return value.strip() if value and value.strip() else None
+
+    @field_validator("sns_cert_url_pattern")
+    @classmethod
+    def _url_pattern(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
     log_level: str = "INFO"
 
     # The event feed's live streams (issue 14; README "Events: the feed and live streams").
@@ -203,10 +245,46 @@ class Settings(BaseSettings):
     # PostgreSQL stream reads again when events wait for an older transaction to end.
     events_poll_seconds: float = Field(default=0.5, gt=0)
 
+    # Outbound webhooks (issue 14; README "Webhooks"). Each endpoint has a workflow of its own on
+    # the task queue <task_queue>-webhooks (its own worker slots: a slow endpoint never delays sends).
+    # Webhook URLs that resolve to loopback, private, link-local or metadata addresses are refused
+    # unless this is on (tests and `make dev`); it lifts the HTTP port rule for them too.
+    webhook_allow_private: bool = False
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)  # one POST, connect to answer
+    # Retries of a failed POST: from the initial wait, doubling, up to the maximum wait; an endpoint
+    # that fails for disable_after_seconds (no success in between) is disabled.
+    webhook_retry_initial_seconds: float = Field(default=1.0, gt=0)
+    webhook_retry_maximum_seconds: float = Field(default=600.0, gt=0)
+    webhook_disable_after_seconds: float = Field(default=3 * 24 * 3600.0, gt=0)
+    webhook_wait_seconds: float = Field(default=60.0, gt=0)  # one delivery step waits this long for new events
+    webhook_batch: int = Field(default=100, ge=1, le=1000)  # events one delivery step sends at most
+    webhook_loops_per_run: int = Field(default=100, ge=1)  # delivery steps before a workflow continues as new
+    webhook_concurrency: int = Field(default=100, ge=1)  # deliveries in flight per worker process
+
     # Metrics (issue 13; README "Metrics"). The API serves /metrics on its own port. A worker serves
     # its own and the Temporal SDK's at http://<host>:<port>/metrics when the port is set (0: off).
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)
     worker_metrics_host: str = "0.0.0.0"
+
+    # Bounces by mail for SMTP senders (issue 14; README "Bounces by mail (SMTP senders)"). With a
+    # bounce domain, every SMTP send's envelope sender is bounce+<email id>@<bounce domain> (VERP) and
+    # List-Unsubscribe gains a mailto:unsubscribe+<email id>@<bounce domain>; the domain's MX points at
+    # the listener (`mailqueue bounces`) on bounce_host:bounce_port. Unset: no VERP, no listener.
+    bounce_domain: str | None = None
+    bounce_host: str = "127.0.0.1"
+    bounce_port: int = Field(default=2525, ge=1, le=65535)
+    bounce_max_bytes: int = Field(default=10_000_000, ge=10_000)  # one message to the listener (552 above)
+
+    @field_validator("bounce_domain")
+    @classmethod
+    def _bounce_domain(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None  # empty (compose's unset variable): no bounce domain
+        domain = value.strip().rstrip(".").lower()
+        label = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+        if len(domain) > 200 or not re.fullmatch(rf"{label}(\.{label})*", domain):
+            raise ValueError(f"{value!r} is not a domain name (the bounce domain: bounces.example.com)")
+        return domain
 
     @field_validator("database_url")
     @classmethod

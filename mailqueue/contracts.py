@@ -49,6 +49,11 @@ class EmailStatus(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     SUPPRESSED = "suppressed"  # every recipient is on the sender's suppression list: nothing was sent
+    # After "sent": what the receiving side said later (mailqueue/feedback.py). A record only moves
+    # up this order (sent < delivered < bounced < complained), never back.
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"  # a hard bounce (soft bounces are events only)
+    COMPLAINED = "complained"
 
     @property
     def is_final(self) -> bool:
@@ -67,8 +72,10 @@ WAITING = frozenset({EmailStatus.SCHEDULED, EmailStatus.DEFERRED})
 IN_FLIGHT = frozenset({EmailStatus.QUEUED, EmailStatus.SENDING, EmailStatus.RETRYING})
 # Not handed to the send step yet: cancel still stops them.
 CANCELLABLE = frozenset({EmailStatus.QUEUED, EmailStatus.SCHEDULED, EmailStatus.DEFERRED})
-# Ended: nothing changes them but a retry (failed ones only).
-FINAL = frozenset({EmailStatus.SENT, EmailStatus.FAILED, EmailStatus.CANCELLED, EmailStatus.SUPPRESSED})
+# Went out: the send step delivered it to the server or provider; what came back later may move it on.
+WENT_OUT = frozenset({EmailStatus.SENT, EmailStatus.DELIVERED, EmailStatus.BOUNCED, EmailStatus.COMPLAINED})
+# Ended: nothing changes them but a retry (failed ones only) or, once out, the receiving side's word.
+FINAL = WENT_OUT | {EmailStatus.FAILED, EmailStatus.CANCELLED, EmailStatus.SUPPRESSED}
 
 
 def status_values(group: frozenset[EmailStatus]) -> list[str]:
@@ -110,6 +117,11 @@ class EventType(StrEnum):
     CANCEL_REJECTED = "cancel_rejected"
     RECONCILED = "reconciled"  # set right from Temporal's state by the reconciler
     SUPPRESSED = "suppressed"  # recipients dropped: on the sender's suppression list (mailqueue/suppressions.py)
+    # What the receiving side said after "sent" (mailqueue/feedback.py): provider events, DSNs, unsubscribes.
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    COMPLAINED = "complained"
+    UNSUBSCRIBED = "unsubscribed"
 
 
 @dataclass

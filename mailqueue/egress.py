@@ -261,6 +261,8 @@ SECRET_DESTINATIONS: dict[str, tuple[str, ...]] = {
     "smtp_password_enc": ("smtp_host", "smtp_port", "smtp_username", "smtp_security"),
     "api_key_enc": ("driver",),
     "api_secret_enc": ("driver",),
+    # Never sent anywhere: it checks what the user's Mailgun sends us, whichever driver sends their mail.
+    "mailgun_webhook_signing_key_enc": (),
 }
 
 

@@ -14,6 +14,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from mailqueue.contracts import (
     FINAL,
+    WENT_OUT,
     AuditEntry,
     Content,
     EmailSpec,
@@ -184,7 +185,7 @@ async def apply_audit(session: AsyncSession, entry: AuditEntry, *, unless_final:
                 .where(emails.c.id == entry.email_id)
             )
         ).first()
-        if row is not None and row.status == EmailStatus.SENT.value:
+        if row is not None and EmailStatus(row.status) in WENT_OUT:
             await session.rollback()
             return PriorDelivery(row.attempts, row.sent_at, row.provider, row.provider_message_id)
         if row is not None and EmailStatus(row.status).is_final:

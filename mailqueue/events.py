@@ -70,6 +70,7 @@ class FeedEvent:
     attempt: int | None
     detail: str | None
     created_at: datetime
+    event_id: str = ""  # the email_events row's id (outbound webhooks send it as webhook-id)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ async def read_feed(session: AsyncSession, where: FeedFilter, after: Cursor, lim
     horizon = sa.literal_column("pg_snapshot_xmin(pg_current_snapshot())::text::bigint") if postgres else sa.literal(2**62)
     query = (
         sa.select(
-            feed.c.xid, feed.c.seq, feed.c.email_id, events.c.event, events.c.status, events.c.attempt, events.c.detail,
+            feed.c.xid, feed.c.seq, feed.c.email_id, feed.c.event_id, events.c.event, events.c.status, events.c.attempt, events.c.detail,
             events.c.created_at, horizon.label("horizon"),
         )
         .join(events, events.c.id == feed.c.event_id)
@@ -120,7 +121,10 @@ async def read_feed(session: AsyncSession, where: FeedFilter, after: Cursor, lim
     # (xid, seq) order puts every row of a still-unsafe transaction after all safe ones.
     final = [row for row in rows if row.xid < row.horizon]
     out = [
-        FeedEvent(Cursor(row.xid, row.seq), row.email_id, row.event, row.status, row.attempt, row.detail, row.created_at)
+        FeedEvent(
+            Cursor(row.xid, row.seq), row.email_id, row.event, row.status, row.attempt, row.detail, row.created_at,
+            event_id=row.event_id,
+        )
         for row in final
     ]
     return FeedPage(

@@ -85,7 +85,7 @@ class Email(SQLModel, table=True):
     scheduled_for: datetime | None = _ts(default=None)
     sent_at: datetime | None = _ts(default=None)
     provider: str | None = Field(default=None, max_length=32)
-    provider_message_id: str | None = Field(default=None, max_length=512)
+    provider_message_id: str | None = Field(default=None, max_length=512, index=True)  # provider events find their email by it
     message_id: str = Field(max_length=512)
     related_entity_type: str | None = Field(default=None, max_length=100)
     related_entity_id: str | None = Field(default=None, max_length=200)
@@ -241,6 +241,11 @@ class SenderSettings(SQLModel, table=True):
     hourly_limit: int | None = None
     daily_limit: int | None = None
     updated_at: datetime = _ts(default_factory=utcnow)
+    # Provider events in, per user (/v1/inbound/<provider>/<user id>; mailqueue/inbound.py Keys.of_sender):
+    # what the user's own provider account signs its events with.
+    sns_topic_arns: list[str] | None = _json(default=None)  # SES: the SNS topics whose events are theirs
+    sendgrid_webhook_public_key: str | None = Field(default=None, sa_type=sa.Text)  # base64 DER (not secret)
+    mailgun_webhook_signing_key_enc: str | None = Field(default=None, sa_type=sa.Text)  # a secret: encrypted
 
 
 class SenderUsage(SQLModel, table=True):
@@ -315,4 +320,65 @@ class Suppression(SQLModel, table=True):
     match_key: str = Field(max_length=320)
     reason: str = Field(max_length=16)
     source: str = Field(max_length=32)  # api, unsubscribe link (later ses, smtp-dsn, ...)
+    created_at: datetime = _ts(default_factory=utcnow)
+
+
+# --- Provider events in (issue 14; mailqueue/inbound.py) ---------------------------------------
+
+
+class InboundToken(SQLModel, table=True):
+    """A signed webhook token already accepted (Mailgun's `token`): the same one again is a replay.
+
+    Shared by every API process. Rows older than the staleness window are purged: a token that old
+    is refused as stale anyway."""
+
+    __tablename__ = "inbound_tokens"
+
+    digest: str = Field(primary_key=True, max_length=64)  # SHA-256 of provider and token, hex
+    seen_at: datetime = _ts(default_factory=utcnow, index=True)
+
+
+# --- outbound webhooks (issue 14; mailqueue/webhooks.py, README "Webhooks") ------------------
+
+
+class WebhookStatus(StrEnum):
+    ACTIVE = "active"  # its workflow delivers every new event
+    DISABLED = "disabled"  # failed for longer than MAILQUEUE_WEBHOOK_DISABLE_AFTER_SECONDS: nothing is sent
+
+
+class WebhookEndpoint(SQLModel, table=True):
+    """A URL that gets its owner's email events, signed (Standard Webhooks), by a workflow of its own."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (sa.Index("ix_webhook_endpoints_owner_created", "owner", "created_at"),)
+
+    id: str = Field(primary_key=True, max_length=36)
+    owner: str = Field(max_length=80)  # "system:" or "user:<id>" (mailqueue.senders.sender_key)
+    url: str = Field(max_length=2048)
+    event_types: list[str] = _json(default_factory=list)  # empty: every type
+    secret_enc: str = Field(sa_type=sa.Text)  # "whsec_..." encrypted with mailqueue.crypto.SecretBox
+    status: str = Field(default=WebhookStatus.ACTIVE.value, max_length=16)
+    disabled_reason: str | None = Field(default=None, sa_type=sa.Text)
+    disabled_at: datetime | None = _ts(default=None)
+    failing_since: datetime | None = _ts(default=None)  # the first failed attempt since the last success
+    cursor: str = Field(default="0-0", max_length=40)  # the feed cursor of the last event delivered
+    created_at: datetime = _ts(default_factory=utcnow)
+    updated_at: datetime = _ts(default_factory=utcnow)
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One attempt to POST one event to one endpoint, whatever came of it."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (sa.Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at"),)
+
+    id: str = Field(primary_key=True, max_length=36)
+    endpoint_id: str = Field(foreign_key="webhook_endpoints.id", ondelete="CASCADE", max_length=36)
+    event_id: str = Field(max_length=36)  # the email event's id: the webhook-id header, the same on every attempt
+    event_type: str = Field(max_length=32)
+    attempt: int = 1
+    status_code: int | None = None  # None: no answer (refused, timed out, destination refused)
+    latency_ms: int | None = None
+    error: str | None = Field(default=None, max_length=300)
+    redelivery: bool = False
     created_at: datetime = _ts(default_factory=utcnow)

@@ -17,7 +17,7 @@ from mailqueue.config import Settings
 from mailqueue.contracts import SenderType, priority_key
 from mailqueue.crypto import SecretBox
 from mailqueue.drivers.base import DriverName, SenderDriver
-from mailqueue.models import SenderSettings, User
+from mailqueue.models import SenderSettings, User, WebhookEndpoint
 
 # Fields each driver needs, so a PUT that lacks one is refused (422) instead of failing at send time.
 REQUIRED: dict[SenderDriver, tuple[str, ...]] = {
@@ -28,7 +28,9 @@ REQUIRED: dict[SenderDriver, tuple[str, ...]] = {
     SenderDriver.SES: ("api_key_enc", "api_secret_enc", "ses_region"),
 }
 
-SECRET_COLUMNS = ("smtp_password_enc", "api_key_enc", "api_secret_enc")
+# Every encrypted column (`mailqueue rotate-secrets` re-encrypts them all); the Mailgun webhook signing
+# key verifies the user's provider events in the API (mailqueue/inbound.py), it is never sent anywhere.
+SECRET_COLUMNS = ("smtp_password_enc", "api_key_enc", "api_secret_enc", "mailgun_webhook_signing_key_enc")
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,8 @@ def sender_key(sender_type: SenderType, sender_id: str | None) -> str:
 
 
 async def rotate_secrets(sessions: async_sessionmaker[AsyncSession], box: SecretBox) -> int:
-    """Re-encrypt every stored secret with the newest key, in one transaction (all or nothing)."""
+    """Re-encrypt every stored secret (sender settings' and webhook endpoints' signing secrets) with
+    the newest key, in one transaction (all or nothing). Answers how many rows changed."""
     async with sessions() as session:
         rows = (await session.exec(select(SenderSettings))).all()
         changed = 0
@@ -136,5 +139,9 @@ async def rotate_secrets(sessions: async_sessionmaker[AsyncSession], box: Secret
                     setattr(row, column, box.rotate(token))
                 session.add(row)
                 changed += 1
+        for endpoint in (await session.exec(select(WebhookEndpoint))).all():
+            endpoint.secret_enc = box.rotate(endpoint.secret_enc)
+            session.add(endpoint)
+            changed += 1
         await session.commit()
         return changed

@@ -176,9 +176,11 @@ def _tokens(given: str | None, path: str) -> UnsubscribeTokens:
     return UnsubscribeTokens(split_keys(given) if given else key_file(Path(path), new_key))
 
 
-def unsubscribe_headers(public_url: str, token: str) -> dict[str, str]:
-    """RFC 8058 one-click: a mail client POSTs `List-Unsubscribe=One-Click` to the https link."""
+def unsubscribe_headers(public_url: str, token: str, mailto: str | None = None) -> dict[str, str]:
+    """RFC 8058 one-click: a mail client POSTs `List-Unsubscribe=One-Click` to the https link.
+    `mailto` ("<mailto:...>", RFC 2369) comes second: clients take the https link for one-click."""
+    links = [f"<{public_url.rstrip('/')}/u/{token}>", *([mailto] if mailto else [])]
     return {
-        "List-Unsubscribe": f"<{public_url.rstrip('/')}/u/{token}>",
+        "List-Unsubscribe": ", ".join(links),
         "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
     }

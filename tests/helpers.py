@@ -207,7 +207,7 @@ class DevStack:
     """`mailqueue dev` (what `make dev` runs) as a child process on free ports with its embedded
     defaults (SQLite, a generated key), state in `data_dir`; leaving stops it as Ctrl-C does."""
 
-    NAMES = ("api", "temporal", "ui", "smtp", "mail")
+    NAMES = ("api", "temporal", "ui", "smtp", "mail", "bounce")
 
     def __init__(self, data_dir: Path, output: Path) -> None:
         self.data_dir, self.output = data_dir, output

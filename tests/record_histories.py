@@ -16,14 +16,18 @@ import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from dataclasses import replace
 from pathlib import Path
 
 from temporalio.client import Client, WorkflowHandle
+from pydantic import SecretStr
+from sqlmodel import col, select
 from temporalio.common import WorkflowIDReusePolicy
 
 from devstack.devserver import TemporalDevServer
 from devstack.net import free_port
-from mailqueue import search, suppressions
+from mailqueue import search, suppressions, webhooks
+from mailqueue.accounts import new_id
 from mailqueue.config import Settings
 from mailqueue.contracts import (
     CancelRequest,
@@ -36,25 +40,30 @@ from mailqueue.contracts import (
     TemplateRef,
     workflow_id_for,
 )
+from mailqueue.crypto import SecretBox
 from mailqueue.db import create_engine, migrate, sessionmaker
-from mailqueue.models import EmailTemplate, SuppressionReason
+from mailqueue.models import EmailTemplate, SuppressionReason, WebhookDelivery, WebhookEndpoint
 from mailqueue.senders import sender_key
 from mailqueue.template_library import Renderer
 from mailqueue.template_store import save_template_version
 from mailqueue.templating import TemplateEngine
 from mailqueue.temporal import connect
+from mailqueue.webhooks import DeliveryPolicy, EndpointRun, RedeliverRequest
 from tests.helpers import (
     EMAIL_SETTLES,
     TEST_PAYLOAD_KEY,
+    TEST_SECRET_KEY,
     UNREACHABLE_DATABASE,
     SmtpSink,
     eventually,
     make_sender,
     make_spec,
 )
+from tests.webhook_receiver import WebhookReceiver
 from worker import build_worker
 from workflows.reconcile import ReconcileEmailsWorkflow
 from workflows.send_email import SendEmailWorkflow
+from workflows.webhooks import WebhookEndpointWorkflow, WebhookRedeliveryWorkflow
 
 Scenario = Callable[[Client, str, SmtpSink], Awaitable[WorkflowHandle]]
 
@@ -270,6 +279,110 @@ async def reconcile(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
     )
 
 
+# --- webhook workflows (workflows/webhooks.py) ------------------------------------------------
+
+
+def webhook_scenarios(sessions, settings: Settings) -> dict[str, Scenario]:  # type: ignore[no-untyped-def]
+    """One endpoint per shape (owner: the system, so it gets every event), delivering to a local
+    receiver, on a worker of its own with webhook timings short enough to record in seconds."""
+    hooked = settings.model_copy(update={
+        "webhook_allow_private": True, "secret_key": SecretStr(TEST_SECRET_KEY), "webhook_retry_initial_seconds": 0.2,
+        "webhook_retry_maximum_seconds": 0.5, "webhook_wait_seconds": 0.5, "webhook_loops_per_run": 3,
+    })
+
+    async def endpoint(receiver: WebhookReceiver, **policy: float) -> tuple[str, EndpointRun]:
+        secret = webhooks.new_secret()
+        receiver.secret = secret
+        async with sessions() as s:
+            row = WebhookEndpoint(
+                id=new_id(), owner=sender_key(SenderType.SYSTEM, None), url=receiver.url,
+                secret_enc=SecretBox.from_settings(hooked).encrypt(secret), cursor=str(await webhooks.feed_end(s)),
+            )
+            s.add(row)
+            await s.commit()
+        return row.id, EndpointRun(row.id, replace(DeliveryPolicy.of(hooked), **policy))
+
+    async def run_endpoint(client: Client, tq: str, receiver: WebhookReceiver, **policy: float) -> tuple[str, WorkflowHandle]:
+        endpoint_id, req = await endpoint(receiver, **policy)
+        handle = await client.start_workflow(
+            WebhookEndpointWorkflow.run, req, id=webhooks.endpoint_workflow_id(endpoint_id), task_queue=webhooks.webhook_queue(tq),
+        )
+        return endpoint_id, handle
+
+    async def delivered_then_continued(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+        """Three steps (the events of one email delivered among them), then continue-as-new: its first run."""
+        queue = f"{tq}-wh"
+        with WebhookReceiver() as receiver:
+            async with build_worker(client, hooked, task_queue=queue):
+                endpoint_id, req = await endpoint(receiver)
+                await _settle(await _start(client, make_spec(), queue))  # its events wait for the first step
+                handle = await client.start_workflow(
+                    WebhookEndpointWorkflow.run, req, id=webhooks.endpoint_workflow_id(endpoint_id),
+                    task_queue=webhooks.webhook_queue(queue),
+                )
+                await eventually(lambda: len(receiver.verified()) >= 3, timeout=EMAIL_SETTLES, what="the events never arrived")
+                first = handle.result_run_id
+
+                async def continued() -> bool:
+                    return (await handle.describe()).run_id != first
+
+                await eventually(continued, timeout=EMAIL_SETTLES, what="the endpoint's run never continued as new")
+                await client.get_workflow_handle(handle.id).terminate("recorded")
+        return client.get_workflow_handle(handle.id, run_id=first)
+
+    async def retried_then_deleted(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+        """A 500 and a refused connection before the 200; then the endpoint is deleted (its run cancelled)."""
+        queue = f"{tq}-wh"
+        with WebhookReceiver() as receiver:
+            receiver.script.extend([500, 503])
+            async with build_worker(client, hooked, task_queue=queue):
+                endpoint_id, handle = await run_endpoint(client, queue, receiver, loops_per_run=1000)
+                await _settle(await _start(client, make_spec(), queue))
+                await eventually(lambda: len(receiver.verified()) >= 3, timeout=EMAIL_SETTLES, what="the events never arrived")
+                async with sessions() as s:
+                    row = await s.get(WebhookEndpoint, endpoint_id)
+                    await s.delete(row)
+                    await s.commit()
+                await handle.cancel()
+                return await _settle(handle)
+
+    async def disabled(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+        """The receiver answers 503 for longer than the disable window: the endpoint is disabled, the run ends."""
+        queue = f"{tq}-wh"
+        with WebhookReceiver() as receiver:
+            receiver.script.extend([503] * 1000)
+            async with build_worker(client, hooked, task_queue=queue):
+                _, handle = await run_endpoint(client, queue, receiver, disable_after_seconds=2.0, loops_per_run=1000)
+                await _settle(await _start(client, make_spec(), queue))
+                return await _settle(handle)
+
+    async def redelivered(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+        """One delivery sent again (WebhookRedeliveryWorkflow), after a 500."""
+        queue = f"{tq}-wh"
+        with WebhookReceiver() as receiver:
+            async with build_worker(client, hooked, task_queue=queue):
+                endpoint_id, handle = await run_endpoint(client, queue, receiver, loops_per_run=1000)
+                await _settle(await _start(client, make_spec(), queue))
+                await eventually(lambda: len(receiver.verified()) >= 3, timeout=EMAIL_SETTLES, what="the events never arrived")
+                async with sessions() as s:
+                    delivery = (await s.exec(select(WebhookDelivery).where(col(WebhookDelivery.endpoint_id) == endpoint_id))).first()
+                assert delivery is not None
+                receiver.script.append(500)
+                again = await _settle(await client.start_workflow(
+                    WebhookRedeliveryWorkflow.run, RedeliverRequest(endpoint_id, delivery.id, DeliveryPolicy.of(hooked)),
+                    id=f"webhook-redeliver-{uuid.uuid4()}", task_queue=webhooks.webhook_queue(queue),
+                ))
+                await handle.terminate("recorded")
+                return again
+
+    return {
+        "webhook_delivered_then_continued": delivered_then_continued,
+        "webhook_retried_then_deleted": retried_then_deleted,
+        "webhook_disabled": disabled,
+        "webhook_redelivered": redelivered,
+    }
+
+
 async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
     tmp = Path(tempfile.mkdtemp())
     url = f"sqlite:///{tmp / 'db.sqlite'}"
@@ -300,6 +413,8 @@ async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
         "sender_changed_drivers": sender_changed_drivers(sessions, settings),
         "suppressed_at_send": suppressed_at_send(sessions),
         "reconcile": reconcile,  # record with --prefix rN: a shape of ReconcileEmailsWorkflow
+        # Record with --prefix whN: shapes of the webhook workflows (workflows/webhooks.py).
+        **webhook_scenarios(sessions, settings),
     }
     if only:
         unknown = only - set(scenarios)
@@ -312,7 +427,8 @@ async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
         async with build_worker(client, settings, task_queue=tq, renderer=renderer):
             for name, scenario in scenarios.items():
                 handle = await scenario(client, tq, sink)
-                history = await client.get_workflow_handle(handle.id).fetch_history()
+                # The run the scenario names (a workflow that continued as new: its first run), else the latest.
+                history = await client.get_workflow_handle(handle.id, run_id=handle.run_id).fetch_history()
                 path = out / f"{prefix}_{name}.json"
                 path.write_text(json.dumps(json.loads(history.to_json()), indent=1) + "\n")
                 print(f"recorded {path} ({len(history.events)} events)")

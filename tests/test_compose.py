@@ -61,6 +61,9 @@ def test_workflow_data_is_encrypted_and_the_ui_decodes_it_through_the_api() -> N
     env = SERVICES["api"]["environment"]
     # The key comes from the operator's environment (compose refuses to start without it), never from this file.
     assert re.fullmatch(r"\$\{MAILQUEUE_PAYLOAD_KEYS:\?[^}]+\}", env["MAILQUEUE_PAYLOAD_KEYS"]), env["MAILQUEUE_PAYLOAD_KEYS"]
+    # Unsubscribe links: one signing key for all replicas and a public URL, both from the operator.
+    for name in ("MAILQUEUE_UNSUBSCRIBE_KEYS", "MAILQUEUE_PUBLIC_URL"):
+        assert re.fullmatch(rf"\$\{{{name}:\?[^}}]+\}}", env[name]), env[name]
     ui = SERVICES["temporal-ui"]["environment"]
     api_port = _published(SERVICES["api"]["ports"][0])[1]
     # The browser calls the endpoint: the API as published on the host, at the codec route.

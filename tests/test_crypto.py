@@ -13,7 +13,8 @@ from sqlmodel import select
 
 from mailqueue.config import Settings, settings_env
 from mailqueue.crypto import SecretBox, SecretKeyError, new_key
-from mailqueue.models import SenderSettings
+from mailqueue.models import SenderSettings, WebhookEndpoint
+from mailqueue.accounts import new_id
 from mailqueue.senders import rotate_secrets
 from tests.helpers import make_sender, run_cli
 
@@ -52,17 +53,27 @@ def test_without_a_configured_key_one_is_generated_once_privately(tmp_path: Path
 async def test_rotate_secrets_reencrypts_every_stored_secret(sessions: Any, database_url: str) -> None:
     old, new = new_key(), new_key()
     box = SecretBox([old])
-    user_id = await make_sender(sessions, driver="ses", api_key_enc=box.encrypt("AKIA1"), api_secret_enc=box.encrypt("sek"), ses_region="eu-west-1")
+    user_id = await make_sender(sessions, driver="ses", api_key_enc=box.encrypt("AKIA1"), api_secret_enc=box.encrypt("sek"), ses_region="eu-west-1",
+                                mailgun_webhook_signing_key_enc=box.encrypt("mg-signing"))
+
+    endpoint_id = new_id()
+    async with sessions() as s:
+        s.add(WebhookEndpoint(id=endpoint_id, owner=f"user:{user_id}", url="https://hooks.example.com/in", secret_enc=box.encrypt("whsec_c2lnbmluZw==")))
+        await s.commit()
 
     env = settings_env(Settings(secret_key=f"{new},{old}", database_url=database_url, _env_file=None))  # type: ignore[call-arg]
     run = run_cli("rotate-secrets", env=env)
     assert run.returncode == 0, run.stderr
-    assert "re-encrypted" in run.stdout and "sek" not in run.stdout + run.stderr
+    assert "re-encrypted" in run.stdout and "sek" not in run.stdout + run.stderr and "mg-signing" not in run.stdout + run.stderr
 
     async with sessions() as s:
         row = (await s.exec(select(SenderSettings).where(SenderSettings.user_id == user_id))).one()
     only_new = SecretBox([new])
     assert only_new.decrypt(row.api_key_enc or "") == "AKIA1" and only_new.decrypt(row.api_secret_enc or "") == "sek"
+    assert only_new.decrypt(row.mailgun_webhook_signing_key_enc or "") == "mg-signing"  # the inbound signing key too
+    async with sessions() as s:
+        endpoint = await s.get(WebhookEndpoint, endpoint_id)
+    assert endpoint is not None and only_new.decrypt(endpoint.secret_enc) == "whsec_c2lnbmluZw=="  # webhook signing secrets too
     assert await rotate_secrets(sessions, SecretBox([new])) >= 1  # idempotent: again with the new key alone
 
     wrong = env | {"MAILQUEUE_SECRET_KEY": new_key()}

@@ -85,7 +85,13 @@ async def _seed(stack: Stack) -> dict[str, str]:
     tester = (await http.post("/v1/users", json={"name": f"fuzz-{uuid.uuid4().hex[:8]}", "email": "tester@example.com"})).json()
     later = (datetime.now(UTC) + timedelta(days=1)).isoformat()
     scheduled = (await http.post("/v1/emails", json=email(send_at=later))).json()
-    return {"user_id": user["id"], "key_id": key["id"], "email_id": scheduled["id"], "name": template, "tester": tester["id"]}
+    # A webhook endpoint of the user's (who sends nothing here, so nothing is ever POSTed to it): a public
+    # literal address on port 443, which the URL policy accepts without DNS.
+    hook = (await http.post("/v1/webhooks", json={"url": "https://93.184.215.14/hook"}, headers={"Authorization": f"Bearer {key['key']}"})).json()
+    return {
+        "user_id": user["id"], "key_id": key["id"], "email_id": scheduled["id"], "name": template, "tester": tester["id"],
+        "endpoint_id": hook["id"],
+    }
 
 
 def _known(operation: APIOperation, known: dict[str, str]) -> dict[str, dict[str, str]]:

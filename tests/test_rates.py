@@ -117,7 +117,8 @@ async def test_a_rated_driver_sends_through_its_own_queue_at_its_rate(client: Cl
     rated = settings.model_copy(update={"send_rates": {"smtp": 2.0}, "task_queue": settings.task_queue + "-rated"})
     specs = [make_spec(send_queue="smtp") for _ in range(6)]
     async with build_worker(client, rated) as workers:
-        assert [w.task_queue for w in workers.workers] == [rated.task_queue, rated.task_queue + ".smtp"]
+        # The main queue, the rated driver's, and the webhook deliveries' (their own slots, never a send's).
+        assert [w.task_queue for w in workers.workers] == [rated.task_queue, rated.task_queue + ".smtp", rated.task_queue + "-webhooks"]
         handles = [
             await client.start_workflow(SendEmailWorkflow.run, spec, id=workflow_id_for(spec.email_id), task_queue=rated.task_queue)
             for spec in specs

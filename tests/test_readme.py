@@ -18,7 +18,7 @@ from tests.helpers import EMAIL_SETTLES, PROCESS_STARTS, ROOT, DevStack, eventua
 # The README sections whose ```sh / ```bash blocks are run (their ### parts included), in the README's order.
 SECTIONS = ("Your first email", "Users, keys and sender settings", "Templates")
 # `mailqueue dev`'s default ports, as the examples use them.
-DEFAULT_PORTS = {"api": 8000, "temporal": 7233, "ui": 8233, "smtp": 1025, "mail": 8025}
+DEFAULT_PORTS = {"api": 8000, "temporal": 7233, "ui": 8233, "smtp": 1025, "mail": 8025, "bounce": 2525}
 PRELUDE = """set -euo pipefail
 trap 'echo "a README example failed (exit $?): $BASH_COMMAND" >&2' ERR
 curl() {  # an HTTP error fails the example

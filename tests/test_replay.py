@@ -21,8 +21,9 @@ from mailqueue.temporal import data_converter
 from tests.helpers import TEST_PAYLOAD_KEY
 from workflows.reconcile import ReconcileEmailsWorkflow
 from workflows.send_email import SendEmailWorkflow
+from workflows.webhooks import WebhookEndpointWorkflow, WebhookRedeliveryWorkflow
 
-WORKFLOWS = [SendEmailWorkflow, ReconcileEmailsWorkflow]
+WORKFLOWS = [SendEmailWorkflow, ReconcileEmailsWorkflow, WebhookEndpointWorkflow, WebhookRedeliveryWorkflow]
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 ENCRYPTED = [p for p in HISTORIES if p.stem.startswith("enc")]
@@ -37,6 +38,9 @@ SHAPES = {
     "server_unreachable_gave_up", "sender_changed_drivers", "suppressed_at_send",
     "reconcile",  # ReconcileEmailsWorkflow
 }
+# The webhook workflows' shapes (workflows/webhooks.py; recorded with --prefix whN).
+WEBHOOK_SHAPES = {"webhook_delivered_then_continued", "webhook_retried_then_deleted", "webhook_disabled", "webhook_redelivered"}
+SHAPES |= WEBHOOK_SHAPES
 
 
 def test_every_workflow_shape_has_a_recorded_history() -> None:
@@ -49,7 +53,19 @@ def test_every_email_shape_was_recorded_keeping_its_search_attributes_up_to_date
     shapes recorded since (enc3: send-honours-suppressions)."""
     since = [p for p in HISTORIES if p.stem.split("_", 1)[0] in ("enc2", "enc3")]
     assert all("upsertWorkflowSearchAttributesEventAttributes" in p.read_text() for p in since)
-    assert {p.stem.split("_", 1)[1] for p in since} == SHAPES - {"reconcile"}
+    assert {p.stem.split("_", 1)[1] for p in since} == SHAPES - {"reconcile"} - WEBHOOK_SHAPES
+
+
+def test_webhook_histories_hold_only_encrypted_payloads_and_name_no_secret() -> None:
+    """The webhook workflows carry the endpoint's id and timings, never its secret (activities read it from the database)."""
+    recorded = [p for p in HISTORIES if p.stem.split("_", 1)[1] in WEBHOOK_SHAPES]
+    assert {p.stem.split("_", 1)[1] for p in recorded} == WEBHOOK_SHAPES
+    encrypted = base64.b64encode(b"binary/encrypted").decode()
+    for path in recorded:
+        raw = json.loads(path.read_text())
+        payloads = list(_payloads(raw, ours=True))
+        assert payloads and all(p["metadata"]["encoding"] == encrypted for p in payloads), path.name
+        assert "whsec_" not in _clear_text(raw), path.name
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])

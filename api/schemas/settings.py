@@ -3,25 +3,36 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.schemas.common import Text, normalize_address
 from mailqueue.config import SmtpSecurity
 from mailqueue.drivers.base import SenderDriver
+from mailqueue.inbound import sendgrid_public_key
 from mailqueue.models import SenderSettings
 
 # The write-only fields and the columns that keep them encrypted.
-SECRETS = {"smtp_password": "smtp_password_enc", "api_key": "api_key_enc", "api_secret": "api_secret_enc"}
+SECRETS = {"smtp_password": "smtp_password_enc", "api_key": "api_key_enc", "api_secret": "api_secret_enc",
+           "mailgun_webhook_signing_key": "mailgun_webhook_signing_key_enc"}
+# An SNS topic's ARN (aws, aws-cn, aws-us-gov partitions).
+SNS_TOPIC_ARN = r"^arn:aws(-cn|-us-gov)?:sns:[a-z0-9-]{1,32}:\d{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?$"
+MAX_SNS_TOPICS = 20
 
 
 class MailSettingsIn(BaseModel):
-    """Secrets (smtp_password, api_key, api_secret): omit or null to keep the stored one, "" to remove it.
+    """Secrets (smtp_password, api_key, api_secret, mailgun_webhook_signing_key): omit or null to keep
+    the stored one, "" to remove it.
 
     A secret stays bound to where it was given for: a PUT that changes smtp_host, smtp_port,
     smtp_username or smtp_security clears the stored smtp_password, and one that changes the
     driver clears api_key and api_secret, unless the same PUT gives them again (the answer
-    then shows `smtp_password_set: false`)."""
+    then shows `smtp_password_set: false`). mailgun_webhook_signing_key is never sent anywhere (it checks
+    the events the user's Mailgun sends us), so only "" clears it.
+
+    sns_topic_arns, sendgrid_webhook_public_key and mailgun_webhook_signing_key let
+    /v1/inbound/{ses,sendgrid,mailgun}/{user_id} take the events of the user's own provider account."""
 
     model_config = ConfigDict(extra="forbid")
     driver: SenderDriver = SenderDriver.SYSTEM_SMTP
@@ -45,11 +56,37 @@ class MailSettingsIn(BaseModel):
     default_from: str | None = Field(default=None, max_length=512)
     hourly_limit: int | None = Field(default=None, ge=1, le=10_000_000)
     daily_limit: int | None = Field(default=None, ge=1, le=100_000_000)
+    # Provider events in on /v1/inbound/<provider>/<user id>: the keys the user's own account signs with.
+    sns_topic_arns: list[Annotated[str, Field(max_length=400, pattern=SNS_TOPIC_ARN)]] = Field(
+        default_factory=list, max_length=MAX_SNS_TOPICS,
+        description="SES: the SNS topics (subscribed to /v1/inbound/ses/{user_id}) whose SES events are this user's",
+    )
+    sendgrid_webhook_public_key: str | None = Field(
+        default=None, max_length=1000,
+        description="SendGrid: the signed Event Webhook's verification key (base64, as SendGrid shows it; ECDSA P-256)",
+    )
+    mailgun_webhook_signing_key: str | None = Field(
+        default=None, max_length=200, description="Mailgun: the HTTP webhook signing key (a secret: write-only, stored encrypted)",
+    )
 
     @field_validator("default_from")
     @classmethod
     def _address(cls, value: str | None) -> str | None:
         return normalize_address(value) if value else None
+
+    @field_validator("sns_topic_arns")
+    @classmethod
+    def _topics(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))  # each once, in the order given
+
+    @field_validator("sendgrid_webhook_public_key")
+    @classmethod
+    def _sendgrid_key(cls, value: str | None) -> str | None:
+        if not value or not value.strip():
+            return None
+        value = "".join(value.split())
+        sendgrid_public_key(value, "sendgrid_webhook_public_key")  # one that cannot verify anything: 422 now, not at the first event
+        return value
 
 
 class MailSettingsOut(BaseModel):
@@ -69,15 +106,20 @@ class MailSettingsOut(BaseModel):
     hourly_limit: int | None = None
     daily_limit: int | None = None
     updated_at: datetime | None = None
+    sns_topic_arns: list[str] = Field(default_factory=list)
+    sendgrid_webhook_public_key: str | None = None
+    mailgun_webhook_signing_key_set: bool = False
 
     @classmethod
     def of(cls, user_id: str, row: SenderSettings | None) -> MailSettingsOut:
         """What may be shown of a user's settings: never a secret, only whether one is set."""
         if row is None:
             return cls(user_id=user_id, driver=SenderDriver.SYSTEM_SMTP)
+        shown = {k: v for k, v in row.model_dump().items() if not k.endswith("_enc")}
         return cls(
-            **{k: v for k, v in row.model_dump().items() if not k.endswith("_enc")},
+            **shown | {"sns_topic_arns": row.sns_topic_arns or []},
             smtp_password_set=bool(row.smtp_password_enc), api_key_set=bool(row.api_key_enc), api_secret_set=bool(row.api_secret_enc),
+            mailgun_webhook_signing_key_set=bool(row.mailgun_webhook_signing_key_enc),
         )
 
 

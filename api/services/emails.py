@@ -38,6 +38,7 @@ from api.schemas.emails import (
 from api.services.context import Context
 from api.services.errors import Conflict, Invalid, LimitReached, NotFound, invalid
 from mailqueue.accounts import Principal
+from mailqueue.bounces import unsubscribe_mailto
 from mailqueue.config import Settings
 from mailqueue.contracts import (
     CANCEL_UPDATE,
@@ -238,7 +239,7 @@ async def prepare_email(ctx: Context, req: EmailRequest, idempotency_key: str | 
         recorded=True,  # the record and its `queued` event are written before the workflow starts
     )
     if req.wants_unsubscribe:
-        spec = replace(spec, headers={**spec.headers, **_unsubscribe_headers(ctx, req, sender_key(sender_type, sender_id))})
+        spec = replace(spec, headers={**spec.headers, **_unsubscribe_headers(ctx, req, sender_key(sender_type, sender_id), email_id)})
     prepared = PreparedEmail(spec, content, _request_hash(req), idempotency_key, req.send_at)
     found = await suppressed_among(ctx.session, sender_key(sender_type, sender_id), recipients_of(spec))
     if found:
@@ -246,9 +247,11 @@ async def prepare_email(ctx: Context, req: EmailRequest, idempotency_key: str | 
     return prepared
 
 
-def _unsubscribe_headers(ctx: Context, req: EmailRequest, sender: str) -> dict[str, str]:
+def _unsubscribe_headers(ctx: Context, req: EmailRequest, sender: str, email_id: str) -> dict[str, str]:
     """List-Unsubscribe (RFC 8058 one-click) for the email's one recipient. One message goes to all
-    of an email's recipients, and a link names one of them: hence exactly one, in `to`."""
+    of an email's recipients, and a link names one of them: hence exactly one, in `to`. With a bounce
+    domain, a mailto (RFC 2369) follows the link: mail to it from that recipient unsubscribes them
+    (mailqueue/bounce_server.py)."""
     loc = ("body", "unsubscribe")
     if len(req.to) != 1 or req.cc or req.bcc:
         raise invalid(loc, "an email with an unsubscribe link (unsubscribe: true, or category marketing) goes to exactly "
@@ -259,7 +262,8 @@ def _unsubscribe_headers(ctx: Context, req: EmailRequest, sender: str) -> dict[s
     if given:
         raise invalid(("body", "headers"), f"give either the {' and '.join(given)} header or unsubscribe/category marketing, not both")
     token = UnsubscribeTokens.from_settings(ctx.settings).make(Unsubscribe(sender, bare_address(req.to[0]), req.category))
-    return unsubscribe_headers(ctx.settings.public_url, token)
+    domain = ctx.settings.bounce_domain
+    return unsubscribe_headers(ctx.settings.public_url, token, unsubscribe_mailto(email_id, domain) if domain else None)
 
 
 async def commit_email(ctx: Context, prepared: PreparedEmail) -> Email:

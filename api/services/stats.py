@@ -11,7 +11,7 @@ from sqlmodel import col, select
 from api.schemas.stats import StatsOut, StuckEmail
 from api.services.context import Context
 from api.services.emails import visible_to
-from mailqueue.contracts import IN_FLIGHT, WAITING, EmailStatus, status_values
+from mailqueue.contracts import IN_FLIGHT, WAITING, WENT_OUT, status_values
 from mailqueue.models import Email, utcnow
 
 # An email in flight with no change for this long is stuck (/v1/stats' default, and /metrics').
@@ -34,7 +34,7 @@ async def stats(ctx: Context, stuck_after_seconds: int) -> StatsOut:
         await session.exec(select(Email).where(*mine, in_flight, col(Email.updated_at) < stale).order_by(col(Email.updated_at)).limit(10))
     ).all()
     oldest = (await session.exec(select(sa.func.min(Email.created_at)).where(*mine, in_flight))).one()
-    sent = col(Email.status) == EmailStatus.SENT.value
+    sent = col(Email.status).in_(status_values(WENT_OUT))  # delivered, bounced, complained went out too
     return StatsOut(
         by_status=by_status,
         queue_depth=sum(n for s, n in by_status.items() if s in IN_FLIGHT | WAITING),
