@@ -44,12 +44,11 @@ from mailqueue.errors import (
 )
 from mailqueue.message import build_message, envelope, redirect
 from mailqueue.metrics import SendOutcome, WorkerMetrics
-from mailqueue.senders import resolve_sender, sender_key
+from mailqueue.senders import resolve_sender
 from mailqueue.suppressions import (
     dropped_detail,
     has_recipients,
-    recipients_of,
-    suppressed_among,
+    suppressed_for,
     without_suppressed,
 )
 from mailqueue.template_library import Renderer
@@ -269,7 +268,7 @@ class SendActivities:
         if found is None:  # the claim could not look (the database slow or away): once more, on its own
             try:
                 async with self._sessions() as session:
-                    found = await suppressed_among(session, sender_key(spec.sender_type, spec.sender_id), recipients_of(spec))
+                    found = await suppressed_for(session, spec)
             except STORE_ERRORS as exc:
                 raise _store_unavailable(spec, "suppression list", exc) from None
         if not found:
@@ -345,7 +344,7 @@ class SendActivities:
                 # sends in flight on a pool of 20, made attempts run out of time before sending.
                 spec = entry.spec
                 assert spec is not None
-                return None, await suppressed_among(session, sender_key(spec.sender_type, spec.sender_id), recipients_of(spec))
+                return None, await suppressed_for(session, spec)
         except RecordClosed as exc:  # its run has ended: Temporal drops this attempt's answer; send nothing
             log.warning("%s", exc)
             raise ApplicationError(str(exc), type=EMAIL_CLOSED, non_retryable=True) from None

@@ -27,7 +27,7 @@ from mailqueue.config import Settings
 from mailqueue.crypto import SecretBox, SecretKeyError
 from mailqueue.drivers._http import http_client
 from mailqueue.egress import DestinationRefused
-from mailqueue.events import Cursor, FeedEvent, FeedSignal, read_feed
+from mailqueue.events import Cursor, FeedEvent, FeedSignal, feed_end, find_event, read_feed
 from mailqueue.ids import new_email_id
 from mailqueue.models import WebhookDelivery, WebhookEndpoint, WebhookStatus, utcnow
 from mailqueue.webhooks import (
@@ -77,7 +77,7 @@ class WebhookActivities:
         """One waker per worker process (LISTEN on PostgreSQL, a short poll on SQLite), started at first use."""
         if self._signal is None:
             engine = self._sessions.kw["bind"]
-            self._signal = FeedSignal(self._settings.database_url, engine, self._settings.events_poll_seconds, retry_seconds=1.0)
+            self._signal = FeedSignal.for_settings(self._settings, engine)
             await self._signal.start()
         return self._signal
 
@@ -152,7 +152,7 @@ class WebhookActivities:
         endpoint = await self._active(req.endpoint_id)
         async with self._sessions() as session:
             original = await session.get(WebhookDelivery, req.delivery_id)
-            event = await webhooks.find_event(session, original.event_id) if original is not None else None
+            event = await find_event(session, original.event_id) if original is not None else None
         if endpoint is None or original is None or original.endpoint_id != req.endpoint_id or event is None:
             return RedeliverResult(gone=True)
         async with self._sessions() as session:
@@ -186,7 +186,7 @@ class WebhookActivities:
             woken = signal.waiter()  # before reading: a commit during the read wakes the wait
             async with self._sessions() as session:
                 # Taken before the read: every event behind it was committed before the read began.
-                seen = await webhooks.feed_end(session)
+                seen = await feed_end(session)
                 await session.commit()
                 page = await read_feed(session, where, after, req.batch)
             if page.events:
@@ -227,12 +227,10 @@ class WebhookActivities:
                 # Streamed and never read: a receiver's answer body is not ours to hold.
                 async with self._http().stream("POST", url, content=body.encode(), headers=headers) as answer:
                     status = answer.status_code
-        except TimeoutError:
+        except (TimeoutError, httpx.TimeoutException):
             error = f"timed out after {timeout:g} s"
         except DestinationRefused as exc:
             error = f"destination refused: {exc.reason}"
-        except httpx.TimeoutException:
-            error = f"timed out after {timeout:g} s"
         except httpx.HTTPError as exc:
             # The type only: httpx's messages carry the URL, which may hold a token.
             error = f"could not be reached ({type(exc).__name__})"

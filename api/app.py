@@ -279,9 +279,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 log.error("MAILQUEUE_UNSUBSCRIBE_KEYS: %s", exc)
                 raise
         app.state.rate_limiter = RateLimiter.for_settings(settings, engine)
-        # Wakes this process's event streams: LISTEN on PostgreSQL, a short poll on SQLite.
-        app.state.event_signal = FeedSignal(settings.database_url, engine, settings.events_poll_seconds, retry_seconds=1.0)
-        await app.state.event_signal.start()
+        # Wakes this process's event streams (LISTEN on PostgreSQL, a short poll on SQLite), from the first stream on.
+        app.state.event_signal = FeedSignal.for_settings(settings, engine)
         # Lazy: the API starts (and /readyz reports) even while Temporal is still coming up.
         app.state.temporal = await connect(settings, lazy=True)
         if settings.bootstrap_api_key is None:

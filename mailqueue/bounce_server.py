@@ -156,7 +156,7 @@ class BounceHandler:
                 if feedback is None:
                     log.info("email %s: a report says %s for a recipient; nothing to record", target.email_id, status.action.value)
                     continue
-                recorded = await record_feedback(db, feedback)
+                recorded = await record_feedback(db, feedback, email=email)
                 what = "delivered" if feedback.kind is FeedbackKind.DELIVERED else f"{'hard' if feedback.hard else 'soft'} bounce"
                 log.info(
                     "email %s: %s %s (%s)%s", target.email_id, what, status.status,
@@ -182,7 +182,7 @@ class BounceHandler:
             recorded = await record_feedback(db, Feedback(
                 kind=FeedbackKind.UNSUBSCRIBED, source=bounces.SOURCE_UNSUBSCRIBE_MAIL, event_key=f"unsubscribe {key}",
                 recipient=recipient, email_id=target.email_id,
-            ))
+            ), email=email)
             log.info("email %s: its recipient unsubscribed by mail%s", target.email_id,
                      " (again)" if recorded is not None and recorded.duplicate else "")
 

@@ -19,12 +19,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from mailqueue.config import Settings
 from mailqueue.contracts import SenderType
 from mailqueue.models import Email, EmailEvent, EmailEventFeed
 
@@ -36,6 +38,8 @@ CHANNEL = "mailqueue_events"
 CURSOR_PATTERN = r"^[0-9]{1,19}-[0-9]{1,19}$"
 _CURSOR = re.compile(CURSOR_PATTERN)
 START = (0, 0)  # before every event
+# Every transaction older than this one has ended: its rows in the feed are final.
+_XMIN = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 
 
 @dataclass(frozen=True)
@@ -91,19 +95,31 @@ class FeedFilter:
     types: Sequence[str] = ()
 
 
+def _feed_select(*extra: Any) -> sa.Select[Any]:
+    """The feed's rows with their events' fields (never the email's content)."""
+    feed, events = EmailEventFeed.__table__, EmailEvent.__table__  # type: ignore[attr-defined]
+    return sa.select(
+        feed.c.xid, feed.c.seq, feed.c.email_id, feed.c.event_id, events.c.event, events.c.status, events.c.attempt, events.c.detail,
+        events.c.created_at, *extra,
+    ).join(events, events.c.id == feed.c.event_id)
+
+
+def _event(row: Any) -> FeedEvent:
+    return FeedEvent(
+        Cursor(row.xid, row.seq), row.email_id, row.event, row.status, row.attempt, row.detail, row.created_at,
+        event_id=row.event_id,
+    )
+
+
 async def read_feed(session: AsyncSession, where: FeedFilter, after: Cursor, limit: int) -> FeedPage:
     """Events after `after`, in feed order, at most `limit` of them: only final rows (see the module doc)."""
     feed, events, emails = EmailEventFeed.__table__, EmailEvent.__table__, Email.__table__  # type: ignore[attr-defined]
     conn = await session.connection()
     postgres = conn.dialect.name == "postgresql"
     # Computed in the same statement as the rows, so from the same snapshot.
-    horizon = sa.literal_column("pg_snapshot_xmin(pg_current_snapshot())::text::bigint") if postgres else sa.literal(2**62)
+    horizon = sa.literal_column(_XMIN) if postgres else sa.literal(2**62)
     query = (
-        sa.select(
-            feed.c.xid, feed.c.seq, feed.c.email_id, feed.c.event_id, events.c.event, events.c.status, events.c.attempt, events.c.detail,
-            events.c.created_at, horizon.label("horizon"),
-        )
-        .join(events, events.c.id == feed.c.event_id)
+        _feed_select(horizon.label("horizon"))
         .where(sa.tuple_(feed.c.xid, feed.c.seq) > sa.tuple_(sa.literal(after.xid), sa.literal(after.seq)))
         .order_by(feed.c.xid, feed.c.seq)
         .limit(limit)
@@ -119,25 +135,38 @@ async def read_feed(session: AsyncSession, where: FeedFilter, after: Cursor, lim
     rows = (await conn.execute(query)).all()
     await session.commit()  # nothing held between pages: a waiting stream holds no connection
     # (xid, seq) order puts every row of a still-unsafe transaction after all safe ones.
-    final = [row for row in rows if row.xid < row.horizon]
-    out = [
-        FeedEvent(
-            Cursor(row.xid, row.seq), row.email_id, row.event, row.status, row.attempt, row.detail, row.created_at,
-            event_id=row.event_id,
-        )
-        for row in final
-    ]
+    out = [_event(row) for row in rows if row.xid < row.horizon]
     return FeedPage(
-        events=out, next=out[-1].cursor if out else after, more=len(rows) == limit and len(final) == len(rows),
-        held=len(final) < len(rows),
+        events=out, next=out[-1].cursor if out else after, more=len(rows) == limit and len(out) == len(rows),
+        held=len(out) < len(rows),
     )
 
 
-async def latest_seq(session: AsyncSession) -> int:
+async def find_event(session: AsyncSession, event_id: str) -> FeedEvent | None:
+    """One event of the feed by its email event's id (a webhook redelivery sends it again as it was)."""
     feed = EmailEventFeed.__table__  # type: ignore[attr-defined]
-    value = (await session.execute(sa.select(sa.func.max(feed.c.seq)))).scalar()
+    row = (await (await session.connection()).execute(_feed_select().where(feed.c.event_id == event_id))).first()
+    return None if row is None else _event(row)
+
+
+async def _max_seq(session: AsyncSession) -> int:
+    feed = EmailEventFeed.__table__  # type: ignore[attr-defined]
+    return int((await session.execute(sa.select(sa.func.max(feed.c.seq)))).scalar() or 0)
+
+
+async def latest_seq(session: AsyncSession) -> int:
+    value = await _max_seq(session)
     await session.commit()
-    return int(value or 0)
+    return value
+
+
+async def feed_end(session: AsyncSession) -> Cursor:
+    """A cursor behind which every event committed so far lies: a reader starting there gets what
+    happens from now on (on PostgreSQL also the events of transactions still running)."""
+    conn = await session.connection()
+    if conn.dialect.name == "postgresql":
+        return Cursor(int((await conn.execute(sa.select(sa.literal_column(_XMIN)))).scalar() or 0), 0)
+    return Cursor(START[0], await _max_seq(session))
 
 
 class FeedSignal:
@@ -156,6 +185,10 @@ class FeedSignal:
         self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
+    @classmethod
+    def for_settings(cls, settings: Settings, engine: AsyncEngine) -> FeedSignal:
+        return cls(settings.database_url, engine, settings.events_poll_seconds, retry_seconds=1.0)
+
     def waiter(self) -> asyncio.Event:
         """The event the next wake sets: take it BEFORE reading the feed, so a wake that comes
         during the read is not lost."""
@@ -166,6 +199,10 @@ class FeedSignal:
         woken.set()
 
     async def start(self) -> None:
+        """Start listening (or polling), once: its users call this when they first wait, so a process
+        that never streams holds no listener connection and runs no poll."""
+        if self._task is not None:
+            return
         postgres = self._url.get_backend_name() == "postgresql"
         self._task = asyncio.create_task(self._listen() if postgres else self._poll(), name="event-feed-signal")
 

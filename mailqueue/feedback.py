@@ -21,6 +21,7 @@ from enum import StrEnum
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -127,30 +128,30 @@ async def find_email(
     if email_id:
         query = select(Email).where(col(Email.id) == email_id)
     elif provider_message_id and (forms := _message_id_forms(provider_message_id)):
-        query = select(Email).where(col(Email.provider_message_id).in_(forms))
+        query = select(Email).where(col(Email.provider_message_id).in_(forms)).order_by(col(Email.created_at)).limit(1)
         if provider is not None:
             query = query.where(col(Email.provider) == provider)
-        if sender is not None:  # in the query: another sender's email with the same id must not hide this one's
-            kind, _, who = sender.partition(":")
-            query = query.where(col(Email.sender_type) == kind, col(Email.sender_id) == (who or None))
-        query = query.order_by(col(Email.created_at)).limit(1)
     else:
         return None
-    email = (await session.exec(query)).first()
-    if email is None:
-        return None
-    if sender is not None and sender_key(SenderType(email.sender_type), email.sender_id) != sender:
-        return None
-    return email
+    if sender is not None:  # in the query: another sender's email with the same message id must not hide this one's
+        kind, _, who = sender.partition(":")
+        query = query.where(col(Email.sender_type) == kind, col(Email.sender_id) == (who or None))
+    return (await session.exec(query)).first()
 
 
-async def record_feedback(session: AsyncSession, feedback: Feedback, *, sender: str | None = None) -> Recorded | None:
+async def record_feedback(
+    session: AsyncSession, feedback: Feedback, *, sender: str | None = None, email: Email | None = None,
+) -> Recorded | None:
     """Record one verified event (see the module's docstring). None: no email matches it (an
-    unknown message id, or another sender's email when `sender` is given). Commits."""
-    email = await find_email(
-        session, email_id=feedback.email_id, provider_message_id=feedback.provider_message_id,
-        provider=feedback.provider, sender=sender,
-    )
+    unknown message id, or another sender's email when `sender` is given). Commits.
+
+    `email`: the event's email as the caller already found it (find_email), so a report about many
+    recipients of one email looks it up once."""
+    if email is None:
+        email = await find_email(
+            session, email_id=feedback.email_id, provider_message_id=feedback.provider_message_id,
+            provider=feedback.provider, sender=sender,
+        )
     if email is None:
         return None
     owner = sender_key(SenderType(email.sender_type), email.sender_id)
@@ -173,6 +174,7 @@ async def record_feedback(session: AsyncSession, feedback: Feedback, *, sender: 
         )
         if moved.rowcount:  # type: ignore[attr-defined]
             status = target
+            set_committed_value(email, "status", target.value)  # a caller's row stays true for its next event
     try:
         await conn.execute(
             sa.insert(EmailEvent.__table__).values(  # type: ignore[attr-defined]

@@ -23,6 +23,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import functools
 import json
 import logging
 import re
@@ -41,8 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, Valid
 
 from mailqueue.config import Settings
 from mailqueue.crypto import SecretBox, SecretKeyError
-from mailqueue.drivers.base import DriverName
-from mailqueue.feedback import Feedback, FeedbackKind
+from mailqueue.drivers.base import DriverName, remote_text
+from mailqueue.feedback import DIAGNOSTIC_MAX, Feedback, FeedbackKind
 from mailqueue.models import SenderSettings
 
 log = logging.getLogger("mailqueue.inbound")
@@ -119,9 +120,15 @@ def _json(body: bytes) -> Any:
         raise Malformed("the body is not JSON") from None
 
 
+@functools.lru_cache(maxsize=None)
+def _adapter(model: Any) -> TypeAdapter[Any]:
+    """Built once per model (a TypeAdapter builds its validator: too slow for every request)."""
+    return TypeAdapter(model)
+
+
 def _model(model: Any, data: Any) -> Any:
     try:
-        return TypeAdapter(model).validate_python(data)
+        return _adapter(model).validate_python(data)
     except ValidationError as exc:
         raise Malformed("the body is not what the provider sends", exc.errors(include_url=False)) from None
 
@@ -297,7 +304,7 @@ class SnsCertificates:
                     return body  # the answer's status is all that counts
                 async for chunk in response.aiter_bytes():
                     body += chunk
-                    if limit is not None and len(body) > limit:
+                    if len(body) > limit:
                         raise BadSignature("the signing certificate is too large")
                 return body
         except httpx.HTTPError as exc:
@@ -366,9 +373,9 @@ async def verify_sns(body: bytes, keys: Keys, certificates: SnsCertificates, now
 
 
 def _diagnostic(*parts: Any) -> str:
-    """The server's words, as text the database can hold (no NUL)."""
+    """The server's words, as text safe to record (the drivers' rule: no control characters, cut short)."""
     words = " ".join(str(p) for p in parts if isinstance(p, str | int) and not isinstance(p, bool) and str(p).strip())
-    return words.replace("\x00", "")
+    return remote_text(words, limit=DIAGNOSTIC_MAX)
 
 
 def ses_events(message: SnsMessage) -> Batch:

@@ -22,6 +22,7 @@ from mailqueue.crypto import key_file, new_key, split_keys
 from mailqueue.domains import normalize_domain
 from mailqueue.message import bare_address
 from mailqueue.models import Suppression, SuppressionReason
+from mailqueue.senders import sender_key
 
 # Where an entry came from (`source`): by hand through the API, or the recipient's unsubscribe link.
 SOURCE_API = "api"
@@ -65,6 +66,11 @@ async def suppressed_among(session: AsyncSession, sender: str, addresses: Iterab
         col(Suppression.sender) == sender, col(Suppression.match_key).in_(sorted(keys))
     )
     return {key: reason for key, reason in (await session.exec(query)).all()}
+
+
+async def suppressed_for(session: AsyncSession, spec: EmailSpec) -> dict[str, str]:
+    """{match key: reason} of the email's recipients (to, cc, bcc) its sender has suppressed."""
+    return await suppressed_among(session, sender_key(spec.sender_type, spec.sender_id), recipients_of(spec))
 
 
 def without_suppressed(spec: EmailSpec, found: dict[str, str]) -> tuple[EmailSpec, Counter[str]]:

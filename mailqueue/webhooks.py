@@ -33,8 +33,8 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from mailqueue.config import Settings
 from mailqueue.contracts import SenderType
 from mailqueue.egress import Destination, Kind, check_destination
-from mailqueue.events import START, Cursor, FeedEvent, FeedFilter
-from mailqueue.models import EmailEvent, EmailEventFeed, Role, User, WebhookDelivery, WebhookEndpoint, WebhookStatus
+from mailqueue.events import FeedEvent, FeedFilter
+from mailqueue.models import Role, User, WebhookDelivery, WebhookEndpoint, WebhookStatus
 
 # --- names and typed inputs shared by the workflows, their activities and the API (no secrets here:
 # every field ends up in workflow histories; new fields need defaults) -------------------------
@@ -226,18 +226,6 @@ def payload(event: FeedEvent) -> str:
 # --- the store --------------------------------------------------------------------------------
 
 
-async def feed_end(session: AsyncSession) -> Cursor:
-    """A cursor behind which every event committed so far lies: a new endpoint starts there and
-    gets what happens from now on (on PostgreSQL also the events of transactions still running)."""
-    conn = await session.connection()
-    if conn.dialect.name == "postgresql":
-        xmin = (await conn.execute(sa.text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"))).scalar()
-        return Cursor(int(xmin or 0), 0)
-    feed = EmailEventFeed.__table__  # type: ignore[attr-defined]
-    seq = (await conn.execute(sa.select(sa.func.max(feed.c.seq)))).scalar()
-    return Cursor(START[0], int(seq or 0))
-
-
 async def owner_filter(session: AsyncSession, endpoint: WebhookEndpoint) -> FeedFilter:
     """The events the endpoint's owner sees in GET /v1/events (an admin: all), of its types."""
     kind, _, owner_id = endpoint.owner.partition(":")
@@ -246,28 +234,6 @@ async def owner_filter(session: AsyncSession, endpoint: WebhookEndpoint) -> Feed
         return FeedFilter(everyone=True, types=types)
     user = await session.get(User, owner_id)
     return FeedFilter(sender_id=owner_id, everyone=user is not None and user.role == Role.ADMIN.value, types=types)
-
-
-async def find_event(session: AsyncSession, event_id: str) -> FeedEvent | None:
-    """One event of the feed by its id (a redelivery sends it again as it was)."""
-    feed, events = EmailEventFeed.__table__, EmailEvent.__table__  # type: ignore[attr-defined]
-    conn = await session.connection()
-    row = (
-        await conn.execute(
-            sa.select(
-                feed.c.xid, feed.c.seq, feed.c.email_id, feed.c.event_id, events.c.event, events.c.status, events.c.attempt,
-                events.c.detail, events.c.created_at,
-            )
-            .join(events, events.c.id == feed.c.event_id)
-            .where(feed.c.event_id == event_id)
-        )
-    ).first()
-    if row is None:
-        return None
-    return FeedEvent(
-        Cursor(row.xid, row.seq), row.email_id, row.event, row.status, row.attempt, row.detail, row.created_at,
-        event_id=row.event_id,
-    )
 
 
 async def attempts_before(session: AsyncSession, endpoint_id: str, event_id: str, *, redelivery: bool) -> int:

@@ -27,6 +27,7 @@ from temporalio.common import WorkflowIDReusePolicy
 from devstack.devserver import TemporalDevServer
 from devstack.net import free_port
 from mailqueue import search, suppressions, webhooks
+from mailqueue.events import feed_end
 from mailqueue.accounts import new_id
 from mailqueue.config import Settings
 from mailqueue.contracts import (
@@ -296,7 +297,7 @@ def webhook_scenarios(sessions, settings: Settings) -> dict[str, Scenario]:  # t
         async with sessions() as s:
             row = WebhookEndpoint(
                 id=new_id(), owner=sender_key(SenderType.SYSTEM, None), url=receiver.url,
-                secret_enc=SecretBox.from_settings(hooked).encrypt(secret), cursor=str(await webhooks.feed_end(s)),
+                secret_enc=SecretBox.from_settings(hooked).encrypt(secret), cursor=str(await feed_end(s)),
             )
             s.add(row)
             await s.commit()

@@ -22,6 +22,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 
 from api.app import create_app
 from mailqueue import webhooks
+from mailqueue.events import feed_end
 from mailqueue.accounts import new_id
 from mailqueue.config import Settings
 from mailqueue.crypto import SecretBox
@@ -414,7 +415,7 @@ async def test_a_worker_starts_the_workflow_of_an_active_endpoint_that_has_none(
     async with sessions() as s:
         row = WebhookEndpoint(
             id=new_id(), owner=f"user:{user.id}", url=receiver.url, event_types=["sent"],
-            secret_enc=SecretBox.from_settings(stack.settings).encrypt(receiver.secret), cursor=str(await webhooks.feed_end(s)),
+            secret_enc=SecretBox.from_settings(stack.settings).encrypt(receiver.secret), cursor=str(await feed_end(s)),
         )
         s.add(row)
         await s.commit()

@@ -12,10 +12,10 @@ class InboundResult(BaseModel):
     """What became of the request's events. An event about a message we do not know is counted, not
     refused: a provider would send it again and again."""
 
-    recorded: int = Field(description="Events recorded now (suppression, event, status)")
-    duplicates: int = Field(description="Events recorded before (the provider sent them again): nothing changed")
-    unknown: int = Field(description="Events about a message id no email of ours has")
-    ignored: int = Field(description="Events of kinds not recorded (opens, clicks, processed, ...) or without a message id")
+    recorded: int = Field(default=0, description="Events recorded now (suppression, event, status)")
+    duplicates: int = Field(default=0, description="Events recorded before (the provider sent them again): nothing changed")
+    unknown: int = Field(default=0, description="Events about a message id no email of ours has")
+    ignored: int = Field(default=0, description="Events of kinds not recorded (opens, clicks, processed, ...) or without a message id")
     confirmed: bool = Field(default=False, description="SES: an SNS SubscriptionConfirmation was verified and confirmed")
 
 

@@ -86,8 +86,7 @@ from mailqueue.suppressions import (
     UnsubscribeTokens,
     dropped_detail,
     has_recipients,
-    recipients_of,
-    suppressed_among,
+    suppressed_for,
     unsubscribe_headers,
     without_suppressed,
 )
@@ -241,7 +240,7 @@ async def prepare_email(ctx: Context, req: EmailRequest, idempotency_key: str | 
     if req.wants_unsubscribe:
         spec = replace(spec, headers={**spec.headers, **_unsubscribe_headers(ctx, req, sender_key(sender_type, sender_id), email_id)})
     prepared = PreparedEmail(spec, content, _request_hash(req), idempotency_key, req.send_at)
-    found = await suppressed_among(ctx.session, sender_key(sender_type, sender_id), recipients_of(spec))
+    found = await suppressed_for(ctx.session, spec)
     if found:
         prepared.delivery, prepared.dropped = without_suppressed(spec, found)
     return prepared

@@ -69,6 +69,7 @@ async def _follow(
     sessions: async_sessionmaker[AsyncSession], signal: FeedSignal, where: FeedFilter, after: Cursor,
 ) -> AsyncIterator[FeedEvent]:
     """Read, hand out, wait for the signal; a database connection only while reading."""
+    await signal.start()
     while True:
         woken = signal.waiter()  # before reading: a commit during the read wakes the next wait
         async with sessions() as session:

@@ -33,7 +33,7 @@ async def user_keys(session: AsyncSession, settings: Settings, user_id: str, sec
 
 
 async def _record(session: AsyncSession, source: str, batch: inbound.Batch, sender: str | None) -> InboundResult:
-    result = InboundResult(recorded=0, duplicates=0, unknown=0, ignored=batch.ignored)
+    result = InboundResult(ignored=batch.ignored)
     for feedback in batch.events:
         recorded = await record_feedback(session, feedback, sender=sender)
         if recorded is None:
@@ -54,10 +54,10 @@ async def ses(
     if message.Type == "SubscriptionConfirmation":
         await certificates.confirm(message.SubscribeURL or "")
         log.info("SNS subscription to %s confirmed", message.TopicArn)
-        return InboundResult(recorded=0, duplicates=0, unknown=0, ignored=0, confirmed=True)
+        return InboundResult(confirmed=True)
     if message.Type == "UnsubscribeConfirmation":
         log.warning("SNS: this endpoint was unsubscribed from %s; SES events of that topic stop coming", message.TopicArn)
-        return InboundResult(recorded=0, duplicates=0, unknown=0, ignored=0)
+        return InboundResult()
     return await _record(session, inbound.SES, inbound.ses_events(message), sender)
 
 

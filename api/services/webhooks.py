@@ -20,6 +20,7 @@ from api.schemas.webhooks import WebhookIn
 from api.services.context import Context
 from api.services.errors import Conflict, NotFound, invalid
 from mailqueue import webhooks
+from mailqueue.events import feed_end
 from mailqueue.accounts import new_id
 from mailqueue.contracts import SenderType
 from mailqueue.delivery import TemporalUnavailable
@@ -61,7 +62,7 @@ async def create(ctx: Context, body: WebhookIn) -> tuple[WebhookEndpoint, str]:
     session = ctx.session
     row = WebhookEndpoint(
         id=new_id(), owner=_owner(ctx), url=body.url, event_types=sorted({t.value for t in body.event_types}),
-        secret_enc=ctx.secrets.encrypt(secret), cursor=str(await webhooks.feed_end(session)),
+        secret_enc=ctx.secrets.encrypt(secret), cursor=str(await feed_end(session)),
     )
     session.add(row)
     await session.commit()
