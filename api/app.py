@@ -16,9 +16,11 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import rate_limit_headers, require_browser_admin
+from api.graph import graphql_router
 from api.metrics import ApiMetrics, HttpMetrics
 from api.routes import (
     codec,
@@ -37,12 +39,12 @@ from api.routes import events as email_events
 from api.routes import settings as mail_settings
 from api.routes import inbound as provider_events
 from api.services.errors import (
-    Conflict,
-    Invalid,
+    RETRY_AFTER_SECONDS,
     LimitReached,
-    NotFound,
     ServiceError,
     invalid,
+    refusal_of,
+    unavailable_detail,
 )
 from mailqueue.accounts import weak_bootstrap_key
 from mailqueue.config import Settings, get_settings
@@ -184,8 +186,8 @@ class WeakBootstrapKey(RuntimeError):
     """The API does not start with a guessable admin key."""
 
 
-def reject_nul_in_query(request: Request) -> None:
-    """NUL cannot be stored or searched in PostgreSQL text: refuse it the same way everywhere."""
+def reject_nul_in_query(request: HTTPConnection) -> None:
+    """NUL cannot be stored or searched in PostgreSQL text: refuse it the same way everywhere (WebSocket handshakes too)."""
     for name, value in request.query_params.multi_items():
         if "\x00" in value:
             raise invalid(("query", name), "must not contain NUL characters")
@@ -321,9 +323,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(stats.router)
     app.include_router(metrics.router)
     app.include_router(codec.router)
+    app.include_router(graphql_router(settings))  # /graphql: the same services, over HTTP and WebSockets
 
     def unavailable(what: str) -> JSONResponse:
-        return JSONResponse({"detail": f"{what} is unavailable; nothing was changed, try again"}, status_code=503, headers={"Retry-After": "5"})
+        return JSONResponse({"detail": unavailable_detail(what)}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
     def refused(detail: Any, status: int) -> JSONResponse:
         # FastAPI's own handler echoes the input back as given: "\ud800" or NaN in a body made its 422 a 500.
@@ -333,12 +336,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return refused(exc.errors(), 422)
 
-    # What the services refuse, in HTTP's terms.
-    statuses: dict[type[ServiceError], int] = {NotFound: 404, Conflict: 409, Invalid: 422, LimitReached: 429}
-
     @app.exception_handler(ServiceError)
     async def _refused(request: Request, exc: ServiceError) -> JSONResponse:
-        answer = refused(exc.detail, next((code for kind, code in statuses.items() if isinstance(exc, kind)), 400))
+        answer = refused(exc.detail, refusal_of(exc)[0])  # what the services refuse, in HTTP's terms
         if isinstance(exc, LimitReached):
             answer.headers["Retry-After"] = str(exc.retry_after)
         return answer

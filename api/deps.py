@@ -47,7 +47,7 @@ def rate_limit_headers(allowance: Allowance) -> dict[str, str]:
     }
 
 
-async def _admitted(request: Request, key: str | None) -> Principal | None:
+async def admitted(request: Request, key: str | None) -> Principal | None:
     """The caller a valid key names, this request counted against the key's rate (429 past it).
 
     Only valid keys are counted: a wrong one gets its 401 without a round trip to the counter."""
@@ -72,7 +72,7 @@ async def get_principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    principal = await _admitted(request, credentials.credentials if credentials else None)
+    principal = await admitted(request, credentials.credentials if credentials else None)
     if principal is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
@@ -105,7 +105,7 @@ async def get_browser_principal(request: Request) -> Principal:
 
     The Basic challenge makes the browser ask; the key never goes into a URL (nor into access logs).
     """
-    principal = await _admitted(request, _basic_password(request))
+    principal = await admitted(request, _basic_password(request))
     if principal is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,

@@ -369,6 +369,7 @@ def _banner(args: argparse.Namespace, key: str, *, key_is_dev: bool, bounce_doma
 mailqueue is running (Ctrl-C stops everything)
 
   API            {api}     docs: {api}/docs
+  GraphQL        {api}/graphql     (GraphiQL in a browser; subscriptions: ws://{h}:{args.api_port}/graphql)
   Temporal UI    http://{h}:{args.ui_port}     (each email is a workflow; its data is encrypted)
                  to read it there: open {api}/codec once in that browser (user: anything, password: the
                  API key), then turn on "include cross-origin credentials" in the UI's codec server settings

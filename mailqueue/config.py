@@ -170,6 +170,14 @@ class Settings(BaseSettings):
     user_max_priority: str = Field(default="normal", pattern="^(high|normal|low)$")
     # /docs, /redoc and /openapi.json without a key (off: they need an admin key).
     public_docs: bool = True
+    # /graphql (issue 15; README "GraphQL"): GraphiQL in a browser, and introspection (the schema
+    # for tools). Both on for development; turn them off in production (docker-compose.yml does).
+    graphql_ide: bool = True
+    graphql_introspection: bool = True
+    # Refused before anything runs: a query nested deeper than this, or one whose estimated cost (a
+    # field is 1, a list multiplies what it holds by `first`, or by 10 where there is none) is over this.
+    graphql_max_depth: int = Field(default=10, ge=2)
+    graphql_max_cost: int = Field(default=10_000, ge=10)
 
     # Template rendering runs in a pool of worker processes, each render bounded.
     render_processes: int = Field(default=2, ge=1)

@@ -221,9 +221,18 @@ async def apply_audit(session: AsyncSession, entry: AuditEntry, *, unless_final:
 
 
 async def events_of(session: AsyncSession, email_id: str) -> Sequence[EmailEvent]:
+    """An email's events, oldest first."""
+    return (await events_of_many(session, [email_id]))[email_id]
+
+
+async def events_of_many(session: AsyncSession, email_ids: Sequence[str]) -> dict[str, list[EmailEvent]]:
+    """The events of each of these emails, oldest first, in one query (a list of emails with their events)."""
+    found: dict[str, list[EmailEvent]] = {email_id: [] for email_id in email_ids}
     result = await session.exec(
         select(EmailEvent)
-        .where(EmailEvent.email_id == email_id)
+        .where(col(EmailEvent.email_id).in_(list(found)))
         .order_by(col(EmailEvent.created_at), col(EmailEvent.id))
     )
-    return result.all()
+    for event in result.all():
+        found[event.email_id].append(event)
+    return found

@@ -169,6 +169,33 @@ async def feed_end(session: AsyncSession) -> Cursor:
     return Cursor(START[0], await _max_seq(session))
 
 
+@dataclass(frozen=True)
+class Committed:
+    """The transactions that had committed at one moment (a PostgreSQL snapshot): an event of one of
+    them happened before that moment, though its cursor may lie after feed_end's (the horizon waits
+    for every transaction older than the oldest one still running)."""
+
+    xmin: int
+    xmax: int
+    running: frozenset[int]
+
+    def __contains__(self, cursor: Cursor) -> bool:
+        return cursor.xid < self.xmin or (cursor.xid < self.xmax and cursor.xid not in self.running)
+
+
+async def feed_now(session: AsyncSession) -> tuple[Cursor, Committed | None]:
+    """Where a reader of what happens from now on starts, and (PostgreSQL) what had committed by now:
+    the events after the cursor whose transaction is in `Committed` are from before now. On SQLite
+    the cursor alone draws the line (None)."""
+    conn = await session.connection()
+    if conn.dialect.name != "postgresql":
+        return await feed_end(session), None
+    snapshot = str((await conn.execute(sa.select(sa.literal_column("pg_current_snapshot()::text")))).scalar())
+    xmin, xmax, running = snapshot.split(":")
+    committed = Committed(int(xmin), int(xmax), frozenset(int(x) for x in running.split(",") if x))
+    return Cursor(committed.xmin, 0), committed
+
+
 class FeedSignal:
     """Wakes every stream of this process waiting for new events.
 

@@ -87,6 +87,8 @@ def test_app_services_share_one_configuration_of_real_settings() -> None:
     pg = SERVICES["postgresql"]["environment"]
     assert env["MAILQUEUE_DATABASE_URL"].startswith(f"postgresql://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@")
     assert env["MAILQUEUE_DATABASE_URL"].endswith(f"/{pg['POSTGRES_DB']}")
+    # Production answers GraphQL without its development aids (issue 15).
+    assert env["MAILQUEUE_GRAPHQL_IDE"] == env["MAILQUEUE_GRAPHQL_INTROSPECTION"] == "false"
 
 
 def test_workers_serve_metrics_to_the_compose_network() -> None:

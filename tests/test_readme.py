@@ -16,7 +16,7 @@ import pytest
 from tests.helpers import EMAIL_SETTLES, PROCESS_STARTS, ROOT, DevStack, eventually
 
 # The README sections whose ```sh / ```bash blocks are run (their ### parts included), in the README's order.
-SECTIONS = ("Your first email", "Users, keys and sender settings", "Templates")
+SECTIONS = ("Your first email", "GraphQL", "Users, keys and sender settings", "Templates")
 # `mailqueue dev`'s default ports, as the examples use them.
 DEFAULT_PORTS = {"api": 8000, "temporal": 7233, "ui": 8233, "smtp": 1025, "mail": 8025, "bounce": 2525}
 PRELUDE = """set -euo pipefail
@@ -109,7 +109,7 @@ async def test_the_readme_examples_work_pasted_in_order(tmp_path: Path) -> None:
         sent = {e["message_id"]: e["subject"] for e in emails if e["status"] == "sent"}
         assert sorted(m["message_id"] for m in caught) == sorted(sent), "each sent email caught once, nothing else"
         assert sorted(sent.values()) == sorted([
-            "Hello", "Shipped", "Welcome, Bob", "mailqueue test email", "Pick list ready",
+            "Hello", "Shipped", "Welcome, Bob", "Hello from GraphQL", "mailqueue test email", "Pick list ready",
             "Order A-1001 is on its way", "Bestellung A-1001 ist unterwegs",
         ])
         assert {m["from"] for m in caught if m["subject"] == "Pick list ready"} == {"Warehouse <warehouse@example.com>"}

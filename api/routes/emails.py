@@ -96,7 +96,7 @@ async def list_emails(
     created_after: Annotated[datetime | None, Query(description="ISO 8601")] = None,
     created_before: Annotated[datetime | None, Query(description="ISO 8601")] = None,
     page: Annotated[int, Query(ge=1, le=100_000)] = 1,
-    page_size: Annotated[int, Query(ge=1, le=100)] = 20,
+    page_size: Annotated[int, Query(ge=1, le=emails.MAX_PAGE_SIZE)] = 20,
 ) -> EmailPage:
     where = emails.EmailFilter(
         statuses=status_, recipient=recipient, template=template, related_entity_type=related_entity_type,

@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse
 from api.deps import AdminContextDep, BrowserContextDep, ContextDep
 from api.schemas.templates import MAX_VERSION, PreviewIn, PreviewOut, ReloadOut, TemplateBody, TemplateIn, TemplateOut
 from api.services import templates
-from api.services.templates import locale_of, pin_out
+from api.services.templates import locale_of
 from mailqueue.models import EmailTemplate
 
 router = APIRouter(prefix="/v1/templates", tags=["templates"])
@@ -60,12 +60,7 @@ async def list_templates(ctx: ContextDep, include_inactive: bool = False) -> lis
     summary="Load the templates folder: a new version of every template whose files changed",
 )
 async def reload_templates(ctx: AdminContextDep) -> ReloadOut:
-    result = await templates.reload(ctx)
-    return ReloadOut(
-        directory=str(ctx.settings.templates_dir.resolve()),
-        created=[pin_out(p) for p in result.created],
-        unchanged=[pin_out(p) for p in result.unchanged],
-    )
+    return await templates.reload(ctx)
 
 
 @router.get("/{name}", response_model=TemplateOut, responses=NOT_FOUND, summary="The current version of a template (or a stored one)")

@@ -117,6 +117,15 @@ class PreparedEmail:
     delivery: EmailSpec | None = None
 
 
+def check_idempotency_key(key: Any, loc: tuple[str, ...] = ("body", "idempotency_key")) -> str | None:
+    """A batch item's (or a GraphQL input's) Idempotency-Key: the rule REST's header declares."""
+    if key is not None and not (
+        isinstance(key, str) and len(key) <= IDEMPOTENCY_KEY_MAX_LENGTH and re.fullmatch(IDEMPOTENCY_KEY_PATTERN, key)
+    ):
+        raise invalid(loc, IDEMPOTENCY_KEY_RULE)
+    return key
+
+
 def check_send_at(settings: Settings, send_at: datetime | None) -> None:
     if send_at is None:
         return
@@ -418,11 +427,7 @@ async def accept_batch(ctx: Context, body: BatchIn) -> BatchOut:
     ready: list[tuple[int, PreparedEmail]] = []
     for index, item in enumerate(body.emails):
         try:
-            key = item.pop("idempotency_key", None) if isinstance(item, dict) else None
-            if key is not None and not (
-                isinstance(key, str) and len(key) <= IDEMPOTENCY_KEY_MAX_LENGTH and re.fullmatch(IDEMPOTENCY_KEY_PATTERN, key)
-            ):
-                raise invalid(("body", "idempotency_key"), IDEMPOTENCY_KEY_RULE)
+            key = check_idempotency_key(item.pop("idempotency_key", None) if isinstance(item, dict) else None)
             req = EmailRequest.model_validate(item)
             ready.append((index, await prepare_email(ctx, req, key)))
         except (ValidationError, Invalid) as exc:
@@ -497,9 +502,12 @@ class EmailFilter:
     created_before: datetime | None = None
 
 
-async def list_emails(ctx: Context, where: EmailFilter, page: int, page_size: int) -> tuple[int, Sequence[Email]]:
-    """(how many match, one page of them), newest first."""
-    session = ctx.session
+# The largest page of emails a caller may ask for (REST's page_size, GraphQL's `first`).
+MAX_PAGE_SIZE = 100
+
+
+def _matching(ctx: Context, where: EmailFilter) -> list[Any]:
+    """SQL conditions for the emails `where` names among those the caller may see (tags aside: JSON, filtered in Python)."""
     filters: list[Any] = visible_to(ctx.principal)
     if where.statuses:
         filters.append(col(Email.status).in_([s.value for s in where.statuses]))
@@ -529,15 +537,50 @@ async def list_emails(ctx: Context, where: EmailFilter, page: int, page_size: in
         filters.append(col(Email.created_at) >= where.created_after)
     if where.created_before:
         filters.append(col(Email.created_at) < where.created_before)
-    query = select(Email).where(*filters)
-    newest_first = (col(Email.created_at).desc(), col(Email.id).desc())
+    return filters
+
+
+_NEWEST_FIRST = (col(Email.created_at).desc(), col(Email.id).desc())
+
+
+async def list_emails(ctx: Context, where: EmailFilter, page: int, page_size: int) -> tuple[int, Sequence[Email]]:
+    """(how many match, one page of them), newest first."""
+    session = ctx.session
+    filters = _matching(ctx, where)
+    query = select(Email).where(*filters).order_by(*_NEWEST_FIRST)
     if where.tag:
-        rows = (await session.exec(query.order_by(*newest_first))).all()
+        rows = (await session.exec(query)).all()
         matching = [e for e in rows if where.tag in e.tags]  # tags are JSON: filtered here, portable across databases
         return len(matching), matching[(page - 1) * page_size : page * page_size]
     total = (await session.exec(select(sa.func.count()).select_from(Email).where(*filters))).one()
-    items = (await session.exec(query.order_by(*newest_first).offset((page - 1) * page_size).limit(page_size))).all()
+    items = (await session.exec(query.offset((page - 1) * page_size).limit(page_size))).all()
     return total, items
+
+
+@dataclass(frozen=True)
+class EmailsAfter:
+    """Where a slice of the newest-first list goes on from: the last email seen (its created_at and id)."""
+
+    created_at: datetime
+    id: str
+
+
+async def email_slice(ctx: Context, where: EmailFilter, after: EmailsAfter | None, first: int) -> tuple[int, Sequence[Email], bool]:
+    """(how many match, the first `first` of them after `after`, whether more follow), newest first:
+    a page that stays put while emails are added (GraphQL's `emails` connection)."""
+    session = ctx.session
+    filters = _matching(ctx, where)
+    later = [] if after is None else [
+        sa.or_(col(Email.created_at) < after.created_at, sa.and_(col(Email.created_at) == after.created_at, col(Email.id) < after.id))
+    ]
+    query = select(Email).where(*filters, *later).order_by(*_NEWEST_FIRST)
+    if where.tag:
+        rows = [e for e in (await session.exec(query)).all() if where.tag in e.tags]
+        total = sum(where.tag in tags for tags in (await session.exec(select(Email.tags).where(*filters))).all())
+    else:
+        rows = list((await session.exec(query.limit(first + 1))).all())
+        total = (await session.exec(select(sa.func.count()).select_from(Email).where(*filters))).one()
+    return total, rows[:first], len(rows) > first
 
 
 # --- changing ----------------------------------------------------------------------------

@@ -45,3 +45,26 @@ def field_error(loc: tuple[str | int, ...], msg: str, *, value: Any = None, type
 def invalid(loc: tuple[str | int, ...], msg: str, *, value: Any = None, type: str = "value_error", **extra: Any) -> Invalid:
     """The input is wrong in one field."""
     return Invalid([field_error(loc, msg, value=value, type=type, **extra)])
+
+
+# How long a caller waits before trying again when Temporal or the database is down (REST's Retry-After).
+RETRY_AFTER_SECONDS = 5
+
+
+def unavailable_detail(what: str) -> str:
+    return f"{what} is unavailable; nothing was changed, try again"
+
+
+# Each refusal in both front doors' terms, one to one: REST's status code and GraphQL's extensions.code.
+# (Auth and outages are refused before or outside a service: 401 UNAUTHENTICATED, 403 FORBIDDEN, 503 UNAVAILABLE.)
+REFUSALS: dict[type[ServiceError], tuple[int, str]] = {
+    NotFound: (404, "NOT_FOUND"),
+    Conflict: (409, "CONFLICT"),
+    Invalid: (422, "BAD_USER_INPUT"),
+    LimitReached: (429, "TOO_MANY_REQUESTS"),
+}
+OUTSIDE = {401: "UNAUTHENTICATED", 403: "FORBIDDEN", 429: "TOO_MANY_REQUESTS", 503: "UNAVAILABLE"}
+
+
+def refusal_of(exc: ServiceError) -> tuple[int, str]:
+    return next((pair for kind, pair in REFUSALS.items() if isinstance(exc, kind)), (400, "BAD_REQUEST"))

@@ -8,13 +8,13 @@ from typing import Any
 
 from sqlmodel import col, select
 
-from api.schemas.templates import PreviewOut, TemplateBody, TemplateIn, TemplatePinOut
+from api.schemas.templates import PreviewOut, ReloadOut, TemplateBody, TemplateIn, TemplatePinOut
 from api.services.context import Context
 from api.services.errors import Conflict, Invalid, NotFound, field_error, invalid
 from mailqueue.contracts import TemplatePin
 from mailqueue.errors import TemplateError
 from mailqueue.models import EmailTemplate
-from mailqueue.template_library import MissingVariables, Problem, ReloadResult, TemplateLimitError, check_draft, prepare, reload_folder
+from mailqueue.template_library import MissingVariables, Problem, TemplateLimitError, check_draft, prepare, reload_folder
 from mailqueue.template_store import (
     current_exact,
     current_template,
@@ -84,12 +84,16 @@ async def list_current(ctx: Context, include_inactive: bool) -> Sequence[EmailTe
     return (await ctx.session.exec(query.order_by(col(EmailTemplate.name), col(EmailTemplate.locale)))).all()
 
 
-async def reload(ctx: Context) -> ReloadResult:
+async def reload(ctx: Context) -> ReloadOut:
     """Load MAILQUEUE_TEMPLATES_DIR: a new version of every template whose files changed; all or nothing."""
     result = await reload_folder(ctx.session, ctx.templates, ctx.settings.templates_dir, created_by=f"reload:{ctx.principal.author}")
     if result.problems:
         raise _unprocessable(result.problems)
-    return result
+    return ReloadOut(
+        directory=str(ctx.settings.templates_dir.resolve()),
+        created=[pin_out(p) for p in result.created],
+        unchanged=[pin_out(p) for p in result.unchanged],
+    )
 
 
 async def get(ctx: Context, name: str, locale: str, version: int | None) -> EmailTemplate:
