@@ -16,6 +16,8 @@ from mailqueue.crypto import SecretBox, SecretKeyError, new_key
 from mailqueue.models import SenderSettings, WebhookEndpoint
 from mailqueue.accounts import new_id
 from mailqueue.senders import rotate_secrets
+from mailqueue.db import create_engine, sessionmaker
+from tests.conftest import scratch_database
 from tests.helpers import make_sender, run_cli
 
 
@@ -50,7 +52,18 @@ def test_without_a_configured_key_one_is_generated_once_privately(tmp_path: Path
     assert sorted(p.name for p in settings.secret_key_file.parent.iterdir()) == ["secret.key"]
 
 
-async def test_rotate_secrets_reencrypts_every_stored_secret(sessions: Any, database_url: str) -> None:
+async def test_rotate_secrets_reencrypts_every_stored_secret(tmp_path: Path) -> None:
+    # A database of its own: rotate-secrets re-encrypts every stored secret, so another test's rows
+    # (encrypted with the test stacks' key) would make it refuse, depending on the order tests run in.
+    with scratch_database(tmp_path) as database_url:
+        engine = create_engine(database_url)
+        try:
+            await _rotate_secrets_reencrypts_every_stored_secret(sessionmaker(engine), database_url)
+        finally:
+            await engine.dispose()
+
+
+async def _rotate_secrets_reencrypts_every_stored_secret(sessions: Any, database_url: str) -> None:
     old, new = new_key(), new_key()
     box = SecretBox([old])
     user_id = await make_sender(sessions, driver="ses", api_key_enc=box.encrypt("AKIA1"), api_secret_enc=box.encrypt("sek"), ses_region="eu-west-1",

@@ -124,6 +124,11 @@ def status_code_documented(ctx: CheckContext, response: Response, case: Case) ->
     return None if response.status_code in APP_WIDE else status_code_conformance(ctx, response, case)
 
 
+def negative_data_refused(ctx: CheckContext, response: Response, case: Case) -> bool | None:
+    """negative_data_rejection, where an app-wide refusal (a 413 for a generated body over the size limit) is a refusal too."""
+    return None if response.status_code in APP_WIDE else negative_data_rejection(ctx, response, case)
+
+
 # Not positive_data_acceptance: the schema cannot say that `to` must hold real addresses, that a body needs
 # a subject, html or text, or that send_at must lie ahead, so most schema-valid bodies are rightly a 422.
 CHECKS = [
@@ -132,7 +137,7 @@ CHECKS = [
     content_type_conformance,
     response_headers_conformance,
     response_schema_conformance,
-    negative_data_rejection,
+    negative_data_refused,
     missing_required_header,
     ignored_auth,
     errors_are_json,
