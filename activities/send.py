@@ -31,10 +31,12 @@ from mailqueue.contracts import (
     SendRequest,
     SendResult,
 )
-from mailqueue.crypto import SecretKeyError
+from mailqueue.crypto import SecretBox, SecretKeyError
 from mailqueue.db import STORE_ERRORS
+from mailqueue.dkim_keys import DkimSigner, signer_for
 from mailqueue.drivers.base import Driver, DriverName
 from mailqueue.drivers.factory import DriverFactory
+from mailqueue.drivers.smtp import SmtpDriver
 from mailqueue.email_store import PriorDelivery, RecordClosed, apply_audit
 from mailqueue.errors import (
     PermanentDeliveryError,
@@ -110,9 +112,10 @@ def _event_id(info: activity.Info, event: EventType) -> str:
 class SendActivities:
     def __init__(
         self, sessions: async_sessionmaker[AsyncSession], drivers: DriverFactory, renderer: Renderer, settings: Settings,
-        metrics: WorkerMetrics | None = None,
+        metrics: WorkerMetrics | None = None, secrets: SecretBox | None = None,
     ) -> None:
         self._sessions = sessions
+        self._secrets = secrets  # opens the DKIM keys (built on first use)
         self._metrics = metrics or WorkerMetrics()
         self._drivers = drivers
         self._renderer = renderer
@@ -126,7 +129,7 @@ class SendActivities:
         attempt = info.attempt
         spec = req.spec
         content = await self._content(req)  # before `sending`: a template that cannot render was never sent
-        driver = await self._driver_for(spec)
+        driver, signer = await self._driver_for(spec)
         prior, found = await self._claim(
             AuditEntry(
                 email_id=spec.email_id,
@@ -185,7 +188,11 @@ class SendActivities:
                       "mailqueue.recipients": len(recipients)}
             with span("deliver", traced):
                 async with asyncio.timeout(None if left is None else left - SAFETY_SECONDS):
-                    delivery = await driver.send(message, sender, recipients)
+                    if signer is not None:
+                        assert isinstance(driver, SmtpDriver)  # signers are made for SMTP drivers only
+                        delivery = await driver.send(message, sender, recipients, sign=signer)
+                    else:
+                        delivery = await driver.send(message, sender, recipients)
         except TimeoutError:
             exc = TransientDeliveryError("the send did not finish within the attempt's time limit")
             self._metrics.send(driver.name, if_failed, time.monotonic() - began)
@@ -238,15 +245,22 @@ class SendActivities:
         )
         return result
 
-    async def _driver_for(self, spec: EmailSpec) -> Driver:
+    async def _driver_for(self, spec: EmailSpec) -> tuple[Driver, DkimSigner | None]:
         """The driver the sender's settings name now: the system's, or the user's own (secrets
         decrypted here only). If that driver's send queue is not the one this send waits in (the
         user changed drivers since the email was queued), nothing is sent: the workflow sends
-        again from the right queue, so the new driver's rate limit holds."""
+        again from the right queue, so the new driver's rate limit holds.
+
+        And the DKIM signer when the driver is SMTP (the system relay or the user's own server) and
+        the From is in one of the user's verified domains with active keys: read by key here and
+        decrypted here, never carried by the workflow. Providers sign on their side."""
         try:
             async with self._sessions() as session:
                 route = await resolve_sender(session, self._settings, spec.sender_type, spec.sender_id)
-            driver = self._drivers.for_route(route)
+                driver = self._drivers.for_route(route)
+                signer = None
+                if isinstance(driver, SmtpDriver):  # on the same connection: no second checkout per send
+                    signer = await signer_for(session, self._box(), spec.sender_type, spec.sender_id, spec.from_address)
         except SecretKeyError as exc:
             # A configuration fault no retry fixes soon; the message names no secret.
             raise ApplicationError(str(exc), {"attempt": 0}, type=PERMANENT_DELIVERY_ERROR, non_retryable=True) from None
@@ -259,7 +273,12 @@ class SendActivities:
                 f"{_queue_name(route.send_queue)}, not in {_queue_name(spec.send_queue)}",
                 kind=SEND_QUEUE_CHANGED, send_queue=route.send_queue,
             )
-        return driver
+        return driver, signer
+
+    def _box(self) -> SecretBox:
+        if self._secrets is None:
+            self._secrets = SecretBox.from_settings(self._settings)
+        return self._secrets
 
     async def _without_suppressed(self, spec: EmailSpec, info: activity.Info, found: dict[str, str] | None) -> EmailSpec:
         """The spec without the recipients its sender suppressed since the email was accepted (one

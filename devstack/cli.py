@@ -1,7 +1,7 @@
 """The `mailqueue` command: the embedded dev stack and operator tasks.
 
     mailqueue dev        Temporal dev server + worker + API + SMTP catcher, one Ctrl-C stops all
-    mailqueue mail       list the mail the dev catcher caught (--show N for one message)
+    mailqueue mail       list the mail the dev catcher caught (--show N for one message, --raw for its source)
     mailqueue migrate    apply database migrations to MAILQUEUE_DATABASE_URL
     mailqueue templates  load the templates folder (a new version of every changed template)
     mailqueue rotate-secrets  re-encrypt stored secrets (senders', webhooks') with the newest MAILQUEUE_SECRET_KEY
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from devstack import supervisor
-from devstack.catcher import load_directory
+from devstack.catcher import MessageView, load_directory
 from mailqueue.config import HTTP_KEEP_ALIVE_SECONDS, get_settings
 
 
@@ -29,11 +29,15 @@ def dev_cmd(args: argparse.Namespace) -> int:
 def mail_cmd(args: argparse.Namespace) -> int:
     folder = args.data_dir / "mail"
     messages = load_directory(folder) if folder.is_dir() else []
+    if args.raw and args.show is None:
+        print("--raw goes with --show N", file=sys.stderr)
+        return 2
     if args.show is not None:
         if not 0 <= args.show < len(messages):
             print(f"no message {args.show}: {len(messages)} caught", file=sys.stderr)
             return 1
-        sys.stdout.write(messages[args.show].data.decode("utf-8", "replace"))
+        caught = messages[args.show]
+        sys.stdout.write(caught.data.decode("utf-8", "replace") if args.raw else _readable(caught.view()))
         return 0
     if not messages:
         print(f"no mail caught yet (the dev catcher keeps it in {folder})")
@@ -43,8 +47,30 @@ def mail_cmd(args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.received_at))
         print(f"{i:4d}  {when}  from {msg['From']}  to {msg['To']}  {msg['Subject']!r}")
     where = "" if args.data_dir == Path(".mailqueue") else f" --data-dir {args.data_dir}"
-    print(f"{len(messages)} message(s); show one with: mailqueue mail{where} --show N")
+    print(f"{len(messages)} message(s); show one with: mailqueue mail{where} --show N (add --raw for its source)")
     return 0
+
+
+def _readable(view: MessageView) -> str:
+    """A caught message for a terminal: headers decoded, the text part (or the HTML part as text), the attachments."""
+    from mailqueue.templating import html_to_text
+
+    width = max((len(name) for name, _ in view.headers), default=0) + 1
+    lines = [f"{name + ':':<{width}} {value}" for name, value in view.headers]
+    if view.text is not None:
+        body = view.text
+    elif view.html is not None:
+        body = "(no text part: the HTML part as text)\n\n" + html_to_text(view.html)
+    else:
+        body = "(no text or HTML part)\n"
+    lines += ["", body.rstrip("\n"), ""]
+    if view.parts:
+        lines.append(f"attachments ({len(view.parts)}):")
+        lines += [
+            f"  {p.filename}  {p.content_type}  {len(p.data)} bytes" + ("  (inline, cid:" + p.content_id + ")" if p.inline and p.content_id else "")
+            for p in view.parts
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def templates_cmd(args: argparse.Namespace) -> int:
@@ -153,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("mail", help="list mail caught by the dev stack")
     p.add_argument("--data-dir", type=Path, default=Path(".mailqueue"))
-    p.add_argument("--show", type=int, default=None, metavar="N", help="print message N in full")
+    p.add_argument("--show", type=int, default=None, metavar="N", help="print message N: headers and text decoded, attachments listed")
+    p.add_argument("--raw", action="store_true", help="with --show: print its source as it came")
     p.set_defaults(func=mail_cmd)
 
     p = sub.add_parser("migrate", help="apply database migrations")

@@ -267,7 +267,7 @@ class SenderDomain(SQLModel, table=True):
     """A domain a user sends from, once they proved it is theirs with a DNS TXT record (mailqueue/domains.py).
 
     One row per user and domain: two users may each prove the same domain with their own token.
-    DKIM keys (selector, encrypted private key) will be columns of this row."""
+    Its DKIM keys are rows of dkim_keys (DkimKey), removed with it."""
 
     __tablename__ = "sender_domains"
     __table_args__ = (sa.UniqueConstraint("user_id", "domain", name="uq_sender_domains_user_domain"),)
@@ -280,6 +280,31 @@ class SenderDomain(SQLModel, table=True):
     verified_at: datetime | None = _ts(default=None)
     verified_by: str | None = Field(default=None, max_length=80)  # "dns", or "admin:<who>" for an admin's override
     created_at: datetime = _ts(default_factory=utcnow)
+
+
+class DkimAlgorithm(StrEnum):
+    RSA = "rsa-sha256"  # RSA-2048: what every receiver verifies
+    ED25519 = "ed25519-sha256"  # RFC 8463: short keys; receivers that know it check it beside the RSA one
+
+
+class DkimKey(SQLModel, table=True):
+    """A DKIM signing key of a sender domain (mailqueue/dkim_keys.py), published at
+    `<selector>._domainkey.<domain>`. Active until a rotation retires it; a retired key stays listed
+    (its record must stay in DNS while mail signed with it may still be checked)."""
+
+    __tablename__ = "dkim_keys"
+    __table_args__ = (sa.UniqueConstraint("domain_id", "selector", name="uq_dkim_keys_domain_selector"),)
+
+    id: str = Field(primary_key=True, max_length=36)
+    domain_id: str = Field(foreign_key="sender_domains.id", ondelete="CASCADE", max_length=36)
+    selector: str = Field(max_length=63)  # one DNS label: mq<yyyymmdd><n>-rsa, mq<yyyymmdd><n>-ed25519
+    algorithm: str = Field(max_length=16)  # DkimAlgorithm
+    private_key_enc: str = Field(sa_type=sa.Text)  # encrypted with mailqueue.crypto.SecretBox; decrypted in the send step only
+    public_key: str = Field(sa_type=sa.Text)  # base64, the p= of the TXT record
+    published: bool | None = None  # the record was found in DNS at the last check (None: never checked)
+    checked_at: datetime | None = _ts(default=None)
+    created_at: datetime = _ts(default_factory=utcnow)
+    retired_at: datetime | None = _ts(default=None)  # None: active (it signs)
 
 
 class RateLimitCounter(SQLModel, table=True):

@@ -17,7 +17,7 @@ from mailqueue.config import Settings
 from mailqueue.contracts import SenderType, priority_key
 from mailqueue.crypto import SecretBox
 from mailqueue.drivers.base import DriverName, SenderDriver
-from mailqueue.models import SenderSettings, User, WebhookEndpoint
+from mailqueue.models import DkimKey, SenderSettings, User, WebhookEndpoint
 
 # Fields each driver needs, so a PUT that lacks one is refused (422) instead of failing at send time.
 REQUIRED: dict[SenderDriver, tuple[str, ...]] = {
@@ -127,8 +127,8 @@ def sender_key(sender_type: SenderType, sender_id: str | None) -> str:
 
 
 async def rotate_secrets(sessions: async_sessionmaker[AsyncSession], box: SecretBox) -> int:
-    """Re-encrypt every stored secret (sender settings' and webhook endpoints' signing secrets) with
-    the newest key, in one transaction (all or nothing). Answers how many rows changed."""
+    """Re-encrypt every stored secret (sender settings', webhook endpoints' signing secrets, DKIM
+    private keys) with the newest key, in one transaction (all or nothing). Answers how many rows changed."""
     async with sessions() as session:
         rows = (await session.exec(select(SenderSettings))).all()
         changed = 0
@@ -142,6 +142,10 @@ async def rotate_secrets(sessions: async_sessionmaker[AsyncSession], box: Secret
         for endpoint in (await session.exec(select(WebhookEndpoint))).all():
             endpoint.secret_enc = box.rotate(endpoint.secret_enc)
             session.add(endpoint)
+            changed += 1
+        for key in (await session.exec(select(DkimKey))).all():
+            key.private_key_enc = box.rotate(key.private_key_enc)
+            session.add(key)
             changed += 1
         await session.commit()
         return changed

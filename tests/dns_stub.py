@@ -19,6 +19,10 @@ import dns.rdatatype
 import dns.rrset
 
 
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 class DnsStub:
     def __init__(self) -> None:
         self._records: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -67,8 +71,8 @@ class DnsStub:
             values = list(self._records.get(self._key(name, rdtype), []))
             known = any(key[0] == self._key(name, rdtype)[0] and vals for key, vals in self._records.items())
         if values:
-            if rdtype == "TXT":
-                values = ['"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values]
+            if rdtype == "TXT":  # one string holds at most 255 bytes: a longer value (a DKIM key) is split, as DNS consoles do
+                values = [" ".join(_quoted(v[i:i + 255]) for i in range(0, max(len(v), 1), 255)) for v in values]
             response.answer.append(dns.rrset.from_text_list(question.name, 60, dns.rdataclass.IN, question.rdtype, values))
         elif not known:
             response.set_rcode(dns.rcode.NXDOMAIN)

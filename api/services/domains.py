@@ -1,8 +1,12 @@
-"""Sender domains: add one, prove it with a DNS TXT record (or an admin's word), list, remove.
+"""Sender domains: add one, prove it with a DNS TXT record (or an admin's word), list, remove; their DKIM keys.
 
-A user sees and changes only their own; admins all (`user_id`). The rules: mailqueue/domains.py."""
+A user sees and changes only their own; admins all (`user_id`). The rules: mailqueue/domains.py and
+mailqueue/dkim_keys.py."""
 
 from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
@@ -11,6 +15,7 @@ from api.schemas.domains import DomainIn
 from api.services.context import Context
 from api.services.errors import Conflict, NotFound, invalid
 from mailqueue.accounts import new_id
+from mailqueue.dkim_keys import check_published, keys_of, new_keys, next_generation, retire
 from mailqueue.domains import (
     VERIFIED_BY_DNS,
     NotVerified,
@@ -22,7 +27,19 @@ from mailqueue.domains import (
     record_value,
     reserved_for_system,
 )
-from mailqueue.models import DomainStatus, SenderDomain, User, utcnow
+from mailqueue.models import DkimKey, DomainStatus, SenderDomain, User, utcnow
+
+
+@dataclass
+class Domain:
+    """A sender domain and its DKIM keys, newest first (the active pair, then the retired ones)."""
+
+    row: SenderDomain
+    keys: list[DkimKey]
+
+    @property
+    def active(self) -> list[DkimKey]:
+        return [k for k in self.keys if k.retired_at is None]
 
 
 async def _owner(ctx: Context, user_id: str | None, loc: tuple[str, ...]) -> User:
@@ -54,29 +71,61 @@ async def domain_or_404(ctx: Context, domain: str, user_id: str | None) -> Sende
     return row
 
 
-async def add(ctx: Context, body: DomainIn) -> SenderDomain:
-    """Add a domain, pending until its TXT record is seen. The system's domains are refused."""
+async def get(ctx: Context, domain: str, user_id: str | None) -> Domain:
+    row = await domain_or_404(ctx, domain, user_id)
+    return Domain(row, (await keys_of(ctx.session, [row.id]))[row.id])
+
+
+async def add(ctx: Context, body: DomainIn) -> Domain:
+    """Add a domain, pending until its TXT record is seen, with its first DKIM key pair. The system's domains are refused."""
     user = await _owner(ctx, body.user_id, ("body", "user_id"))
     if system := reserved_for_system(ctx.settings, body.domain):
         raise invalid(("body", "domain"), f"{body.domain} is reserved for the system ({system}): users cannot send from it", value=body.domain)
     row = SenderDomain(id=new_id(), user_id=user.id, domain=body.domain, token=new_token())
+    # RSA key generation is CPU work: off the event loop.
+    keys = await asyncio.to_thread(new_keys, ctx.secrets, row.id, next_generation([], utcnow().date()))
     ctx.session.add(row)
     try:
+        await ctx.session.flush()  # the domain's row before its keys' (they refer to it)
+        ctx.session.add_all(keys)
         await ctx.session.commit()
     except IntegrityError:
         await ctx.session.rollback()
         raise Conflict(f"{body.domain} is already one of this user's domains: GET /v1/domains/{body.domain}") from None
     await ctx.session.refresh(row)
-    return row
+    return Domain(row, keys)
 
 
-async def list_domains(ctx: Context, user_id: str | None) -> list[SenderDomain]:
+async def list_domains(ctx: Context, user_id: str | None) -> list[Domain]:
     """A user's own domains; an admin's: everyone's, or one user's with `user_id`."""
     query = select(SenderDomain)
     if user_id is not None or not ctx.principal.is_admin:
         user = await _owner(ctx, user_id, ("query", "user_id"))
         query = query.where(col(SenderDomain.user_id) == user.id)
-    return list((await ctx.session.exec(query.order_by(col(SenderDomain.created_at), col(SenderDomain.id)))).all())
+    rows = list((await ctx.session.exec(query.order_by(col(SenderDomain.created_at), col(SenderDomain.id)))).all())
+    keys = await keys_of(ctx.session, [r.id for r in rows])
+    return [Domain(r, keys[r.id]) for r in rows]
+
+
+async def rotate_dkim(ctx: Context, domain: str, user_id: str | None) -> Domain:
+    """A new DKIM key pair under a new selector signs from now on; the active pair is retired, and
+    stays listed: its records must stay published while mail signed with it can still be checked."""
+    row = await domain_or_404(ctx, domain, user_id)
+    # One rotation of a domain at a time (a row lock on PostgreSQL; SQLite writes one at a time).
+    await ctx.session.exec(select(SenderDomain).where(col(SenderDomain.id) == row.id).with_for_update())
+    existing = (await keys_of(ctx.session, [row.id]))[row.id]
+    generation = next_generation([k.selector for k in existing], utcnow().date())
+    fresh = await asyncio.to_thread(new_keys, ctx.secrets, row.id, generation)
+    retire(existing, utcnow())
+    ctx.session.add_all([*existing, *fresh])
+    try:
+        await ctx.session.commit()
+    except IntegrityError:  # a rotation elsewhere took this selector first
+        await ctx.session.rollback()
+        raise Conflict(
+            f"the DKIM keys of {row.domain} were rotated at the same time by another request: GET /v1/domains/{row.domain}"
+        ) from None
+    return Domain(row, [*fresh, *existing])
 
 
 async def remove(ctx: Context, domain: str, user_id: str | None) -> None:
@@ -86,19 +135,27 @@ async def remove(ctx: Context, domain: str, user_id: str | None) -> None:
     await ctx.session.commit()
 
 
-async def verify(ctx: Context, domain: str, user_id: str | None, force: bool) -> SenderDomain:
-    """Look for the domain's TXT record (or, for an admin with `force`, take their word) and mark it verified.
+async def verify(ctx: Context, domain: str, user_id: str | None, force: bool) -> Domain:
+    """Look for the domain's TXT record (or, for an admin with `force`, take their word) and mark it
+    verified; and look up each active DKIM key's record, noting whether it is published.
 
-    A verified domain stays verified: asking again changes nothing."""
+    A verified domain stays verified: asking again only checks the DKIM records again. A DKIM record
+    not (yet) published is reported (`published: false`), not refused: the domain still verifies,
+    and its mail is signed; receivers fail such a signature until the record is there. `force`
+    looks at no DNS at all."""
     if force and not ctx.principal.is_admin:
         raise invalid(("body", "force"), "only an admin can mark a domain verified without its DNS record", value=force)
-    row = await domain_or_404(ctx, domain, user_id)
-    if row.status == DomainStatus.VERIFIED:
-        return row
+    found = await get(ctx, domain, user_id)
+    row = found.row
     if force:
-        verified_by = f"admin:{ctx.principal.author}"
-    else:
-        await ctx.session.commit()  # no transaction held open while DNS answers
+        if row.status != DomainStatus.VERIFIED:
+            row.status, row.verified_at, row.verified_by = DomainStatus.VERIFIED.value, utcnow(), f"admin:{ctx.principal.author}"
+            ctx.session.add(row)
+            await ctx.session.commit()
+            await ctx.session.refresh(row)
+        return found
+    await ctx.session.commit()  # no transaction held open while DNS answers
+    if row.status != DomainStatus.VERIFIED:
         try:
             await check_record(ctx.settings, row)
         except NotVerified as exc:
@@ -106,9 +163,9 @@ async def verify(ctx: Context, domain: str, user_id: str | None, force: bool) ->
                 ("path", "domain"), f"{row.domain} is not verified: {exc}", value=row.domain, type="not_verified",
                 expected={"type": "TXT", "name": record_name(row.domain), "value": record_value(row.token)}, found=exc.found,
             ) from None
-        verified_by = VERIFIED_BY_DNS
-    row.status, row.verified_at, row.verified_by = DomainStatus.VERIFIED.value, utcnow(), verified_by
-    ctx.session.add(row)
+        row.status, row.verified_at, row.verified_by = DomainStatus.VERIFIED.value, utcnow(), VERIFIED_BY_DNS
+    await check_published(ctx.settings, row.domain, found.active)
+    ctx.session.add_all([row, *found.active])
     await ctx.session.commit()
     await ctx.session.refresh(row)
-    return row
+    return found

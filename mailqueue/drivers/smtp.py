@@ -18,6 +18,7 @@ import re
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any
@@ -50,11 +51,25 @@ def codes(code: int, message: str) -> str:
     return f"{code} {enhanced.group(1)}" if enhanced else str(code)
 
 
+# Takes a serialized message and returns it signed (mailqueue.dkim_keys.DkimSigner).
+Signer = Callable[[bytes], bytes]
+
+
 class _Client(aiosmtplib.SMTP):
     """aiosmtplib.SMTP that remembers whether the connection was found lost at MAIL FROM, the first
-    command of a transaction: then nothing of the message had reached the server."""
+    command of a transaction: then nothing of the message had reached the server. And that signs
+    the serialized message when a transaction gives it a signer."""
 
     lost_at_mail_from = False
+    sign: Signer | None = None  # for one transaction: signs the bytes that go out (see sendmail)
+
+    async def sendmail(self, sender: str, recipients: Any, message: str | bytes, /, **kwargs: Any) -> tuple[dict[str, SMTPResponse], str]:
+        # send_message serializes the message for this server (8BITMIME decides 8bit or 7bit
+        # transfer encodings, SMTPUTF8 the header policy) and hands the bytes here: a signature
+        # made now covers exactly the bytes that are sent.
+        if self.sign is not None:
+            message = self.sign(message.encode("ascii") if isinstance(message, str) else message)
+        return await super().sendmail(sender, recipients, message, **kwargs)
 
     async def mail(self, *args: Any, **kwargs: Any) -> SMTPResponse:
         try:
@@ -156,30 +171,34 @@ class SmtpDriver:
         # A short user name would blank out ordinary words; a long one is worth keeping out too.
         return found + ((user, b64(user)) if len(user) >= 4 else ())
 
-    async def send(self, message: EmailMessage, sender: str, recipients: list[str]) -> Delivery:
+    async def send(self, message: EmailMessage, sender: str, recipients: list[str], *, sign: Signer | None = None) -> Delivery:
+        """`sign`: DKIM-sign the message as serialized for the server (a signature made on any other
+        serialization could break on this one)."""
         async with self._slots:  # at most max_connections talking to this server at once
             # The SMTP conversation in the email's trace (the wait for a slot is not part of it).
             with span("smtp send", {"server.address": self.host, "server.port": self.port}, kind=SpanKind.CLIENT):
-                refused, reply = await self._converse(message, sender, recipients)
+                refused, reply = await self._converse(message, sender, recipients, sign)
         match = _QUEUED_AS.search(reply)
         return Delivery(
             provider_message_id=match.group(1) if match else str(message["Message-ID"]),
             refused_recipients={addr: self._reply(r.code, r.message) for addr, r in refused.items()},
         )
 
-    async def _converse(self, message: EmailMessage, sender: str, recipients: list[str]) -> tuple[dict[str, SMTPResponse], str]:
+    async def _converse(
+        self, message: EmailMessage, sender: str, recipients: list[str], sign: Signer | None = None,
+    ) -> tuple[dict[str, SMTPResponse], str]:
         """The transaction, on a pooled connection or a new one; every failure classified."""
         try:
             conn = await self._checkout() if self.reuse_connections else None
             if conn is not None:
                 try:
-                    refused, reply = await self._transaction(conn, message, sender, recipients)
+                    refused, reply = await self._transaction(conn, message, sender, recipients, sign)
                 except ConnectionError:
                     if not conn.client.lost_at_mail_from:
                         raise
                     conn = None  # closed by the server while pooled, seen only at MAIL FROM: once more, fresh
             if conn is None:
-                refused, reply = await self._transaction(await self._open(), message, sender, recipients)
+                refused, reply = await self._transaction(await self._open(), message, sender, recipients, sign)
         except DeliveryError:
             raise  # classified where it happened (opening the connection)
         except aiosmtplib.SMTPRecipientsRefused as exc:
@@ -400,9 +419,10 @@ class SmtpDriver:
             raise PermanentDeliveryError(f"{self.server} offers no authentication this client can use") from None
 
     async def _transaction(
-        self, conn: _Connection, message: EmailMessage, sender: str, recipients: list[str]
+        self, conn: _Connection, message: EmailMessage, sender: str, recipients: list[str], sign: Signer | None = None,
     ) -> tuple[dict[str, SMTPResponse], str]:
         """One full transaction (MAIL, RCPT, DATA) on conn, which goes back to the pool only if it succeeded."""
+        conn.client.sign = sign
         try:
             result = await conn.client.send_message(message, sender=sender, recipients=recipients)
         except BaseException:
@@ -410,6 +430,8 @@ class SmtpDriver:
             # without a QUIT that could wait on a server mid-DATA.
             conn.client.close()
             raise
+        finally:
+            conn.client.sign = None
         conn.messages += 1
         await self._checkin(conn)
         return result
