@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import sqlalchemy as sa
 import trustme
 from aiosmtpd.controller import Controller
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
@@ -438,6 +439,22 @@ async def running_stack(
             httpx.AsyncClient(base_url=api.url, headers=AUTH, timeout=30) as http,
         ):
             yield Stack(http, sink, settings, tmp)
+
+
+@contextmanager
+def executed(engine: Any, containing: str = "") -> Iterator[list[str]]:
+    """The SQL statements the engine runs while the block runs (those containing `containing`)."""
+    seen: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if containing in statement:
+            seen.append(statement)
+
+    sa.event.listen(engine.sync_engine, "before_cursor_execute", note)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(engine.sync_engine, "before_cursor_execute", note)
 
 
 def email(**overrides: Any) -> dict[str, Any]:

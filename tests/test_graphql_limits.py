@@ -13,14 +13,13 @@ from typing import Any
 
 import httpx
 import pytest
-import sqlalchemy as sa
 
 from api.app import create_app
 from api.services import stats as queue_stats
 from devstack.net import free_port
 from mailqueue.email_store import insert_email, record_from_spec
 from mailqueue.models import EmailEvent, utcnow
-from tests.helpers import AUTH, fast_settings, make_spec
+from tests.helpers import AUTH, executed, fast_settings, make_spec
 
 EMAILS_WITH_EVENTS = """
 query ($id: String!, $first: Int!) {
@@ -52,21 +51,6 @@ def codes(answer: dict[str, Any]) -> list[str]:
     return [e.get("extensions", {}).get("code") for e in answer.get("errors") or []]
 
 
-@asynccontextmanager
-async def counted(engine: Any) -> AsyncIterator[list[str]]:
-    """The SQL statements the engine runs inside the block."""
-    statements: list[str] = []
-
-    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        statements.append(statement)
-
-    sa.event.listen(engine.sync_engine, "before_cursor_execute", count)
-    try:
-        yield statements
-    finally:
-        sa.event.remove(engine.sync_engine, "before_cursor_execute", count)
-
-
 async def add_emails(engine: Any, related_id: str, n: int) -> None:
     """n emails with two events each, related to `related_id` (so a filter finds exactly these)."""
     from mailqueue.db import sessionmaker
@@ -87,7 +71,7 @@ async def test_emails_with_their_events_is_not_one_query_per_email(database_url:
         await graphql(http, EMAILS_WITH_EVENTS, id=related, first=1)  # connections made, dialect set up
         per_size: dict[int, int] = {}
         for first in (5, 25):
-            async with counted(engine) as statements:
+            with executed(engine) as statements:
                 answer = await graphql(http, EMAILS_WITH_EVENTS, id=related, first=first)
             assert "errors" not in answer, answer
             listed = answer["data"]["emails"]
@@ -102,7 +86,7 @@ async def test_emails_with_their_events_is_not_one_query_per_email(database_url:
 
 async def test_too_deep_or_too_costly_queries_are_refused_before_running(database_url: str) -> None:
     async with graphql_app(database_url, graphql_max_depth=3, graphql_max_cost=500) as (http, engine):
-        async with counted(engine) as statements:
+        with executed(engine) as statements:
             deep = await graphql(http, "{ emails { edges { node { events { event } } } } }")
             costly = await graphql(http, "{ emails(first: 100) { edges { node { id to subject from } } } }")  # 1 + 100 * 6
         assert deep["data"] is None and "exceeds maximum operation depth of 3" in deep["errors"][0]["message"]
@@ -156,7 +140,7 @@ async def test_the_keys_rate_limit_is_too_many_requests(database_url: str) -> No
 
 async def test_no_key_is_unauthenticated_and_nothing_is_read(database_url: str) -> None:
     async with graphql_app(database_url) as (http, engine):
-        async with counted(engine) as statements:
+        with executed(engine) as statements:
             for auth in ("", "Bearer not-a-key"):
                 answer = await graphql(http, "{ stats { stuck } }", headers={"Authorization": auth})
                 assert codes(answer) == ["UNAUTHENTICATED"] and answer["data"] is None, answer

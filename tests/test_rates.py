@@ -5,13 +5,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from temporalio.client import Client
 from temporalio.testing import ActivityEnvironment
 
@@ -32,7 +29,7 @@ from mailqueue.models import Role, SenderSettings
 from mailqueue.senders import route_of
 from mailqueue.template_library import Renderer
 from mailqueue.templating import TemplateEngine
-from tests.helpers import SmtpSink, make_sender, make_spec
+from tests.helpers import SmtpSink, executed, make_sender, make_spec
 from worker import build_worker
 from workflows.send_email import SendEmailWorkflow
 
@@ -62,22 +59,6 @@ def test_a_sender_cannot_be_the_systems_drivers_and_the_system_none_of_the_sende
         Settings(send_rates={"system_smtp": 1.0}, _env_file=None)  # type: ignore[call-arg]
 
 
-@contextmanager
-def settings_reads(engine: Any) -> Iterator[list[str]]:
-    """The statements that read sender settings, while the block runs."""
-    seen: list[str] = []
-
-    def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if "FROM sender_settings" in statement:
-            seen.append(statement)
-
-    sa.event.listen(engine.sync_engine, "before_cursor_execute", note)
-    try:
-        yield seen
-    finally:
-        sa.event.remove(engine.sync_engine, "before_cursor_execute", note)
-
-
 async def test_each_step_reads_the_senders_settings_once(settings: Settings, database_url: str, sink: SmtpSink) -> None:
     engine = create_engine(database_url)
     sessions = sessionmaker(engine)
@@ -90,12 +71,12 @@ async def test_each_step_reads_the_senders_settings_once(settings: Settings, dat
         principal = Principal(kind=PrincipalKind.USER, id=user_id, role=Role.USER)
         async with sessions() as session:
             ctx = Context(principal, session, rated, temporal=None, templates=TemplateEngine(), secrets=SecretBox.from_settings(rated))  # type: ignore[arg-type]
-            with settings_reads(engine) as reads:
+            with executed(engine, "FROM sender_settings") as reads:
                 prepared = await prepare_email(ctx, EmailRequest(to=["bob@example.com"], subject="s", text="t"), None)
         assert len(reads) == 1, reads  # acceptance: the From, the queue
         assert prepared.spec.from_address == "Ann <ann@example.org>" and prepared.spec.send_queue == "user_smtp"
 
-        with settings_reads(engine) as reads:
+        with executed(engine, "FROM sender_settings") as reads:
             assert (await QuotaActivities(sessions, rated).reserve(QuotaRequest(SenderType.USER, user_id))).ok
         assert len(reads) == 1, reads  # the quota step: the limits
 
@@ -105,7 +86,7 @@ async def test_each_step_reads_the_senders_settings_once(settings: Settings, dat
             env.info, attempt=1, workflow_run_id=str(uuid.uuid4()), activity_type="send_email",
             started_time=datetime.now(UTC), start_to_close_timeout=timedelta(seconds=10),
         )
-        with settings_reads(engine) as reads:
+        with executed(engine, "FROM sender_settings") as reads:
             result = await env.run(send.send, SendRequest(prepared.spec))
         assert len(reads) == 1, reads  # the send step: the driver
         assert result.provider == "smtp" and sink.by_message_id(prepared.spec.message_id)
