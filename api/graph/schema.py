@@ -119,7 +119,7 @@ class Query:
                 start = parse_email_cursor(after) if after else None
             except ValueError as exc:
                 raise refused(f"after: {exc}", "BAD_USER_INPUT", fields=[{"path": ["after"], "message": str(exc)}]) from None
-            where = emails.EmailFilter(**{k: v for k, v in as_body(filter).items()}) if filter else emails.EmailFilter()
+            where = emails.EmailFilter(**as_body(filter)) if filter else emails.EmailFilter()
             if where.statuses:
                 where.statuses = [EmailStatusEnum(s) for s in where.statuses]
             total, rows, more = await emails.email_slice(ctx, where, start, first)
