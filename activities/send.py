@@ -8,11 +8,13 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
+from mailqueue.blobs import BlobMissing, BlobStore, blob_store, read_attachment
 from mailqueue.bounces import bounce_address
 from mailqueue.config import Settings
 from mailqueue.contracts import (
@@ -23,6 +25,7 @@ from mailqueue.contracts import (
     SERVER_UNREACHABLE,
     TEMPLATE_ERROR,
     TRANSIENT_DELIVERY_ERROR,
+    AttachmentRef,
     AuditEntry,
     Content,
     EmailSpec,
@@ -121,6 +124,7 @@ class SendActivities:
         self._renderer = renderer
         self._settings = settings
         self._redirect_to = settings.test_redirect_to
+        self._blobs: BlobStore | None = None  # where attachment bytes are (made on first use)
 
     @activity.defn(name="send_email")
     async def send(self, req: SendRequest) -> SendResult:
@@ -129,6 +133,7 @@ class SendActivities:
         attempt = info.attempt
         spec = req.spec
         content = await self._content(req)  # before `sending`: a template that cannot render was never sent
+        files = await self._files(spec)  # and files that are gone: never sent without them
         driver, signer = await self._driver_for(spec)
         prior, found = await self._claim(
             AuditEntry(
@@ -164,7 +169,7 @@ class SendActivities:
                 provider=driver.name, provider_message_id="", attempt=attempt, accepted_at=datetime.now(UTC),
                 recorded=True, suppressed=True,
             )
-        message = build_message(spec, content)
+        message = build_message(spec, content, files)
         sender, recipients = envelope(spec)
         if self._settings.bounce_domain and driver is self._drivers.system and driver.name == DriverName.SMTP:
             # The system's relay gets its bounces back by mail, at an address that names the email
@@ -274,6 +279,20 @@ class SendActivities:
                 kind=SEND_QUEUE_CHANGED, send_queue=route.send_queue,
             )
         return driver, signer
+
+    async def _files(self, spec: EmailSpec) -> list[tuple[AttachmentRef, bytes]]:
+        """The attachments' bytes from the blob store, each checked against its size and SHA-256."""
+        if not spec.attachments:
+            return []
+        if self._blobs is None:
+            self._blobs = blob_store(self._settings)
+        try:
+            async with self._sessions() as session:
+                return [(ref, await read_attachment(session, self._blobs, ref)) for ref in spec.attachments]
+        except BlobMissing as exc:  # the same on every attempt: the email fails, saying which file
+            raise ApplicationError(str(exc), {"attempt": 0}, type=PERMANENT_DELIVERY_ERROR, non_retryable=True) from None
+        except (*STORE_ERRORS, BotoCoreError, ClientError) as exc:
+            raise _store_unavailable(spec, "attachment store", exc) from None
 
     def _box(self) -> SecretBox:
         if self._secrets is None:

@@ -32,6 +32,7 @@ from api.routes import (
     suppressions,
     templates,
     unsubscribe,
+    uploads,
     users,
     webhooks,
 )
@@ -47,6 +48,7 @@ from api.services.errors import (
     unavailable_detail,
 )
 from mailqueue.accounts import weak_bootstrap_key
+from mailqueue.blobs import blob_store
 from mailqueue.config import Settings, get_settings
 from mailqueue.crypto import SecretBox
 from mailqueue.db import create_engine, sessionmaker
@@ -102,14 +104,19 @@ class BodySizeLimit:
     no body), in text/plain rather than the app's `{"detail": ...}`, and reads the rest unbounded.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, larger: dict[str, int] | None = None) -> None:
+        # `larger`: paths whose bodies may carry files (attachments, uploads), with their own limits,
+    # for requests with an Authorization header.
+        self.app, self.default, self.larger = app, limit, larger or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        # The larger limits of bodies with files only for requests that name a key (checked later, once
+        # the body is read): without one, a body is refused at the default limit.
+        limit = self.larger.get(scope["path"], self.default) if b"authorization" in headers else self.default
         length = headers.get(b"content-length")
         # The body was read to its end (or there is none); bytes read so far; read past the limit; answer begun.
         ended = length in (None, b"0") and b"transfer-encoding" not in headers
@@ -120,7 +127,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > limit:
                     over = True
                     raise _BodyTooLarge
                 ended = not message.get("more_body", False)
@@ -145,8 +152,8 @@ class BodySizeLimit:
             started = started or message["type"] == "http.response.start"
             await answer(message)
 
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            await self._too_large(scope, receive, answer)
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await self._too_large(scope, limit, receive, answer)
             return
         try:
             await self.app(scope, counted_receive, app_send)
@@ -154,10 +161,18 @@ class BodySizeLimit:
             if not over or started:
                 raise
         if over and not started:
-            await self._too_large(scope, receive, answer)
+            await self._too_large(scope, limit, receive, answer)
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await JSONResponse({"detail": f"request body larger than {self.limit} bytes"}, status_code=413)(scope, receive, send)
+    async def _too_large(self, scope: Scope, limit: int, receive: Receive, send: Send) -> None:
+        await JSONResponse({"detail": f"request body larger than {limit} bytes"}, status_code=413)(scope, receive, send)
+
+
+def file_body_limits(settings: Settings) -> dict[str, int]:
+    """The paths whose bodies may carry files, and how large those bodies may be: an email with its
+    attachments in base64 (4 bytes for 3; the batch and GraphQL alike), or one upload and its form."""
+    with_files = settings.max_request_bytes + math.ceil(settings.attachments_max_total_bytes / 3) * 4
+    upload = settings.attachment_max_bytes + 1024 * 1024
+    return {"/v1/emails": with_files, "/v1/emails/batch": with_files, "/graphql": with_files, "/v1/uploads": upload}
 
 
 class RateLimitHeaders:
@@ -193,9 +208,16 @@ def reject_nul_in_query(request: HTTPConnection) -> None:
             raise invalid(("query", name), "must not contain NUL characters")
 
 
+# An input echoed in an error is cut to this many characters: a refused attachment's base64
+# content (megabytes) must not come back whole.
+ECHO_MAX_CHARS = 2000
+
+
 def _printable(value: Any) -> Any:
-    """What UTF-8 JSON can carry: unpaired surrogates escaped, NaN and infinities as text."""
+    """What UTF-8 JSON can carry: unpaired surrogates escaped, NaN and infinities as text, long strings cut."""
     if isinstance(value, str):
+        if len(value) > ECHO_MAX_CHARS:
+            value = f"{value[:ECHO_MAX_CHARS]}... ({len(value)} characters)"
         return value.encode("utf-8", "backslashreplace").decode()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
@@ -273,6 +295,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Encrypts sender secrets; only workers decrypt them, but for a user's Mailgun webhook signing key,
         # which /v1/inbound/mailgun/{user_id} decrypts to verify that user's events.
         app.state.secrets = SecretBox.from_settings(settings)
+        app.state.blobs = blob_store(settings)
         app.state.sns_certificates = SnsCertificates.from_settings(settings)  # /v1/inbound/ses: fetched once per URL
         if settings.public_url:  # unsubscribe links are made: a bad key must stop the start, not the first email
             try:
@@ -304,7 +327,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _api_docs(app, admins_only=not settings.public_docs)
     if settings.rate_limit_per_minute:
         app.add_middleware(RateLimitHeaders)
-    app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
+    app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes, larger=file_body_limits(settings))
     app.add_middleware(codec.CodecCORS, origins=settings.codec_cors_origins)  # outside auth and limits: answers the UI's preflights
     app.state.metrics = ApiMetrics()  # this app's own registry (tests build several apps in one process)
     app.add_middleware(HttpMetrics, metrics=app.state.metrics)  # around the rest: 413s and preflights count too
@@ -317,6 +340,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(mail_settings.router)
     app.include_router(domains.router)
     app.include_router(suppressions.router)
+    app.include_router(uploads.router)
     app.include_router(unsubscribe.router)  # /u/{token}: no API key, the signed token is the credential
     app.include_router(webhooks.router)
     app.include_router(provider_events.router)  # /v1/inbound/*: no API key, the provider's signature is the credential

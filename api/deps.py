@@ -132,7 +132,7 @@ def context_for(request: Request, principal: Principal, session: AsyncSession) -
     state = request.app.state
     return Context(
         principal=principal, session=session, settings=state.settings, temporal=state.temporal,
-        templates=state.templates, secrets=state.secrets,
+        templates=state.templates, secrets=state.secrets, blobs=state.blobs,
     )
 
 

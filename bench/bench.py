@@ -4,7 +4,7 @@
                                     [--workers 1] [--database-url URL] [--json-out FILE]
                                     [--template StockIssueApproved [--template-items 50]]
                                     [--render-only] [--render-seconds 5] [--scheduled 200]
-                                    [--telemetry] [--ab telemetry|search-attributes|webhooks [--pairs 2]]
+                                    [--telemetry] [--ab telemetry|search-attributes|webhooks|attachment [--pairs 2]]
 
 Starts its own stack on free ports in a temporary directory (Temporal dev server persisted
 to a file with WAL, SQLite unless --database-url, N workers, the API under uvicorn, a sink
@@ -24,16 +24,19 @@ API's /metrics and the worker's endpoint) on. `--ab telemetry` runs only B, `--p
 telemetry off and as many on (scraped every 5 s), alternating, a new stack each time, and reports
 end-to-end emails/s and the CPU per email of every process of the stack; `--ab search-attributes`
 the same with MAILQUEUE_SEARCH_ATTRIBUTES false and true; `--ab webhooks` with no webhook endpoint and
-with one (the bootstrap key's: every event) whose receiver takes 5 s per call.
+with one (the bootstrap key's: every event) whose receiver takes 5 s per call; `--ab attachment`
+with raw emails and with the same emails carrying a 1 MB PDF each (base64 in the POST).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import platform
+import random
 import re
 import signal
 import subprocess
@@ -52,6 +55,9 @@ if str(ROOT) not in sys.path:
 
 KEY = "bench-admin-key-Vq7Lz3Xw9Rk2Tn6Hc8Jm4Fp"  # strong enough for the API to start (mailqueue.accounts)
 BODY = {"to": ["bench@example.com"], "subject": "bench", "text": "hello"}
+# --ab attachment: a 1 MB "PDF", the same bytes on every email (each email stores its own copy)
+ATTACHMENT = {"filename": "report.pdf", "content_type": "application/pdf",
+              "content": base64.b64encode(b"%PDF-1.7\n" + random.Random(1).randbytes(1024 * 1024)).decode()}
 _MESSAGE_ID = re.compile(rb"^Message-ID:\s*<([^@>]+)@", re.IGNORECASE | re.MULTILINE)
 
 
@@ -225,9 +231,13 @@ async def scrape(http: Any, stack: Stack, every: float, counts: Counter[str]) ->
 async def ab(args: argparse.Namespace) -> dict[str, Any]:
     """B alone, the feature off and on in turn, each on a new stack: emails/s and CPU per email."""
 
+    global BODY
+    plain = BODY
     runs: list[dict[str, Any]] = []
     for i in range(args.pairs * 2):
         on = i % 2 == 1
+        # --ab attachment: every email carries a 1 MB PDF (base64 in the request: stored as a blob, read by the send)
+        BODY = {**plain, "attachments": [ATTACHMENT]} if on and args.ab == "attachment" else plain
         telemetry = on and args.ab == "telemetry"
         env = {"MAILQUEUE_SEARCH_ATTRIBUTES": "false"} if args.ab == "search-attributes" and not on else {}
         hooked = on and args.ab == "webhooks"
@@ -617,7 +627,7 @@ def main() -> None:
     parser.add_argument("--scheduled-lead", type=float, default=15.0, help="E: seconds from the first POST to the due second")
     parser.add_argument("--render-only", action="store_true", help="run only D (template rendering)")
     parser.add_argument("--telemetry", action="store_true", help="tracing (OTLP) and metrics on, scraped every 5 s")
-    parser.add_argument("--ab", choices=["telemetry", "search-attributes", "webhooks"], default=None, help="only B, this off and on in turn")
+    parser.add_argument("--ab", choices=["telemetry", "search-attributes", "webhooks", "attachment"], default=None, help="only B, this off and on in turn")
     parser.add_argument("--pairs", type=int, default=2, help="--ab: how many off/on pairs")
     args = parser.parse_args()
     if args.ab:

@@ -136,6 +136,22 @@ class Settings(BaseSettings):
     send_at_grace_seconds: float = 60.0
     send_at_max_days: int = 366
 
+    # Attachments (README "Attachments"). Their bytes live outside Temporal: in the SQL database
+    # (blob_chunks) by default, or in an S3-compatible bucket with blob_url=s3://bucket[/prefix]
+    # (credentials from boto3's usual chain, never from here; s3_endpoint_url for MinIO and the like).
+    blob_url: str | None = Field(default=None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    attachment_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1)  # one file
+    attachments_max_total_bytes: int = Field(default=25 * 1024 * 1024, ge=1)  # all of one email's files
+    attachments_max_count: int = Field(default=20, ge=0)
+    # Executables and scripts are refused (mailqueue/attachments.py); entries here (".js",
+    # "application/javascript") lift exactly that rule.
+    attachment_allowed_types: list[str] = Field(default_factory=list)
+    # How long an upload (POST /v1/uploads) may be attached to new emails. It stays while any
+    # email that sends it is kept.
+    upload_ttl_hours: float = Field(default=168.0, gt=0)
+
     # --- Safe for many senders (issue 12); the README's "Security model" says what to set in production.
 
     # Sender identity: a user's From (and default_from) must be in one of their verified domains

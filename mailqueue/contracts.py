@@ -167,6 +167,20 @@ class TemplateRef:
 
 
 @dataclass
+class AttachmentRef:
+    """One attachment of an email, by reference: its bytes are in the blob store (mailqueue/blobs.py),
+    never in a workflow input or history. The send step reads them by `blob_id` and checks size and hash."""
+
+    blob_id: str
+    filename: str  # sanitised (mailqueue/attachments.py): no path, no control characters
+    content_type: str  # checked against the content when accepted
+    size: int
+    sha256: str  # hex
+    disposition: str = "attachment"  # or "inline": shown in the HTML where it says cid:<content_id>
+    content_id: str | None = None  # inline parts: the id the HTML refers to, without <>
+
+
+@dataclass
 class EmailSpec:
     """Everything needed to deliver one email: the workflow's input."""
 
@@ -196,6 +210,8 @@ class EmailSpec:
     # True when the caller (the API) already wrote the record and its `queued` event in
     # the same transaction that accepted the email; the workflow then skips that step.
     recorded: bool = False
+    # Files sent with the email, by reference (ids, sizes and hashes only).
+    attachments: list[AttachmentRef] = field(default_factory=list)
 
 
 @dataclass

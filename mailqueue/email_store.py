@@ -12,9 +12,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from mailqueue.blobs import attachment_rows
 from mailqueue.contracts import (
     FINAL,
     WENT_OUT,
+    AttachmentRef,
     AuditEntry,
     Content,
     EmailSpec,
@@ -28,7 +30,7 @@ from mailqueue.contracts import (
     workflow_id_for,
 )
 from mailqueue.message import bare_address
-from mailqueue.models import Email, EmailEvent, EmailRecipient, utcnow
+from mailqueue.models import Blob, Email, EmailEvent, EmailRecipient, utcnow
 
 
 def record_from_spec(spec: EmailSpec, *, idempotency_key: str | None = None, request_hash: str | None = None) -> Email:
@@ -65,6 +67,7 @@ def record_from_spec(spec: EmailSpec, *, idempotency_key: str | None = None, req
         extra_metadata=dict(spec.metadata),
         idempotency_key=idempotency_key,
         request_hash=request_hash,
+        attachments=[asdict(a) for a in spec.attachments] or None,
     )
 
 
@@ -102,6 +105,7 @@ def spec_from_record(email: Email, retry: RetrySettings) -> EmailSpec:
         related_entity_id=email.related_entity_id,
         sender_type=SenderType(email.sender_type),
         sender_id=email.sender_id,
+        attachments=[AttachmentRef(**a) for a in email.attachments or ()],
     )
 
 
@@ -119,6 +123,7 @@ async def insert_email(session: AsyncSession, email: Email) -> None:
     session.add(email)
     await session.flush()  # the parent row first: recipients and events reference it
     session.add_all(recipients_of(email))
+    session.add_all(attachment_rows(email.id, email.attachments))  # its blobs are added (flushed) already
     session.add(queued_event(email.id, "accepted"))
 
 
@@ -200,6 +205,9 @@ async def apply_audit(session: AsyncSession, entry: AuditEntry, *, unless_final:
         session.add(email)
         await session.flush()
         session.add_all(recipients_of(email))
+        if email.attachments:  # a workflow started without the API (the CLI): link the blobs that exist
+            stored = set((await session.exec(select(Blob.id).where(col(Blob.id).in_([a["blob_id"] for a in email.attachments])))).all())
+            session.add_all(row for row in attachment_rows(email.id, email.attachments) if row.blob_id in stored)
     try:
         await (await session.connection()).execute(
             sa.insert(events).values(

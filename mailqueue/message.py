@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
+from collections.abc import Sequence
+from email import message_from_string
 from email.errors import MessageError
-from email.message import EmailMessage
+from email.message import EmailMessage, MIMEPart
 from email.policy import SMTP
+from email.policy import default as READER
 from email.utils import formatdate, getaddresses
 
-from mailqueue.contracts import Content, EmailSpec
+from mailqueue.contracts import AttachmentRef, Content, EmailSpec
 from mailqueue.errors import PermanentDeliveryError
 
 # --- what a sender may put into headers -------------------------------------------------------
@@ -124,9 +128,16 @@ def bare_address(value: str) -> str:
     return getaddresses([value])[0][1]
 
 
-def build_message(spec: EmailSpec, content: Content) -> EmailMessage:
+def build_message(spec: EmailSpec, content: Content, files: Sequence[tuple[AttachmentRef, bytes]] = ()) -> EmailMessage:
     """The MIME message. PermanentDeliveryError when a header cannot be written safely: the same
-    spec would fail the same way on every attempt (the API refuses such input at the door)."""
+    spec would fail the same way on every attempt (the API refuses such input at the door).
+
+    `files` (each attachment with its bytes, already checked against its size and hash) go in
+    base64 whatever their type, so they arrive byte for byte. Inline files sit beside the HTML in a
+    multipart/related part, where the HTML's cid: links find them; other files follow the body in
+    a multipart/mixed one, in the order given. An inline file the HTML cannot show (a text-only
+    email, or no content_id) goes as an ordinary attachment rather than being refused: the
+    recipient still gets it, and nothing else in the email depends on it."""
     msg = EmailMessage(policy=SMTP)
     headers = [("From", spec.from_address), ("To", ", ".join(spec.to))]
     if spec.cc:
@@ -153,7 +164,86 @@ def build_message(spec: EmailSpec, content: Content) -> EmailMessage:
             msg.add_alternative(content.html, subtype="html")
     else:
         msg.set_content(content.html or "", subtype="html")
+    if files:
+        _attach(msg, files, html_shown=content.html is not None)
     return msg
+
+
+# --- attachments ---------------------------------------------------------------------------------
+
+# RFC 6838 type and subtype names.
+_TYPE_NAME = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
+# What fits between the <> of a Content-ID: printable ASCII, no spaces, no angle brackets.
+_CONTENT_ID = re.compile(r"[\x21-\x3b=\x3f-\x7e]{1,250}")
+# RFC 2046 forbids base64 for message/* and multipart/*, and readers parse such a body as MIME
+# (Python's email package drops a base64 message/rfc822 body): those files go as opaque bytes.
+_PARSED_AS_MIME = ("message", "multipart")
+
+
+def _attach(msg: EmailMessage, files: Sequence[tuple[AttachmentRef, bytes]], *, html_shown: bool) -> None:
+    def in_html(ref: AttachmentRef) -> bool:
+        return html_shown and ref.disposition == "inline" and bool(ref.content_id)
+
+    inline = [(ref, data) for ref, data in files if in_html(ref)]
+    listed = [(ref, data) for ref, data in files if not in_html(ref)]
+    if inline:
+        html = msg.get_body(("html",))
+        assert html is not None  # build_message wrote it
+        html.make_related()  # type: ignore[attr-defined]
+        for ref, data in inline:
+            html.attach(_file_part(ref, data, inline=True))
+    if listed:
+        msg.make_mixed()
+        for ref, data in listed:
+            msg.attach(_file_part(ref, data, inline=False))
+
+
+def _file_part(ref: AttachmentRef, data: bytes, *, inline: bool) -> MIMEPart:
+    """One file as a MIME part: base64, its type, Content-Disposition with its filename (RFC 2231
+    when not ASCII, in continuations when long) and, inline, its Content-ID. PermanentDeliveryError
+    when a reader of the written headers would not get back exactly this filename and Content-ID."""
+    problem = header_text_problem(ref.filename)
+    if problem is not None:
+        raise PermanentDeliveryError(f"attachment filename {ref.filename!r} holds {problem}")
+    cid = None
+    if inline:
+        if not _CONTENT_ID.fullmatch(ref.content_id or ""):
+            raise PermanentDeliveryError(f"attachment {ref.filename!r}: content_id {ref.content_id!r} cannot be a Content-ID")
+        cid = f"<{ref.content_id}>"
+    maintype, subtype, params = _file_type(ref)
+    part = MIMEPart(policy=SMTP)
+    try:
+        part.set_content(data, maintype, subtype, cte="base64", disposition="inline" if inline else "attachment",
+                         filename=ref.filename, cid=cid, params=params)
+    except (MessageError, ValueError) as exc:
+        raise PermanentDeliveryError(f"attachment {ref.filename!r} cannot be written: {exc}") from None
+    read = _headers_as_read(part)
+    if read.get_filename() != ref.filename:
+        raise PermanentDeliveryError(f"attachment filename {ref.filename!r} would arrive as {read.get_filename()!r}")
+    if cid is not None and read["Content-ID"] != cid:
+        raise PermanentDeliveryError(f"attachment {ref.filename!r}: Content-ID {cid} would arrive as {read['Content-ID']}")
+    return part
+
+
+def _file_type(ref: AttachmentRef) -> tuple[str, str, dict[str, str]]:
+    """(maintype, subtype, params) to send the file with: its checked type, only a text type's
+    charset kept (it tells readers how to show the bytes, which stay as they are)."""
+    header = SMTP.header_factory("content-type", ref.content_type)
+    maintype, subtype = header.maintype.lower(), header.subtype.lower()  # type: ignore[attr-defined]
+    if header.defects or not (_TYPE_NAME.fullmatch(maintype) and _TYPE_NAME.fullmatch(subtype)):
+        raise PermanentDeliveryError(f"attachment {ref.filename!r}: content type {ref.content_type!r} cannot be written")
+    if maintype in _PARSED_AS_MIME:
+        return "application", "octet-stream", {}
+    charset = header.params.get("charset") if maintype == "text" else None  # type: ignore[attr-defined]
+    if charset and _TYPE_NAME.fullmatch(charset.lower()):
+        return maintype, subtype, {"charset": charset}
+    return maintype, subtype, {}
+
+
+def _headers_as_read(part: MIMEPart) -> EmailMessage:
+    """The part's headers as a reader parses them from the lines that will be sent."""
+    written = "".join(SMTP.fold(name, value) for name, value in part.items())
+    return message_from_string(written + "\r\n", policy=READER)  # type: ignore[return-value]
 
 
 def envelope(spec: EmailSpec) -> tuple[str, list[str]]:

@@ -98,6 +98,8 @@ class Email(SQLModel, table=True):
     request_hash: str | None = Field(default=None, max_length=64)
     created_at: datetime = _ts(default_factory=utcnow, index=True)
     updated_at: datetime = _ts(default_factory=utcnow)
+    # The files sent with it (AttachmentRef fields: blob id, name, type, size, sha256, disposition, content id).
+    attachments: list[dict[str, Any]] | None = _json(default=None)
 
 
 class EmailRecipient(SQLModel, table=True):
@@ -407,3 +409,50 @@ class WebhookDelivery(SQLModel, table=True):
     error: str | None = Field(default=None, max_length=300)
     redelivery: bool = False
     created_at: datetime = _ts(default_factory=utcnow)
+
+
+class BlobStorage(StrEnum):
+    SQL = "sql"  # in blob_chunks, next to the records
+    S3 = "s3"  # an object in MAILQUEUE_BLOB_URL's bucket, named by the blob's id
+
+
+class Blob(SQLModel, table=True):
+    """A stored file: an upload (POST /v1/uploads) or an attachment given inline. The bytes live in
+    blob_chunks or in S3 (`storage`); workflows carry only the id, size and hash (mailqueue/blobs.py)."""
+
+    __tablename__ = "blobs"
+    __table_args__ = (sa.Index("ix_blobs_owner", "owner_type", "owner_id"),)
+
+    id: str = Field(primary_key=True, max_length=36)
+    owner_type: str = Field(max_length=16)  # the sender it belongs to: system or user (with owner_id)
+    owner_id: str | None = Field(default=None, max_length=64)
+    size: int = Field(sa_type=sa.BigInteger)
+    sha256: str = Field(max_length=64)
+    content_type: str = Field(max_length=255)  # as declared and checked, or as sniffed
+    filename: str = Field(max_length=255)
+    storage: str = Field(default=BlobStorage.SQL.value, max_length=8)
+    created_at: datetime = _ts(default_factory=utcnow)
+    # Uploads may be attached until then; inline attachments have none. Either way a blob stays while
+    # an email names it (email_attachments), and goes with the last of them (retention).
+    expires_at: datetime | None = _ts(default=None)
+
+
+class BlobChunk(SQLModel, table=True):
+    """A blob's bytes in the SQL database, in pieces of at most mailqueue.blobs.CHUNK_BYTES."""
+
+    __tablename__ = "blob_chunks"
+
+    blob_id: str = Field(primary_key=True, max_length=36, sa_type=sa.String(36), foreign_key="blobs.id", ondelete="CASCADE")
+    seq: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    data: bytes = Field(sa_type=sa.LargeBinary)
+
+
+class EmailAttachment(SQLModel, table=True):
+    """Which blobs an email sends. The blob cannot be deleted while a row names it (no ON DELETE):
+    it outlives every email that sends it, and goes only after the last of them is purged."""
+
+    __tablename__ = "email_attachments"
+
+    email_id: str = Field(primary_key=True, max_length=36, sa_type=sa.String(36), foreign_key="emails.id", ondelete="CASCADE")
+    position: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    blob_id: str = Field(max_length=36, sa_type=sa.String(36), foreign_key="blobs.id", index=True)

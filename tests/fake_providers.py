@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import threading
 import time
 import uuid
@@ -102,6 +103,9 @@ class FakeProvider:
         raise NotImplementedError
 
 
+_MIME_TYPE = re.compile(r"[\w!#$&^.+-]+/[\w!#$&^.+-]+", re.ASCII)
+
+
 def _b64(value: str) -> bool:
     try:
         base64.b64decode(value, validate=True)
@@ -119,6 +123,29 @@ def _is_address(value: Any) -> bool:
     """SendGrid's email object: {"email", "name"?}, nothing else."""
     return (isinstance(value, dict) and "@" in str(value.get("email", "")) and not set(value) - {"email", "name"}
             and isinstance(value.get("name", ""), str))
+
+
+# "The total size of your email, including attachments, must be less than 30MB."
+_SENDGRID_MAX_BYTES = 30 * 1024 * 1024
+
+
+def _attachment_problem(a: Any) -> tuple[str, str] | None:
+    """(message, field) for an attachment object that is not as documented: content (base64, not
+    empty) and filename required, type a MIME type, disposition inline or attachment, and
+    content_id required for inline; no other fields."""
+    if not isinstance(a, dict) or set(a) - {"content", "filename", "type", "disposition", "content_id"}:
+        return "Unknown attachment field.", ""
+    if not isinstance(a.get("content"), str) or not a["content"] or not _b64(a["content"]):
+        return "The attachment content must be base64 encoded.", "content"
+    if not isinstance(a.get("filename"), str) or not a["filename"]:
+        return "The attachment filename is required.", "filename"
+    if "type" in a and (not isinstance(a["type"], str) or not _MIME_TYPE.fullmatch(a["type"])):
+        return "The attachment type must be a MIME type with no ;, CR or LF.", "type"
+    if a.get("disposition", "attachment") not in ("attachment", "inline"):
+        return "The attachment disposition must be attachment or inline.", "disposition"
+    if a.get("disposition") == "inline" and not (isinstance(a.get("content_id"), str) and a["content_id"]):
+        return "The content_id is required when the disposition is inline.", "content_id"
+    return None
 
 
 class FakeSendGrid(FakeProvider):
@@ -139,6 +166,8 @@ class FakeSendGrid(FakeProvider):
             return self._error("The provided authorization grant is invalid, expired, or revoked", status=401)
         if not headers.get("content-type", "").startswith("application/json"):
             return self._error("Content-Type should be application/json.")
+        if len(raw) > _SENDGRID_MAX_BYTES:
+            return self._error("The total size of your email must be less than 30MB.", status=413)
         body = json.loads(raw)
         personalizations = body.get("personalizations")
         if not isinstance(personalizations, list) or not personalizations:
@@ -167,15 +196,9 @@ class FakeSendGrid(FakeProvider):
             return self._error("The content value must be a string at least one character in length.", "content.0.value")
         if "text/plain" in types and types[0] != "text/plain":
             return self._error("If present, text/plain content must be first, followed by any other content.", "content.0.type")
-        for a in body.get("attachments", []):
-            if set(a) - {"content", "filename", "type", "disposition", "content_id"}:
-                return self._error("Unknown attachment field.", "attachments.0")
-            if not _b64(a.get("content", "")) or not a.get("filename"):
-                return self._error("The attachment content must be base64 encoded and have a filename.", "attachments.0.content")
-            if a.get("disposition", "attachment") not in ("attachment", "inline") or not isinstance(a.get("type", ""), str):
-                return self._error("The attachment disposition must be attachment or inline.", "attachments.0.disposition")
-            if a.get("disposition") == "inline" and not a.get("content_id"):
-                return self._error("The content_id is required when the disposition is inline.", "attachments.0.content_id")
+        for i, a in enumerate(body.get("attachments", [])):
+            if problem := _attachment_problem(a):
+                return self._error(problem[0], f"attachments.{i}" + (f".{problem[1]}" if problem[1] else ""))
         custom = body.get("headers") or {}
         if not all(isinstance(v, str) for v in custom.values()):
             return self._error("Headers must be strings.", "headers")

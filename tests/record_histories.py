@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import tempfile
 import uuid
@@ -29,8 +30,10 @@ from devstack.net import free_port
 from mailqueue import search, suppressions, webhooks
 from mailqueue.events import feed_end
 from mailqueue.accounts import new_id
+from mailqueue.blobs import SqlBlobs
 from mailqueue.config import Settings
 from mailqueue.contracts import (
+    AttachmentRef,
     CancelRequest,
     EmailSpec,
     EmailStatus,
@@ -43,7 +46,7 @@ from mailqueue.contracts import (
 )
 from mailqueue.crypto import SecretBox
 from mailqueue.db import create_engine, migrate, sessionmaker
-from mailqueue.models import EmailTemplate, SuppressionReason, WebhookDelivery, WebhookEndpoint
+from mailqueue.models import Blob, EmailTemplate, SuppressionReason, WebhookDelivery, WebhookEndpoint
 from mailqueue.senders import sender_key
 from mailqueue.template_library import Renderer
 from mailqueue.template_store import save_template_version
@@ -251,6 +254,30 @@ def suppressed_at_send(sessions) -> Scenario:  # type: ignore[no-untyped-def]
     return run
 
 
+def sent_with_attachments(sessions) -> Scenario:  # type: ignore[no-untyped-def]
+    """An email with a file and an inline image, stored as blobs: the input names them by id, size
+    and hash (AttachmentRef), the send step reads them."""
+
+    async def run(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+        files = [(b"%PDF-1.7\nrecorded\n", "report.pdf", "application/pdf", "attachment", None),
+                 (b"GIF89a\x01\x00\x01\x00", "logo.gif", "image/gif", "inline", "logo")]
+        refs = []
+        async with sessions() as s:
+            for data, name, ctype, disposition, cid in files:
+                blob = Blob(id=str(uuid.uuid4()), owner_type="system", size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                            content_type=ctype, filename=name)
+                s.add(blob)
+                await s.flush()
+                await SqlBlobs().put(s, blob.id, data)
+                refs.append(AttachmentRef(blob.id, name, ctype, blob.size, blob.sha256, disposition, cid))
+            await s.commit()
+        spec = make_spec()
+        spec = replace(spec, content=replace(spec.content, html='<p>Hi <img src="cid:logo"></p>'), attachments=refs)
+        return await _settle(await _start(client, spec, tq))
+
+    return run
+
+
 async def server_unreachable_then_sent(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
     """The SMTP server refuses connections for a while: the workflow waits (no attempt used), then sends."""
     sink.down()
@@ -413,6 +440,7 @@ async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
         "server_unreachable_gave_up": server_unreachable_gave_up,
         "sender_changed_drivers": sender_changed_drivers(sessions, settings),
         "suppressed_at_send": suppressed_at_send(sessions),
+        "sent_with_attachments": sent_with_attachments(sessions),
         "reconcile": reconcile,  # record with --prefix rN: a shape of ReconcileEmailsWorkflow
         # Record with --prefix whN: shapes of the webhook workflows (workflows/webhooks.py).
         **webhook_scenarios(sessions, settings),

@@ -11,6 +11,7 @@ import pytest
 
 from temporalio.client import Client
 
+from api.app import file_body_limits
 from devstack.net import free_port
 from tests.helpers import (
     AUTH,
@@ -296,8 +297,13 @@ async def test_malformed_requests_never_500(stack: Stack) -> None:
     assert (await stack.http.get("/v1/emails", params={"template": "a\x00b"})).status_code == 422
     assert (await stack.http.post("/v1/emails", json=email(subject="nul \x00 byte"))).status_code == 422
     assert (await stack.http.patch("/v1/emails/abc", json={"send_at": "soon"})).status_code == 422
-    big = await stack.http.post("/v1/emails", content=b"x" * 5_000_000, headers={"Content-Type": "application/json"})
-    assert big.status_code == 413
+    big = await stack.http.post("/v1/templates", content=b"x" * 5_000_000, headers={"Content-Type": "application/json"})
+    assert big.status_code == 413 and "4000000 bytes" in big.text
+    # Bodies that may carry attachments may be larger: up to the limit plus the files in base64, and no more.
+    with_files = file_body_limits(stack.settings)["/v1/emails"]
+    assert with_files > 30_000_000
+    big = await stack.http.post("/v1/emails", content=b"x" * (with_files + 1), headers={"Content-Type": "application/json"})
+    assert big.status_code == 413 and f"{with_files} bytes" in big.text
 
 
 async def test_temporal_down_gives_503_and_records_nothing(stack: Stack) -> None:

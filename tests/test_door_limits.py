@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import os
 import re
 import shutil
 import socket
@@ -48,9 +50,14 @@ def basic(key: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"anyone:{key}".encode()).decode()}
 
 
-def rss_kib(pid: int) -> int:
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))  # type: ignore[union-attr]
+    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.M).group(1))  # type: ignore[union-attr]
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The highest RSS since the process started, or since "5" was written to its clear_refs."""
+    return rss_kib(pid, "VmHWM")
 
 
 async def user_key(sessions: Any, role: str = "user") -> str:
@@ -328,6 +335,25 @@ async def test_a_body_that_never_ends_gets_its_413_at_once_and_then_the_connecti
         sender.cancel()
         writer.close()
     print(f"\na body that never ends: 413 at once, the connection closed after {sent / MB:.1f} MB")
+
+
+async def test_an_upload_is_streamed_to_the_store_not_held_whole_in_memory(apis: dict[str, ApiProcess], sessions: Any) -> None:
+    """POST /v1/uploads: the form goes to a spooled file (on disk past 1 MB) and from there to the
+    blob store a piece at a time; the API's memory does not grow by the file's size."""
+    api = apis["open"]
+    assert api.process is not None
+    data = os.urandom(18 * MB)
+    async with http(api, headers={"Authorization": f"Bearer {await user_key(sessions)}"}) as h:
+        warm = await h.post("/v1/uploads", files={"file": ("warm.bin", os.urandom(2 * MB))})  # the code paths loaded once
+        assert warm.status_code == 201, warm.text
+        before = rss_kib(api.process.pid)
+        Path(f"/proc/{api.process.pid}/clear_refs").write_text("5")  # the peak (VmHWM) starts again from here
+        got = await h.post("/v1/uploads", files={"file": ("big.bin", data)})
+        peak = peak_rss_kib(api.process.pid)
+    print(f"\n18 MB upload: API peak RSS {(peak - before) / 1024:+.1f} MB over its RSS before")
+    assert got.status_code == 201, got.text
+    assert got.json()["size"] == len(data) and got.json()["sha256"] == hashlib.sha256(data).hexdigest()
+    assert peak - before < 9 * 1024  # less than half the file, at any moment
 
 
 async def test_a_body_longer_than_its_content_length_is_never_read_whole(apis: dict[str, ApiProcess]) -> None:

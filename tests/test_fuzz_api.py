@@ -125,8 +125,12 @@ def status_code_documented(ctx: CheckContext, response: Response, case: Case) ->
 
 
 def negative_data_refused(ctx: CheckContext, response: Response, case: Case) -> bool | None:
-    """negative_data_rejection, where an app-wide refusal (a 413 for a generated body over the size limit) is a refusal too."""
-    return None if response.status_code in APP_WIDE else negative_data_rejection(ctx, response, case)
+    """negative_data_rejection, where an app-wide refusal (a 413 for a generated body over the size limit) is a refusal too.
+    Not for a multipart form (POST /v1/uploads): it carries every value as bytes, so a generated `null` or number
+    for the file arrives as a file holding those bytes, an upload like any other."""
+    if response.status_code in APP_WIDE or case.media_type == "multipart/form-data":
+        return None
+    return negative_data_rejection(ctx, response, case)
 
 
 # Not positive_data_acceptance: the schema cannot say that `to` must hold real addresses, that a body needs

@@ -110,6 +110,6 @@ async def test_the_readme_examples_work_pasted_in_order(tmp_path: Path) -> None:
         assert sorted(m["message_id"] for m in caught) == sorted(sent), "each sent email caught once, nothing else"
         assert sorted(sent.values()) == sorted([
             "Hello", "Shipped", "Welcome, Bob", "Hello from GraphQL", "mailqueue test email", "Pick list ready",
-            "Order A-1001 is on its way", "Bestellung A-1001 ist unterwegs",
+            "Order A-1001 is on its way", "Bestellung A-1001 ist unterwegs", "Your invoice",
         ])
         assert {m["from"] for m in caught if m["subject"] == "Pick list ready"} == {"Warehouse <warehouse@example.com>"}

@@ -36,6 +36,7 @@ SHAPES = {
     "transient_then_sent", "permanent_failure", "retried_after_failure", "cancel_rejected_while_sending", "templated",
     "templated_with_layout", "template_store_outage", "deferred_by_quota", "server_unreachable_then_sent",
     "server_unreachable_gave_up", "sender_changed_drivers", "suppressed_at_send",
+    "sent_with_attachments",  # a new input (AttachmentRef), not a new workflow path: enc3
     "reconcile",  # ReconcileEmailsWorkflow
 }
 # The webhook workflows' shapes (workflows/webhooks.py; recorded with --prefix whN).

@@ -27,6 +27,7 @@ from api.services.errors import (
     Invalid,
     LimitReached,
     ServiceError,
+    TooLarge,
     refusal_of,
     unavailable_detail,
 )
@@ -78,6 +79,8 @@ def as_graphql_error(exc: Exception, arg: str | None) -> GraphQLError | None:
         return exc
     if isinstance(exc, ValidationError):
         return bad_input(exc.errors(include_url=False, include_context=False, include_input=False), arg)
+    if isinstance(exc, TooLarge):  # a file over a size limit: the message names it
+        return refused(str(exc.detail[0]["msg"]), refusal_of(exc)[1])
     if isinstance(exc, Invalid):
         detail = exc.detail
         if isinstance(detail, dict):  # a batch refused as a whole: its summary and the items
@@ -168,7 +171,7 @@ async def service(info: Info[GraphContext, Any], *, admin: bool = False, arg: st
         async with state.sessions() as session:
             yield Context(
                 principal=principal, session=session, settings=state.settings, temporal=state.temporal,
-                templates=state.templates, secrets=state.secrets,
+                templates=state.templates, secrets=state.secrets, blobs=state.blobs,
             )
     except Exception as exc:
         error = as_graphql_error(exc, arg)

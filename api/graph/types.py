@@ -21,6 +21,7 @@ from strawberry.types import Info
 
 from api.graph.context import GraphContext
 from api.schemas.emails import EmailSummary
+from api.schemas.emails import AttachmentOut
 from api.schemas.emails import RelatedEntity as RelatedEntityOut
 from api.schemas.emails import Sender as SenderOut
 from api.schemas.emails import TemplateUsed as TemplateUsedOut
@@ -93,6 +94,11 @@ class RelatedEntity:
     pass
 
 
+@pydantic_type(model=AttachmentOut, all_fields=True, description="A file sent with an email (its bytes are not shown)")
+class Attachment:
+    pass
+
+
 @pydantic_type(model=EmailSummary, all_fields=True, description="An email and where it is; `events` is its history")
 class Email:
     id: strawberry.ID
@@ -152,6 +158,16 @@ class RelatedEntityInput:
     id: str
 
 
+@strawberry.input(description="A file to send: `content` (base64) or an upload's id (POST /v1/uploads), as in REST")
+class AttachmentInput:
+    filename: str
+    content_type: str | None = None
+    content: str | None = strawberry.field(default=None, description="The bytes, base64")
+    upload_id: str | None = None
+    disposition: str | None = strawberry.field(default=None, description="attachment (the default) or inline (cid:<contentId> in the HTML)")
+    content_id: str | None = None
+
+
 @strawberry.input(description="What every email may carry besides its content")
 class EmailFields:
     to: list[str] | None = None
@@ -168,6 +184,7 @@ class EmailFields:
     related_entity: RelatedEntityInput | None = None
     category: str | None = strawberry.field(default=None, description="`marketing` carries a one-click unsubscribe link")
     unsubscribe: bool | None = None
+    attachments: list[AttachmentInput] | None = None
     idempotency_key: str | None = strawberry.field(
         default=None, description="Same key and input: same answer, one email. Same key, other input: CONFLICT",
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from collections.abc import Sequence
@@ -13,11 +15,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     field_validator,
     model_validator,
 )
 
 from api.schemas.common import Address, JsonObject, Text, header_text, normalize_address
+from mailqueue.attachments import ATTACHMENT_RULES, AttachmentRefused, clean_filename, content_id_problem
 from mailqueue.message import HEADERS_RULE, header_refusal
 from mailqueue.models import Email, EmailEvent
 from mailqueue.templating import check_locale
@@ -39,6 +43,65 @@ class RelatedEntity(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Text = Field(min_length=1, max_length=100, examples=["StockIssue"])
     id: Text = Field(min_length=1, max_length=200, examples=["SI-2024-0042"])
+
+
+UPLOAD_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+
+
+class AttachmentIn(BaseModel):
+    """A file sent with the email: its bytes here (base64), or an upload's id (POST /v1/uploads)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"filename": "invoice-1042.pdf", "content_type": "application/pdf", "content": "JVBERi0xLjcK..."},
+        {"filename": "logo.png", "upload_id": "0b5b7e7e-3f7e-4c1e-9a55-1f0f2c3d4e5f", "disposition": "inline", "content_id": "logo"},
+    ]})
+
+    filename: str = Field(min_length=1, max_length=1000, description="Sent without path parts or control characters; non-ASCII names are fine")
+    content_type: str | None = Field(
+        default=None, max_length=255,
+        description="Checked against the content; omitted: from the filename's extension, then from the content",
+    )
+    content: str | None = Field(default=None, description="The file's bytes, base64 (standard alphabet, padded)")
+    upload_id: str | None = Field(default=None, pattern=UPLOAD_ID_PATTERN, description="An upload of yours (POST /v1/uploads) instead of `content`")
+    disposition: Literal["attachment", "inline"] = Field(
+        default="attachment", description="inline: shown in the HTML where it says cid:<content_id> (images)",
+    )
+    content_id: str | None = Field(default=None, max_length=250, description="Needed when inline: the id the HTML refers to as cid:<content_id>")
+    _data: bytes | None = PrivateAttr(default=None)
+
+    @property
+    def data(self) -> bytes | None:
+        """`content` decoded (None for an upload)."""
+        return self._data
+
+    @field_validator("filename")
+    @classmethod
+    def _filename(cls, value: str) -> str:
+        try:
+            return clean_filename(value)
+        except AttachmentRefused as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("content_id")
+    @classmethod
+    def _content_id(cls, value: str | None) -> str | None:
+        problem = content_id_problem(value) if value is not None else None
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _source(self) -> AttachmentIn:
+        if (self.content is None) == (self.upload_id is None):
+            raise ValueError(f"attachment {self.filename!r}: give either content (base64) or upload_id")
+        if self.content is not None:
+            try:
+                self._data = base64.b64decode(self.content, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError(f"attachment {self.filename!r}: content is not valid base64") from None
+        if self.disposition == "inline" and not self.content_id:
+            raise ValueError(f"attachment {self.filename!r}: an inline file needs a content_id (the HTML shows it as cid:<content_id>)")
+        return self
 
 
 class EmailRequest(BaseModel):
@@ -95,6 +158,7 @@ class EmailRequest(BaseModel):
     category: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] | None = Field(
         default=None, description="What kind of mail this is; `marketing` carries a one-click unsubscribe link (as `unsubscribe`)",
     )
+    attachments: list[AttachmentIn] = Field(default_factory=list, max_length=100, description=ATTACHMENT_RULES)
     unsubscribe: bool = Field(
         default=False,
         description="Add List-Unsubscribe (RFC 8058 one-click) naming the recipient: the email must have exactly one "
@@ -160,6 +224,12 @@ class EmailRequest(BaseModel):
                 raise ValueError("subject is required when no template is given")
             if self.html is None and self.text is None:
                 raise ValueError("html or text is required when no template is given")
+        inline = [a for a in self.attachments if a.disposition == "inline"]
+        if inline and self.template is None and self.html is None:
+            raise ValueError(f"attachment {inline[0].filename!r} is inline, but the email has no html to show it in; send it as an attachment")
+        ids = [a.content_id.lower() for a in self.attachments if a.content_id]
+        if len(ids) != len(set(ids)):
+            raise ValueError("two attachments have the same content_id")
         return self
 
 
@@ -184,7 +254,7 @@ class BatchIn(BaseModel):
 
 class BatchItemOut(BaseModel):
     index: int
-    status: int = Field(description="202 queued; 422 invalid; 409 idempotency conflict; 429 over the recipients-per-hour cap; 503 not queued, send again")
+    status: int = Field(description="202 queued; 422 invalid; 413 a file over a size limit; 409 idempotency conflict; 429 over the recipients-per-hour cap; 503 not queued, send again")
     id: str | None = None
     workflow_id: str | None = None
     email_status: str | None = None
@@ -228,6 +298,15 @@ class Sender(BaseModel):
     id: str | None = Field(default=None, description="the user's id")
 
 
+class AttachmentOut(BaseModel):
+    filename: str
+    content_type: str
+    size: int
+    sha256: str = Field(description="Of the bytes sent, hex")
+    disposition: str
+    content_id: str | None = None
+
+
 # The summary's fields that are the record's columns of the same name, as they are.
 _AS_RECORDED = (
     "id", "workflow_id", "status", "to", "cc", "bcc", "subject", "priority", "attempts", "max_attempts", "next_attempt_at",
@@ -258,6 +337,7 @@ class EmailSummary(BaseModel):
     message_id: str
     related_entity: RelatedEntity | None
     tags: list[str]
+    attachments: list[AttachmentOut] = Field(default_factory=list, description="The files sent with it (their bytes are not shown)")
     created_at: datetime
     updated_at: datetime
 
@@ -279,6 +359,7 @@ class EmailSummary(BaseModel):
             related_entity=RelatedEntity(type=email.related_entity_type, id=email.related_entity_id)
             if email.related_entity_type and email.related_entity_id
             else None,
+            attachments=[AttachmentOut.model_validate(a, from_attributes=False) for a in email.attachments or ()],
         )
 
     @classmethod

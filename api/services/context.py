@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 
 from mailqueue.accounts import Principal
+from mailqueue.blobs import BlobStore, SqlBlobs
 from mailqueue.config import Settings
 from mailqueue.crypto import SecretBox
 from mailqueue.templating import TemplateEngine
@@ -21,4 +22,5 @@ class Context:
     temporal: Client
     templates: TemplateEngine
     secrets: SecretBox  # encrypts sender secrets (only workers decrypt)
+    blobs: BlobStore = field(default_factory=SqlBlobs)  # where attachment bytes go (the API's, from MAILQUEUE_BLOB_URL)
     replays: int = 0  # Idempotency-Key replays this request answered (commit_email counts them, for the metrics)

@@ -35,8 +35,9 @@ from api.schemas.emails import (
     BatchOut,
     EmailRequest,
 )
+from api.services.attachments import PreparedFiles, forget_new, prepare_files, store_new
 from api.services.context import Context
-from api.services.errors import Conflict, Invalid, LimitReached, NotFound, invalid
+from api.services.errors import Conflict, Invalid, LimitReached, NotFound, TooLarge, invalid
 from mailqueue.accounts import Principal
 from mailqueue.bounces import unsubscribe_mailto
 from mailqueue.config import Settings
@@ -115,6 +116,7 @@ class PreparedEmail:
     # how many, by reason; and the spec the workflow gets (None: `spec` itself).
     dropped: Counter[str] = field(default_factory=Counter)
     delivery: EmailSpec | None = None
+    files: PreparedFiles = field(default_factory=PreparedFiles)  # its attachments; the bytes of inline ones still to store
 
 
 def check_idempotency_key(key: Any, loc: tuple[str, ...] = ("body", "idempotency_key")) -> str | None:
@@ -222,6 +224,7 @@ async def prepare_email(ctx: Context, req: EmailRequest, idempotency_key: str | 
         _check_rendered_subject(content)
 
     email_id = idempotent_email_id(sender_type, sender_id, idempotency_key) if idempotency_key else new_email_id()
+    files = await prepare_files(ctx, req.attachments, email_id)
     related = req.related_entity
     spec = EmailSpec(
         email_id=email_id,
@@ -245,10 +248,11 @@ async def prepare_email(ctx: Context, req: EmailRequest, idempotency_key: str | 
         sender_id=sender_id,
         send_queue=route.send_queue,
         recorded=True,  # the record and its `queued` event are written before the workflow starts
+        attachments=files.refs,
     )
     if req.wants_unsubscribe:
         spec = replace(spec, headers={**spec.headers, **_unsubscribe_headers(ctx, req, sender_key(sender_type, sender_id), email_id)})
-    prepared = PreparedEmail(spec, content, _request_hash(req), idempotency_key, req.send_at)
+    prepared = PreparedEmail(spec, content, _request_hash(req), idempotency_key, req.send_at, files=files)
     found = await suppressed_for(ctx.session, spec)
     if found:
         prepared.delivery, prepared.dropped = without_suppressed(spec, found)
@@ -292,6 +296,7 @@ async def commit_email(ctx: Context, prepared: PreparedEmail) -> Email:
         if prepared.delivery is not None and not has_recipients(prepared.delivery):
             email.status = EmailStatus.SUPPRESSED.value  # final: no workflow is started for it
         try:
+            await store_new(ctx, prepared.files)
             await insert_email(session, email)
             if prepared.dropped:
                 session.add(_suppressed_event(email, prepared.dropped))
@@ -321,6 +326,7 @@ async def commit_email(ctx: Context, prepared: PreparedEmail) -> Email:
         if created:  # not durably accepted: leave no record behind that nothing will ever send
             await (await session.connection()).execute(sa.delete(Email.__table__).where(Email.__table__.c.id == email_id))  # type: ignore[attr-defined]
             await session.commit()
+            await forget_new(ctx, prepared.files)
         raise
     if not created:
         ctx.replays += 1  # an Idempotency-Key replay: the email it names, nothing new queued
@@ -431,7 +437,8 @@ async def accept_batch(ctx: Context, body: BatchIn) -> BatchOut:
             req = EmailRequest.model_validate(item)
             ready.append((index, await prepare_email(ctx, req, key)))
         except (ValidationError, Invalid) as exc:
-            results[index] = BatchItemOut(index=index, status=422, detail=_item_errors(exc.errors()))
+            status = 413 if isinstance(exc, TooLarge) else 422
+            results[index] = BatchItemOut(index=index, status=status, detail=_item_errors(exc.errors()))
     rejected = [r for r in results if r is not None]
     if body.all_or_nothing and rejected:
         raise Invalid({

@@ -37,6 +37,10 @@ class Invalid(ServiceError):
         return self.detail
 
 
+class TooLarge(Invalid):
+    """A file, or an email's files together, over a size limit (REST: 413); `detail` as Invalid's, naming the file."""
+
+
 def field_error(loc: tuple[str | int, ...], msg: str, *, value: Any = None, type: str = "value_error", **extra: Any) -> dict[str, Any]:
     """One field error, shaped as pydantic's: `loc` starts with where the field came from ("body", "query")."""
     return {"type": type, "loc": loc, "msg": msg, **extra, "input": value}
@@ -60,6 +64,7 @@ def unavailable_detail(what: str) -> str:
 REFUSALS: dict[type[ServiceError], tuple[int, str]] = {
     NotFound: (404, "NOT_FOUND"),
     Conflict: (409, "CONFLICT"),
+    TooLarge: (413, "PAYLOAD_TOO_LARGE"),
     Invalid: (422, "BAD_USER_INPUT"),
     LimitReached: (429, "TOO_MANY_REQUESTS"),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
 from email.message import EmailMessage
 from email.utils import getaddresses
 from typing import Any
@@ -41,6 +42,34 @@ def _attachment_bytes(part: EmailMessage) -> bytes:
     return inner[0].as_bytes() if isinstance(inner, list) and inner else b""
 
 
+def _files(part: EmailMessage, body: tuple[object, ...]) -> Iterator[EmailMessage]:
+    """Every part that is neither a multipart container nor one of the `body` parts (the text and
+    HTML that go in `content`), in order, from any depth: an inline image lives beside the HTML in
+    multipart/related, inside the alternative part, where EmailMessage.iter_attachments does not
+    look. A forwarded message (message/rfc822) is one file, not gone into."""
+    if any(part is b for b in body):
+        return
+    if part.get_content_maintype() == "multipart":
+        for sub in part.iter_parts():
+            yield from _files(sub, body)  # type: ignore[arg-type]
+    else:
+        yield part
+
+
+def _attachment(part: EmailMessage) -> dict[str, str]:
+    """SendGrid's attachment object. Inline only with a content_id: SendGrid requires one there."""
+    cid = str(part["Content-ID"] or "").strip().strip("<>")
+    item = {
+        "content": base64.b64encode(_attachment_bytes(part)).decode(),
+        "filename": part.get_filename() or "attachment",
+        "type": part.get_content_type(),
+        "disposition": "inline" if cid and part.get_content_disposition() != "attachment" else "attachment",
+    }
+    if cid:
+        item["content_id"] = cid
+    return item
+
+
 def payload(message: EmailMessage, sender: str, recipients: list[str]) -> dict[str, Any]:
     """The Mail Send body for `message`, as SendGrid documents it. The envelope (`sender`,
     `recipients`) decides the addresses; the headers only lend display names and the To/Cc split."""
@@ -77,17 +106,8 @@ def payload(message: EmailMessage, sender: str, recipients: list[str]) -> dict[s
     headers = {k: str(v) for k, v in message.items() if k.lower() not in _NOT_CUSTOM}
     if headers:
         body["headers"] = headers
-    attachments = []
-    for part in message.iter_attachments():
-        item = {
-            "content": base64.b64encode(_attachment_bytes(part)).decode(),
-            "filename": part.get_filename() or "attachment",
-            "type": part.get_content_type(),
-            "disposition": part.get_content_disposition() or "attachment",
-        }
-        if part["Content-ID"]:
-            item["content_id"] = str(part["Content-ID"]).strip("<>")
-        attachments.append(item)
+    shown = tuple(p for p in (message.get_body(("plain",)), message.get_body(("html",))) if p is not None)
+    attachments = [_attachment(part) for part in _files(message, shown)]
     if attachments:
         body["attachments"] = attachments
     return body
