@@ -22,6 +22,7 @@ from temporalio.worker import Worker
 
 from activities.audit import AuditActivities
 from activities.quota import QuotaActivities
+from activities.purge import PurgeActivities
 from activities.reconcile import ReconcileActivities
 from activities.render import RenderActivities
 from activities.send import SendActivities
@@ -37,9 +38,13 @@ from mailqueue.metrics import WorkerMetrics, worker_runtime
 from mailqueue.render_pool import RenderPool
 from mailqueue.template_library import Renderer
 from mailqueue.temporal import connect, ensure_reconcile_schedule
+from mailqueue.temporal import ensure_purge_schedule
+from mailqueue.blobs import blob_store
+from mailqueue.flags import Flags
 from mailqueue.templating import TemplateEngine
 from mailqueue.tracing import configure_tracing, flush as flush_traces
 from mailqueue.webhooks import start_active_endpoints, webhook_queue
+from workflows.purge import PurgeEmailsWorkflow
 from workflows.reconcile import ReconcileEmailsWorkflow
 from workflows.send_email import SendEmailWorkflow
 from workflows.webhooks import WebhookEndpointWorkflow, WebhookRedeliveryWorkflow
@@ -56,11 +61,15 @@ class Workers:
         self.workers = workers
         self.drivers = drivers
         self.pool = pool  # the processes templates render in (None: the caller brought its own renderer)
+        self.flags: Flags | None = None  # the feature flags the send step reads (its cache)
+        self.on_open: list[Callable[[], Awaitable[None]]] = []  # before the workers start (the flags' first load)
         self.on_close: list[Callable[[], Awaitable[None]]] = []  # after the workers stop (webhook clients, feed listener)
         self._stack: AsyncExitStack | None = None
 
     async def __aenter__(self) -> Workers:
         self._stack = AsyncExitStack()
+        for open_ in self.on_open:
+            await open_()
         if self.pool is not None:
             await self.pool.start()
             self._stack.push_async_callback(self.pool.close)  # after the workers: sends in flight render first
@@ -94,16 +103,18 @@ def build_worker(
     renderer = renderer or Renderer(sessions, TemplateEngine(settings.default_locale, pool=pool))
     render = RenderActivities(renderer)  # for emails queued before the send activity rendered
     drivers = DriverFactory(settings, driver or driver_from_settings(settings))
-    send = SendActivities(sessions, drivers, renderer, settings, metrics)
+    flags = Flags.from_settings(settings, sessions)  # the kill switch and the drivers' flags, for the send step
+    send = SendActivities(sessions, drivers, renderer, settings, metrics, flags=flags)
     queue = task_queue or settings.task_queue
     shutdown = timedelta(seconds=settings.smtp_timeout_seconds + 5)  # let sends in flight finish
     main = Worker(
         client,
         task_queue=queue,
-        workflows=[SendEmailWorkflow, ReconcileEmailsWorkflow],
+        workflows=[SendEmailWorkflow, ReconcileEmailsWorkflow, PurgeEmailsWorkflow],
         activities=[
             audit.record, QuotaActivities(sessions, settings, clock, metrics).reserve, render.render, send.send,
             ReconcileActivities(sessions, client, settings).reconcile,
+            PurgeActivities(sessions, blob_store(settings)).purge,
         ],
         max_concurrent_activities=settings.worker_concurrency,
         # Sends are the task queue's ordinary activities (but for one reconciler run a minute):
@@ -129,7 +140,10 @@ def build_worker(
         max_concurrent_workflow_tasks=50, graceful_shutdown_timeout=timedelta(seconds=settings.webhook_timeout_seconds + 5),
     )
     workers = Workers([main, *rated, webhook_worker], drivers, pool)
+    workers.flags = flags
+    workers.on_open.append(flags.start)
     workers.on_close.append(hooks.aclose)
+    workers.on_close.append(flags.aclose)
     return workers
 
 
@@ -160,6 +174,7 @@ async def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await ensure_reconcile_schedule(client, settings)
+    await ensure_purge_schedule(client, settings)
     # Every active webhook endpoint has its delivery workflow (started by the API; here again in case that failed).
     sweep = create_engine(settings.database_url)
     await start_active_endpoints(client, sessionmaker(sweep), settings)

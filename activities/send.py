@@ -22,6 +22,7 @@ from mailqueue.contracts import (
     NOT_SENT_ASK_AGAIN,
     PERMANENT_DELIVERY_ERROR,
     SEND_QUEUE_CHANGED,
+    SENDING_PAUSED,
     SERVER_UNREACHABLE,
     TEMPLATE_ERROR,
     TRANSIENT_DELIVERY_ERROR,
@@ -49,7 +50,8 @@ from mailqueue.errors import (
 )
 from mailqueue.message import build_message, envelope, redirect
 from mailqueue.metrics import SendOutcome, WorkerMetrics
-from mailqueue.senders import resolve_sender
+from mailqueue.flags import Flags
+from mailqueue.senders import resolve_sender, sender_key
 from mailqueue.suppressions import (
     dropped_detail,
     has_recipients,
@@ -115,7 +117,7 @@ def _event_id(info: activity.Info, event: EventType) -> str:
 class SendActivities:
     def __init__(
         self, sessions: async_sessionmaker[AsyncSession], drivers: DriverFactory, renderer: Renderer, settings: Settings,
-        metrics: WorkerMetrics | None = None, secrets: SecretBox | None = None,
+        metrics: WorkerMetrics | None = None, secrets: SecretBox | None = None, flags: Flags | None = None,
     ) -> None:
         self._sessions = sessions
         self._secrets = secrets  # opens the DKIM keys (built on first use)
@@ -125,6 +127,7 @@ class SendActivities:
         self._settings = settings
         self._redirect_to = settings.test_redirect_to
         self._blobs: BlobStore | None = None  # where attachment bytes are (made on first use)
+        self._flags = flags  # the kill switch and the drivers' flags (None: nothing is ever paused)
 
     @activity.defn(name="send_email")
     async def send(self, req: SendRequest) -> SendResult:
@@ -132,6 +135,9 @@ class SendActivities:
         clock = AttemptClock(info)
         attempt = info.attempt
         spec = req.spec
+        if self._flags is not None and req.fresh_flags:
+            await self._flags.refresh()  # the workflow was told a flag changed: not a cached value
+        self._unless_paused(spec, "sending.paused", "sending is paused")  # first, before any work
         content = await self._content(req)  # before `sending`: a template that cannot render was never sent
         files = await self._files(spec)  # and files that are gone: never sent without them
         driver, signer = await self._driver_for(spec)
@@ -271,6 +277,9 @@ class SendActivities:
             raise ApplicationError(str(exc), {"attempt": 0}, type=PERMANENT_DELIVERY_ERROR, non_retryable=True) from None
         except STORE_ERRORS as exc:
             raise _store_unavailable(spec, "sender settings", exc) from None
+        self._unless_paused(spec, f"driver.{driver.name}.enabled", f"the {driver.name} driver is turned off", on=True)
+        if route.own_driver and driver.name == DriverName.SMTP:
+            self._unless_paused(spec, "user_smtp.enabled", "sending through users' own SMTP servers is turned off", on=True)
         if route.send_queue != spec.send_queue:
             raise _ask_again(
                 spec,
@@ -293,6 +302,12 @@ class SendActivities:
             raise ApplicationError(str(exc), {"attempt": 0}, type=PERMANENT_DELIVERY_ERROR, non_retryable=True) from None
         except (*STORE_ERRORS, BotoCoreError, ClientError) as exc:
             raise _store_unavailable(spec, "attachment store", exc) from None
+
+    def _unless_paused(self, spec: EmailSpec, flag: str, why: str, *, on: bool = False) -> None:
+        """Nothing is sent while `flag` pauses this sender's email (is off when `on`, else on): the
+        workflow records `paused` and waits. Not an attempt, and never a failure."""
+        if self._flags is not None and self._flags.is_on(flag, sender_key(spec.sender_type, spec.sender_id)) != on:
+            raise _ask_again(spec, f"not sent: {why} ({flag} {'off' if on else 'on'})", kind=SENDING_PAUSED)
 
     def _box(self) -> SecretBox:
         if self._secrets is None:

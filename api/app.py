@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import rate_limit_headers, require_browser_admin
 from api.graph import graphql_router
+from api import ops
 from api.metrics import ApiMetrics, HttpMetrics
 from api.routes import (
     codec,
@@ -37,6 +38,7 @@ from api.routes import (
     webhooks,
 )
 from api.routes import events as email_events
+from api.routes import flags as feature_flags
 from api.routes import settings as mail_settings
 from api.routes import inbound as provider_events
 from api.services.errors import (
@@ -47,6 +49,8 @@ from api.services.errors import (
     refusal_of,
     unavailable_detail,
 )
+from api.services.flags import on_change as flag_changes
+from api.services.pause import release_paused
 from mailqueue.accounts import weak_bootstrap_key
 from mailqueue.blobs import blob_store
 from mailqueue.config import Settings, get_settings
@@ -55,6 +59,7 @@ from mailqueue.db import create_engine, sessionmaker
 from mailqueue.delivery import TemporalUnavailable
 from mailqueue.domains import system_domains
 from mailqueue.events import FeedSignal
+from mailqueue.flags import Flags
 from mailqueue.logs import configure_logging
 from mailqueue.ratelimit import RateLimiter
 from mailqueue.render_pool import RenderPool
@@ -296,6 +301,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # which /v1/inbound/mailgun/{user_id} decrypts to verify that user's events.
         app.state.secrets = SecretBox.from_settings(settings)
         app.state.blobs = blob_store(settings)
+        # Feature flags, from this process's cache of the table (reloaded every MAILQUEUE_FLAGS_REFRESH_SECONDS);
+        # a database that is away leaves the defaults (or the last values) in place, never stops the start.
+        app.state.flags = Flags.from_settings(settings, app.state.sessions)
+        await app.state.flags.start()
+        if release_paused not in flag_changes:  # a flag that paused sending changed: paused emails look again
+            flag_changes.append(release_paused)
         app.state.sns_certificates = SnsCertificates.from_settings(settings)  # /v1/inbound/ses: fetched once per URL
         if settings.public_url:  # unsubscribe links are made: a bad key must stop the start, not the first email
             try:
@@ -317,6 +328,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.event_signal.stop()
         await pool.close()
         await app.state.rate_limiter.aclose()
+        await app.state.flags.aclose()
         await engine.dispose()
 
     app = FastAPI(
@@ -345,9 +357,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(webhooks.router)
     app.include_router(provider_events.router)  # /v1/inbound/*: no API key, the provider's signature is the credential
     app.include_router(stats.router)
+    app.include_router(feature_flags.router)
     app.include_router(metrics.router)
     app.include_router(codec.router)
     app.include_router(graphql_router(settings))  # /graphql: the same services, over HTTP and WebSockets
+    ops.install(app)  # /ops: the ops console (pages, their static files, login and CSRF refusals)
 
     def unavailable(what: str) -> JSONResponse:
         return JSONResponse({"detail": unavailable_detail(what)}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})

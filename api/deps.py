@@ -15,7 +15,9 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from api.services.context import Context
 from mailqueue.accounts import Principal, user_for_key
 from mailqueue.config import Settings
+from mailqueue.flags import RATE_LIMITING_ENABLED
 from mailqueue.ratelimit import Allowance, RateLimiter, rate_subject
+from mailqueue.senders import sender_key
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
@@ -54,6 +56,8 @@ async def admitted(request: Request, key: str | None) -> Principal | None:
     principal = await _principal_for(request, key)
     if principal is None or key is None:
         return None
+    if not request.app.state.flags.is_on(RATE_LIMITING_ENABLED, sender_key(*principal.sender)):
+        return principal  # the flag is off (for this sender): not counted at all, no RateLimit-* headers
     limiter: RateLimiter = request.app.state.rate_limiter
     allowance = await limiter.hit(rate_subject(principal, key))
     if allowance is not None:
@@ -133,6 +137,7 @@ def context_for(request: Request, principal: Principal, session: AsyncSession) -
     return Context(
         principal=principal, session=session, settings=state.settings, temporal=state.temporal,
         templates=state.templates, secrets=state.secrets, blobs=state.blobs,
+        flags=state.flags,
     )
 
 

@@ -111,6 +111,12 @@ class Settings(BaseSettings):
     # workflow is closed or missing. 0 turns the schedule off.
     reconcile_interval_seconds: float = Field(default=60.0, ge=0)
     reconcile_after_seconds: float = Field(default=300.0, gt=0)
+    # Retention (README "Retention"): a daily Temporal Schedule (created by the workers) deletes final
+    # emails unchanged for `retention_days`, with their events and recipients and the files no email
+    # names any more, `purge_batch` emails per transaction, at `purge_hour_utc`. 0 days turns it off.
+    retention_days: int = Field(default=90, ge=0)
+    purge_batch: int = Field(default=500, ge=1, le=10_000)
+    purge_hour_utc: int = Field(default=3, ge=0, le=23)
 
     # Templates: the folder `POST /v1/templates/reload` and `mailqueue dev` load, and the
     # locale dates, numbers and money are formatted in when an email names none.
@@ -186,6 +192,10 @@ class Settings(BaseSettings):
     user_max_priority: str = Field(default="normal", pattern="^(high|normal|low)$")
     # /docs, /redoc and /openapi.json without a key (off: they need an admin key).
     public_docs: bool = True
+    # The ops console (/ops; README "The ops console"): a login lasts this long at most (revoking the key,
+    # or deactivating its user, ends it at once), and each email links to its workflow in this Temporal UI.
+    ops_session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
+    temporal_ui_url: str = Field(default="http://localhost:8233", pattern=r"^https?://[^\s?#]+$")
     # /graphql (issue 15; README "GraphQL"): GraphiQL in a browser, and introspection (the schema
     # for tools). Both on for development; turn them off in production (docker-compose.yml does).
     graphql_ide: bool = True
@@ -268,6 +278,11 @@ class Settings(BaseSettings):
     # SQLite has no notifications: each API process polls the feed this often. Also how soon a
     # PostgreSQL stream reads again when events wait for an older transaction to end.
     events_poll_seconds: float = Field(default=0.5, gt=0)
+
+    # Feature flags (issue 17; README "Feature flags", mailqueue/flags.py). Every API and worker process
+    # reads the flags table this often into its cache; a change reaches them all within 5 s only while
+    # this stays well below 5.
+    flags_refresh_seconds: float = Field(default=2.0, gt=0, le=60)
 
     # Outbound webhooks (issue 14; README "Webhooks"). Each endpoint has a workflow of its own on
     # the task queue <task_queue>-webhooks (its own worker slots: a slow endpoint never delays sends).

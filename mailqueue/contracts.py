@@ -49,6 +49,7 @@ class EmailStatus(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     SUPPRESSED = "suppressed"  # every recipient is on the sender's suppression list: nothing was sent
+    PAUSED = "paused"  # at its send step while sending is paused (the kill switch, or its driver turned off): waits
     # After "sent": what the receiving side said later (mailqueue/feedback.py). A record only moves
     # up this order (sent < delivered < bounced < complained), never back.
     DELIVERED = "delivered"
@@ -67,11 +68,11 @@ class EmailStatus(StrEnum):
 # The status groups: the one home of "which statuses are alike", for the workflow's validators,
 # the API, the stats and the reconciler.
 # Waiting on purpose (for send_at, or for a quota window): not stuck however long they wait.
-WAITING = frozenset({EmailStatus.SCHEDULED, EmailStatus.DEFERRED})
+WAITING = frozenset({EmailStatus.SCHEDULED, EmailStatus.DEFERRED, EmailStatus.PAUSED})
 # On their way: a record that stays here unchanged for long is stuck.
 IN_FLIGHT = frozenset({EmailStatus.QUEUED, EmailStatus.SENDING, EmailStatus.RETRYING})
 # Not handed to the send step yet: cancel still stops them.
-CANCELLABLE = frozenset({EmailStatus.QUEUED, EmailStatus.SCHEDULED, EmailStatus.DEFERRED})
+CANCELLABLE = frozenset({EmailStatus.QUEUED, EmailStatus.SCHEDULED, EmailStatus.DEFERRED, EmailStatus.PAUSED})
 # Went out: the send step delivered it to the server or provider; what came back later may move it on.
 WENT_OUT = frozenset({EmailStatus.SENT, EmailStatus.DELIVERED, EmailStatus.BOUNCED, EmailStatus.COMPLAINED})
 # Ended: nothing changes them but a retry (failed ones only) or, once out, the receiving side's word.
@@ -87,7 +88,7 @@ def cancel_refusal(status: EmailStatus) -> str | None:
     """Why an email in `status` cannot be cancelled (None: it can)."""
     if status in CANCELLABLE:
         return None
-    return f"the email is already {status.value}; only queued, scheduled or deferred emails can be cancelled"
+    return f"the email is already {status.value}; only queued, scheduled, deferred or paused emails can be cancelled"
 
 
 def reschedule_refusal(status: EmailStatus | str) -> str | None:
@@ -117,6 +118,7 @@ class EventType(StrEnum):
     CANCEL_REJECTED = "cancel_rejected"
     RECONCILED = "reconciled"  # set right from Temporal's state by the reconciler
     SUPPRESSED = "suppressed"  # recipients dropped: on the sender's suppression list (mailqueue/suppressions.py)
+    PAUSED = "paused"  # reached its send step while sending was paused: waits (mailqueue/flags.py)
     # What the receiving side said after "sent" (mailqueue/feedback.py): provider events, DSNs, unsubscribes.
     DELIVERED = "delivered"
     BOUNCED = "bounced"
@@ -290,6 +292,9 @@ class SendRequest:
     # Set by workflows that rendered before sending (before the `send-renders-the-template`
     # patch). Now None: the send activity takes spec.content or renders spec.template itself.
     content: Content | None = None
+    # Read the feature flags from the database, not the process's cache: the workflow was told that
+    # sending resumed (a cache can lag a change by a couple of seconds).
+    fresh_flags: bool = False
 
 
 @dataclass
@@ -326,6 +331,10 @@ SERVER_UNREACHABLE = "ServerUnreachable"
 # (MAILQUEUE_SEND_RATES): nothing was sent. Details: {"send_queue": the new driver's queue, or
 # None for the main queue}. The workflow sends again at once, from that queue.
 SEND_QUEUE_CHANGED = "SendQueueChanged"
+# Sending is paused for this email (the kill switch `sending.paused`, or its driver turned off:
+# mailqueue/flags.py): nothing was sent and no attempt is used up. The workflow records `paused` and
+# waits for the `resume` signal (sent when such a flag changes) or its next look.
+SENDING_PAUSED = "SendingPaused"
 # A local activity's database step failed (the database is away): retried without limit.
 DATABASE_ERROR = "DatabaseError"
 EMAIL_FAILED = "EmailDeliveryFailed"
@@ -339,6 +348,7 @@ RECONCILE_WORKFLOW = "ReconcileEmailsWorkflow"
 CANCEL_UPDATE = "cancel"
 RESCHEDULE_UPDATE = "reschedule"
 STATUS_QUERY = "status"
+RESUME_SIGNAL = "resume"  # a paused email looks again at once
 
 
 @dataclass
@@ -359,3 +369,32 @@ class ReconcileReport:
 
 def reconcile_schedule_id(task_queue: str) -> str:
     return f"{task_queue}-reconcile"
+
+
+# Retention (mailqueue/retention.py): a daily Schedule runs PurgeEmailsWorkflow.
+PURGE_WORKFLOW = "PurgeEmailsWorkflow"
+
+
+@dataclass
+class PurgeRequest:
+    """Final emails unchanged for `retention_days` go, `batch` per transaction (0 days: nothing goes)."""
+
+    retention_days: int = 90
+    batch: int = 500
+
+
+@dataclass
+class PurgeReport:
+    """What one purge removed. Counts only what this run itself deleted: two runs at once add up."""
+
+    cutoff: datetime | None = None  # emails last changed before this went (None: retention is off)
+    emails: int = 0
+    events: int = 0  # their email_events rows (and with them their event feed rows)
+    blobs: int = 0  # stored files no email names any more
+    batches: int = 0  # transactions that deleted emails
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+def purge_schedule_id(task_queue: str) -> str:
+    return f"{task_queue}-purge"

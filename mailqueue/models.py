@@ -55,6 +55,7 @@ class Email(SQLModel, table=True):
         sa.Index("ix_emails_status_created", "status", "created_at"),
         sa.Index("ix_emails_sender_idempotency", "sender_type", "sender_id", "idempotency_key"),
         sa.Index("ix_emails_sender_created", "sender_type", "sender_id", "created_at"),
+        sa.Index("ix_emails_status_updated", "status", "updated_at"),  # retention's batches, stuck emails
     )
 
     id: str = Field(primary_key=True, max_length=36)
@@ -456,3 +457,51 @@ class EmailAttachment(SQLModel, table=True):
     email_id: str = Field(primary_key=True, max_length=36, sa_type=sa.String(36), foreign_key="emails.id", ondelete="CASCADE")
     position: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
     blob_id: str = Field(max_length=36, sa_type=sa.String(36), foreign_key="blobs.id", index=True)
+
+
+class FeatureFlag(SQLModel, table=True):
+    """A feature flag an admin has set (PUT /v1/flags/{key}). A known flag without a row has its
+    default (mailqueue/flags.py FLAGS); every process evaluates a cached copy of this table."""
+
+    __tablename__ = "feature_flags"
+    __table_args__ = (sa.CheckConstraint("percentage BETWEEN 0 AND 100", name="ck_feature_flags_percentage"),)
+
+    key: str = Field(primary_key=True, max_length=100)
+    enabled: bool
+    percentage: int | None = None  # a rollout: on for this share of senders (a stable hash of flag and sender)
+    senders: list[str] = _json(default_factory=list)  # sender keys it is always on for ("system:", "user:<id>")
+    updated_at: datetime = _ts(default_factory=utcnow)
+    updated_by: str = Field(max_length=80)  # the principal's id, or "admin" (the bootstrap key): never a key
+
+
+class FlagAudit(SQLModel, table=True):
+    """One change of one flag: who, when, the state before and after, and why."""
+
+    __tablename__ = "flag_audit"
+    __table_args__ = (sa.Index("ix_flag_audit_key_at", "key", "at"), sa.Index("ix_flag_audit_at", "at"))
+
+    id: str = Field(primary_key=True, max_length=36)
+    key: str = Field(max_length=100)
+    at: datetime = _ts(default_factory=utcnow)
+    actor: str = Field(max_length=80)
+    old: dict[str, Any] | None = _json(default=None)  # {enabled, percentage, senders} before (the default when never set)
+    new: dict[str, Any] = _json()
+    reason: str = Field(sa_type=sa.Text)
+
+
+class MaintenanceRun(SQLModel, table=True):
+    """One run of a maintenance job (the retention purge, mailqueue/retention.py): what it removed.
+    Written by whichever worker ran it, read by /v1/stats in any API process."""
+
+    __tablename__ = "maintenance_runs"
+    __table_args__ = (sa.Index("ix_maintenance_runs_job_finished", "job", "finished_at"),)
+
+    id: str = Field(primary_key=True, max_length=36)
+    job: str = Field(max_length=32)  # "purge"
+    started_at: datetime = _ts()
+    finished_at: datetime = _ts()
+    cutoff: datetime | None = _ts(default=None)  # purge: emails last changed before this went
+    emails: int = 0
+    events: int = 0
+    blobs: int = 0
+    batches: int = 0

@@ -13,9 +13,11 @@ from temporalio.client import (
     Schedule,
     ScheduleActionStartWorkflow,
     ScheduleAlreadyRunningError,
+    ScheduleCalendarSpec,
     ScheduleIntervalSpec,
     SchedulePolicy,
     ScheduleOverlapPolicy,
+    ScheduleRange,
     ScheduleSpec,
     ScheduleState,
     ScheduleUpdate,
@@ -27,6 +29,7 @@ from temporalio.service import GrpcCompression, RPCError, RPCStatusCode, TLSConf
 from mailqueue.codec import PayloadCipher
 from mailqueue.config import Settings
 from mailqueue.contracts import RECONCILE_WORKFLOW, ReconcileRequest, reconcile_schedule_id
+from mailqueue.contracts import PURGE_WORKFLOW, PurgeRequest, purge_schedule_id
 from mailqueue.tracing import interceptors
 
 log = logging.getLogger("mailqueue.temporal")
@@ -112,14 +115,41 @@ async def ensure_reconcile_schedule(client: Client, settings: Settings) -> None:
         policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
         state=ScheduleState(paused=not interval, note="" if interval else "MAILQUEUE_RECONCILE_INTERVAL_SECONDS=0"),
     )
+    await _ensure_schedule(client, schedule_id, schedule, active=bool(interval), what=f"every {interval}s")
+
+
+async def ensure_purge_schedule(client: Client, settings: Settings) -> None:
+    """Create, or bring up to date, the Schedule that runs retention's purge (mailqueue/retention.py)
+    once a day at `purge_hour_utc`. Like the reconcile schedule: every worker calls this at start,
+    and with `retention_days` 0 an existing schedule is paused (not deleted) and none is created."""
+    schedule_id = purge_schedule_id(settings.task_queue)
+    days = settings.retention_days
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            PURGE_WORKFLOW,
+            PurgeRequest(retention_days=days, batch=settings.purge_batch),
+            id=schedule_id,
+            task_queue=settings.task_queue,
+        ),
+        spec=ScheduleSpec(calendars=[ScheduleCalendarSpec(hour=[ScheduleRange(settings.purge_hour_utc)])]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+        state=ScheduleState(paused=not days, note="" if days else "MAILQUEUE_RETENTION_DAYS=0"),
+    )
+    await _ensure_schedule(
+        client, schedule_id, schedule, active=bool(days), what=f"daily at {settings.purge_hour_utc:02d}:00 UTC, retention {days} days",
+    )
+
+
+async def _ensure_schedule(client: Client, schedule_id: str, schedule: Schedule, *, active: bool, what: str) -> None:
+    """Create the schedule, or update it to `schedule`; when not `active`, pause one that exists and create none."""
     handle = client.get_schedule_handle(schedule_id)
     try:
-        if not interval:  # pause one that exists; create none
+        if not active:
             await handle.update(lambda _: ScheduleUpdate(schedule=schedule))
             return
         try:
             await client.create_schedule(schedule_id, schedule)
-            log.info("created schedule %s (every %ss)", schedule_id, interval)
+            log.info("created schedule %s (%s)", schedule_id, what)
         except ScheduleAlreadyRunningError:
             await handle.update(lambda _: ScheduleUpdate(schedule=schedule))
     except RPCError as exc:  # the worker is still useful without it; the next start tries again

@@ -347,6 +347,7 @@ def fast_settings(database_url: str, temporal_address: str, smtp_port: int, task
         "unsubscribe_keys": TEST_UNSUBSCRIBE_KEY,
         "templates_dir": ROOT / "templates",
         "reconcile_interval_seconds": 0,  # the tests share one database: a reconciler would touch other tests' records
+        "retention_days": 0,  # nor a purge (tests/test_retention.py turns it on where it is tested)
         # User SMTP servers and fake providers in tests listen on localhost's free ports: allowed
         # by that name only, so 127.0.0.1 in any notation (and names resolving to it) stays refused.
         "egress_allow": ["localhost"],
@@ -420,6 +421,7 @@ class Stack:
     sink: SmtpSink
     settings: Settings
     tmp: Path
+    workers: Any = None  # the in-process worker (worker.Workers): tests reach its flag cache through it
 
 
 @asynccontextmanager
@@ -434,11 +436,11 @@ async def running_stack(
             dns_servers=[dns_server], **overrides,
         )
         async with (
-            build_worker(client, settings),
+            build_worker(client, settings) as workers,
             ApiProcess(settings, tmp / "api.log") as api,
             httpx.AsyncClient(base_url=api.url, headers=AUTH, timeout=30) as http,
         ):
-            yield Stack(http, sink, settings, tmp)
+            yield Stack(http, sink, settings, tmp, workers)
 
 
 @contextmanager

@@ -46,7 +46,7 @@ from mailqueue.contracts import (
 )
 from mailqueue.crypto import SecretBox
 from mailqueue.db import create_engine, migrate, sessionmaker
-from mailqueue.models import Blob, EmailTemplate, SuppressionReason, WebhookDelivery, WebhookEndpoint
+from mailqueue.models import Blob, EmailTemplate, FeatureFlag, SuppressionReason, WebhookDelivery, WebhookEndpoint
 from mailqueue.senders import sender_key
 from mailqueue.template_library import Renderer
 from mailqueue.template_store import save_template_version
@@ -66,10 +66,13 @@ from tests.helpers import (
 from tests.webhook_receiver import WebhookReceiver
 from worker import build_worker
 from workflows.reconcile import ReconcileEmailsWorkflow
+from workflows.purge import PurgeEmailsWorkflow
+from mailqueue.contracts import PurgeRequest
 from workflows.send_email import SendEmailWorkflow
 from workflows.webhooks import WebhookEndpointWorkflow, WebhookRedeliveryWorkflow
 
 Scenario = Callable[[Client, str, SmtpSink], Awaitable[WorkflowHandle]]
+FLAGS_REFRESH_SECONDS = 0.5  # the recording worker's flag cache (the pause scenarios change the table)
 
 
 async def _start(client: Client, spec: EmailSpec, tq: str, **kw) -> WorkflowHandle:  # type: ignore[no-untyped-def]
@@ -278,6 +281,36 @@ def sent_with_attachments(sessions) -> Scenario:  # type: ignore[no-untyped-def]
     return run
 
 
+def paused(sessions, then_cancel: bool) -> Scenario:  # type: ignore[no-untyped-def]
+    """Sending is paused (the kill switch) when the email reaches its send step: it waits `paused`;
+    then sending resumes (the API's `resume` signal) and it is sent, or it is cancelled meanwhile."""
+
+    async def set_paused(on: bool) -> None:
+        async with sessions() as s:
+            row = await s.get(FeatureFlag, "sending.paused")
+            if row is None:
+                s.add(FeatureFlag(key="sending.paused", enabled=on, updated_by="recorder"))
+            else:
+                row.enabled = on
+            await s.commit()
+        await asyncio.sleep(2 * FLAGS_REFRESH_SECONDS)  # the worker's cache has it
+
+    async def run(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+        await set_paused(True)
+        try:
+            handle = await _start(client, make_spec(), tq)
+            await _until(handle, EmailStatus.PAUSED)
+            if then_cancel:
+                await handle.execute_update(SendEmailWorkflow.cancel, CancelRequest(reason="not while paused"))
+        finally:
+            await set_paused(False)
+        if not then_cancel:
+            await handle.signal(SendEmailWorkflow.resume)
+        return await _settle(handle)
+
+    return run
+
+
 async def server_unreachable_then_sent(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
     """The SMTP server refuses connections for a while: the workflow waits (no attempt used), then sends."""
     sink.down()
@@ -298,6 +331,13 @@ async def server_unreachable_gave_up(client: Client, tq: str, sink: SmtpSink) ->
         return await _settle(await _start(client, spec, tq))
     finally:
         sink.up()
+
+
+async def purge(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
+    """One retention run (PurgeEmailsWorkflow, started by the daily purge Schedule)."""
+    return await _settle(
+        await client.start_workflow(PurgeEmailsWorkflow.run, PurgeRequest(), id=f"purge-{uuid.uuid4()}", task_queue=tq)
+    )
 
 
 async def reconcile(client: Client, tq: str, sink: SmtpSink) -> WorkflowHandle:
@@ -420,7 +460,8 @@ async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
     sink = SmtpSink()
     # Payloads encrypted as in production, with the test key that tests/test_replay.py replays them with.
     settings = Settings(
-        database_url=url, smtp_port=sink.port, quota_hour_seconds=2, payload_keys=TEST_PAYLOAD_KEY, _env_file=None,  # type: ignore[call-arg]
+        database_url=url, smtp_port=sink.port, quota_hour_seconds=2, payload_keys=TEST_PAYLOAD_KEY,
+        flags_refresh_seconds=FLAGS_REFRESH_SECONDS, _env_file=None,  # type: ignore[call-arg]
     )
     scenarios: dict[str, Scenario] = {
         "sent": sent,
@@ -441,7 +482,10 @@ async def record(out: Path, prefix: str, only: set[str] | None = None) -> None:
         "sender_changed_drivers": sender_changed_drivers(sessions, settings),
         "suppressed_at_send": suppressed_at_send(sessions),
         "sent_with_attachments": sent_with_attachments(sessions),
+        "paused_then_sent": paused(sessions, then_cancel=False),
+        "paused_then_cancelled": paused(sessions, then_cancel=True),
         "reconcile": reconcile,  # record with --prefix rN: a shape of ReconcileEmailsWorkflow
+        "purge": purge,  # record with --prefix pN: a shape of PurgeEmailsWorkflow
         # Record with --prefix whN: shapes of the webhook workflows (workflows/webhooks.py).
         **webhook_scenarios(sessions, settings),
     }

@@ -152,7 +152,7 @@ async def test_cancel_scheduled_email(stack: Stack, client: Client) -> None:
     assert cancelled.json()["events"][-1] == {**cancelled.json()["events"][-1], "event": "cancelled", "detail": "order withdrawn"}
     again = await stack.http.post(f"/v1/emails/{email_id}/cancel")
     assert again.status_code == 409 and "already cancelled" in again.json()["detail"]
-    assert "only queued, scheduled or deferred emails can be cancelled" in again.json()["detail"]
+    assert "only queued, scheduled, deferred or paused emails can be cancelled" in again.json()["detail"]
     history = await closed_run(client, email_id)  # ended: nothing of it can happen later
     assert sends_scheduled(history) == 0
     assert not [m for m in stack.sink.messages if email_id in str(m.message["Message-ID"])]

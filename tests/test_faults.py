@@ -421,3 +421,57 @@ async def test_load_without_faults(  # type: ignore[no-untyped-def]
     report(name, load, out, capsys, seconds=round(out.all_delivered_at - started, 1))
     assert set(load.codes) == {"202"}, load.codes  # not even a 503: nothing was down
     check(out)
+
+
+# --- 7. the kill switch: paused mid-load, more posted while paused, then resumed -------------------
+
+
+async def test_kill_switch_drill(fault_db: str, temporal_server: TemporalDevServer, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """300 emails posted; sending paused once 100 are delivered; 100 more posted while paused. Every
+    email not yet out waits `paused` and nothing is delivered for 20 s; then sending resumes and all
+    400 go out exactly once, none failed."""
+    async with stack(fault_db, temporal_server.address, tmp_path, flags_refresh_seconds=1) as st:
+        first = Load(st.http, 300, 20)
+
+        async def pause_after_100() -> None:
+            await when(st, first, lambda: len(st.sink.messages) >= 100)
+            put = await st.http.put("/v1/flags/sending.paused", json={"enabled": True, "reason": "kill-switch drill"})
+            assert put.status_code == 200, put.text
+
+        await asyncio.gather(first.run(), pause_after_100())
+        more = Load(st.http, 100, 10, tag=first.tag + "b")
+        await more.run()
+        ids = set(first.ids.values()) | set(more.ids.values())
+        engine = create_engine(st.settings.database_url)
+        table = Email.__table__  # type: ignore[attr-defined]
+
+        async def statuses() -> Counter[str]:
+            async with engine.connect() as conn:
+                rows = (await conn.execute(sa.select(table.c.status).where(table.c.id.in_(ids)))).all()
+            return Counter(r[0] for r in rows)
+
+        held: Counter[str] = Counter()
+
+        async def all_waiting() -> bool:  # every email is out, or paused
+            held.clear()
+            held.update(await statuses())
+            return set(held) <= {"sent", "paused"} and held["sent"] + held["paused"] == len(ids)
+
+        try:
+            await eventually(all_waiting, timeout=quiet_limit(st.settings), interval=0.5, what=lambda: f"records: {held}")
+            out_before = len(st.sink.messages)
+            await asyncio.sleep(20)  # paused: nothing more goes out, however long
+            assert len(st.sink.messages) == out_before, "mail went out while sending was paused"
+            assert await statuses() == held
+            resumed = time.monotonic()
+            put = await st.http.put("/v1/flags/sending.paused", json={"enabled": False, "reason": "drill over"})
+            assert put.status_code == 200, put.text
+            both = Load(st.http, 0, 1, tag=first.tag)
+            both.ids = {i: v for i, v in enumerate(sorted(ids))}
+            out = await settle(st.sink, st.settings, both)
+        finally:
+            await engine.dispose()
+    report("kill-switch drill", both, out, capsys, paused=held["paused"], delivered_before_pause=out_before,
+           seconds_from_resume_to_last=round(out.all_delivered_at - resumed, 1))
+    assert held["paused"] > 0 and len(ids) == 400
+    check(out)

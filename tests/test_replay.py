@@ -20,10 +20,11 @@ from mailqueue.config import Settings
 from mailqueue.temporal import data_converter
 from tests.helpers import TEST_PAYLOAD_KEY
 from workflows.reconcile import ReconcileEmailsWorkflow
+from workflows.purge import PurgeEmailsWorkflow
 from workflows.send_email import SendEmailWorkflow
 from workflows.webhooks import WebhookEndpointWorkflow, WebhookRedeliveryWorkflow
 
-WORKFLOWS = [SendEmailWorkflow, ReconcileEmailsWorkflow, WebhookEndpointWorkflow, WebhookRedeliveryWorkflow]
+WORKFLOWS = [SendEmailWorkflow, ReconcileEmailsWorkflow, WebhookEndpointWorkflow, WebhookRedeliveryWorkflow, PurgeEmailsWorkflow]
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 ENCRYPTED = [p for p in HISTORIES if p.stem.startswith("enc")]
@@ -37,7 +38,9 @@ SHAPES = {
     "templated_with_layout", "template_store_outage", "deferred_by_quota", "server_unreachable_then_sent",
     "server_unreachable_gave_up", "sender_changed_drivers", "suppressed_at_send",
     "sent_with_attachments",  # a new input (AttachmentRef), not a new workflow path: enc3
+    "paused_then_sent", "paused_then_cancelled",  # enc4: send-can-pause (the kill switch)
     "reconcile",  # ReconcileEmailsWorkflow
+    "purge",  # PurgeEmailsWorkflow (retention): p1
 }
 # The webhook workflows' shapes (workflows/webhooks.py; recorded with --prefix whN).
 WEBHOOK_SHAPES = {"webhook_delivered_then_continued", "webhook_retried_then_deleted", "webhook_disabled", "webhook_redelivered"}
@@ -51,10 +54,10 @@ def test_every_workflow_shape_has_a_recorded_history() -> None:
 
 def test_every_email_shape_was_recorded_keeping_its_search_attributes_up_to_date() -> None:
     """enc2 (patch search-attributes): each email's run upserts its status as it changes; so do the
-    shapes recorded since (enc3: send-honours-suppressions)."""
-    since = [p for p in HISTORIES if p.stem.split("_", 1)[0] in ("enc2", "enc3")]
+    shapes recorded since (enc3: send-honours-suppressions; enc4: send-can-pause)."""
+    since = [p for p in HISTORIES if p.stem.split("_", 1)[0] in ("enc2", "enc3", "enc4")]
     assert all("upsertWorkflowSearchAttributesEventAttributes" in p.read_text() for p in since)
-    assert {p.stem.split("_", 1)[1] for p in since} == SHAPES - {"reconcile"} - WEBHOOK_SHAPES
+    assert {p.stem.split("_", 1)[1] for p in since} == SHAPES - {"reconcile", "purge"} - WEBHOOK_SHAPES
 
 
 def test_webhook_histories_hold_only_encrypted_payloads_and_name_no_secret() -> None:

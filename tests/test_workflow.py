@@ -170,7 +170,7 @@ async def test_cancel_while_sending_is_rejected_and_send_completes(client, task_
     with pytest.raises(WorkflowUpdateFailedError) as exc:
         await handle.execute_update(SendEmailWorkflow.cancel, CancelRequest())
     assert "already sending" in str(exc.value.cause)
-    assert "only queued, scheduled or deferred emails can be cancelled" in str(exc.value.cause)
+    assert "only queued, scheduled, deferred or paused emails can be cancelled" in str(exc.value.cause)
     assert (await handle.result()).status is EmailStatus.SENT
     assert len(sink.messages) == 1
     email, _ = await record(sessions, spec.email_id)

@@ -23,8 +23,10 @@ with workflow.unsafe.imports_passed_through():
         NOT_SENT_ASK_AGAIN,
         PERMANENT_DELIVERY_ERROR,
         RESCHEDULE_UPDATE,
+        RESUME_SIGNAL,
         SEND_EMAIL_WORKFLOW,
         SEND_QUEUE_CHANGED,
+        SENDING_PAUSED,
         SERVER_UNREACHABLE,
         STATUS_QUERY,
         TEMPLATE_ERROR,
@@ -92,6 +94,14 @@ SEARCH_ATTRIBUTES = "search-attributes"
 # accepted: the send step sent nothing and recorded it; the email ends `suppressed`, not `sent`.
 # The patch is asked only when such an answer arrives.
 SUPPRESSED_AT_SEND = "send-honours-suppressions"
+# Sending is paused for the email (the kill switch `sending.paused`, its driver turned off, or users'
+# own SMTP turned off: mailqueue/flags.py): the send step sent nothing and said so. The email waits,
+# `paused` and cancellable, for the `resume` signal (sent by the API when such a flag changes) or its
+# next look, PAUSE_FIRST_LOOK seconds later and doubling up to PAUSE_MAX_LOOK; a pause never fails
+# it. The patch is asked only when such an answer arrives.
+SEND_CAN_PAUSE = "send-can-pause"
+PAUSE_FIRST_LOOK = 5
+PAUSE_MAX_LOOK = 300
 
 
 @workflow.defn(name=SEND_EMAIL_WORKFLOW)
@@ -105,6 +115,10 @@ class SendEmailWorkflow:
         self._attempts = 0
         self._last_error: str | None = None
         self._provider_message_id: str | None = None
+        self._resumed = False  # the `resume` signal came while paused
+        self._pause_noted = False  # this pause's `paused` event is recorded
+        self._pause_look = PAUSE_FIRST_LOOK
+        self._fresh_flags = False
 
     @workflow.run
     async def run(self, spec: EmailSpec) -> EmailState:
@@ -131,8 +145,10 @@ class SendEmailWorkflow:
             raise
         if not go or self._cancel_reason is not None:
             return await self._finish_cancelled()
-        self._set_status(EmailStatus.SENDING)  # from here on, cancel is refused
+        self._set_status(EmailStatus.SENDING)  # from here on, cancel is refused (but while paused)
         result = await self._send(content)
+        if result is None:  # cancelled while sending was paused
+            return await self._finish_cancelled()
         if result.suppressed and workflow.patched(SUPPRESSED_AT_SEND):
             self._set_status(EmailStatus.SUPPRESSED)  # the send step recorded it
             return await self._finish()
@@ -184,7 +200,8 @@ class SendEmailWorkflow:
         except (ActivityError, ApplicationError) as err:  # a local activity's failure arrives unwrapped
             await self._fail(_reason(err), attempt=0)
 
-    async def _send(self, content: Content | None) -> SendResult:
+    async def _send(self, content: Content | None) -> SendResult | None:
+        """The send step until it sends, or fails for good; None: cancelled while paused."""
         waits = rerouted = 0
         unreachable_since = None
         while True:
@@ -192,6 +209,10 @@ class SendEmailWorkflow:
                 return await self._send_once(content)
             except ActivityError as err:
                 kind, reason = _error_type(err), _reason(err)
+                if kind == SENDING_PAUSED and workflow.patched(SEND_CAN_PAUSE):
+                    if not await self._paused(reason):
+                        return None
+                    continue  # look again at once (a wait ended: resumed, or time for the next look)
                 if kind == SEND_QUEUE_CHANGED and workflow.patched(SEND_FOLLOWS_THE_SENDER):
                     self._spec.send_queue = _detail(err, "send_queue")
                     rerouted += 1
@@ -229,6 +250,29 @@ class SendEmailWorkflow:
             except asyncio.CancelledError:
                 await self._reject_cancel()
 
+    async def _paused(self, reason: str) -> bool:
+        """Wait, paused, for the resume signal or the next look. False: cancelled meanwhile."""
+        self._set_status(EmailStatus.PAUSED)  # cancellable again
+        if not self._pause_noted:  # once per pause, however many looks it takes
+            self._pause_noted = True
+            await self._record(EventType.PAUSED, EmailStatus.PAUSED, detail=reason)
+        self._resumed = False
+        try:
+            await workflow.wait_condition(lambda: self._resumed or self._cancel_reason is not None, timeout=self._pause_look)
+        except TimeoutError:
+            self._pause_look = min(self._pause_look * 2, PAUSE_MAX_LOOK)
+        except asyncio.CancelledError:  # cancelled in the Temporal UI/CLI: as cancel, which a paused email allows
+            self._cancel_reason = self._cancel_reason or "cancelled in Temporal"
+            await self._finish_cancelled()
+            raise
+        if self._cancel_reason is not None:
+            return False
+        if self._resumed:
+            self._pause_look = PAUSE_FIRST_LOOK
+        self._fresh_flags = self._resumed  # told that a flag changed: the send step reads them from the database
+        self._set_status(EmailStatus.SENDING)
+        return True
+
     def _history_spent(self) -> bool:
         info = workflow.info()
         return (
@@ -240,7 +284,7 @@ class SendEmailWorkflow:
         retry = self._spec.retry
         handle = workflow.start_activity_method(
             SendActivities.send,
-            SendRequest(self._spec, content),
+            SendRequest(self._spec, content, fresh_flags=self._fresh_flags),
             task_queue=send_queue_name(workflow.info().task_queue, self._spec.send_queue) if self._spec.send_queue else None,
             start_to_close_timeout=timedelta(seconds=retry.send_timeout_seconds),
             retry_policy=RetryPolicy(
@@ -331,6 +375,12 @@ class SendEmailWorkflow:
     @workflow.query(name=STATUS_QUERY)
     def status(self) -> EmailState:
         return self._state()
+
+    @workflow.signal(name=RESUME_SIGNAL)
+    def resume(self) -> None:
+        """A flag that pauses sending changed: a paused email looks again at once (else ignored)."""
+        if self._status == EmailStatus.PAUSED:
+            self._resumed = True
 
     @workflow.update(name=CANCEL_UPDATE)
     async def cancel(self, req: CancelRequest) -> EmailState:

@@ -172,6 +172,7 @@ async def service(info: Info[GraphContext, Any], *, admin: bool = False, arg: st
             yield Context(
                 principal=principal, session=session, settings=state.settings, temporal=state.temporal,
                 templates=state.templates, secrets=state.secrets, blobs=state.blobs,
+                flags=state.flags,
             )
     except Exception as exc:
         error = as_graphql_error(exc, arg)

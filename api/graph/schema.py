@@ -207,7 +207,7 @@ class Mutation:
             user, row = await mail_settings.put_mail_settings(ctx, body, user_id)
             return MailSettings.from_pydantic(MailSettingsOut.of(user.id, row))
 
-    @strawberry.mutation(description="Cancel a queued, scheduled or deferred email")
+    @strawberry.mutation(description="Cancel a queued, scheduled, deferred or paused email")
     async def cancel_scheduled_email(self, info: INFO, id: Id, reason: str | None = None) -> Email:
         async with service(info) as ctx:
             body = checked(None, CancelBody.model_validate, {"reason": reason})

@@ -28,6 +28,7 @@ from api.schemas.emails import TemplateUsed as TemplateUsedOut
 from api.schemas.settings import MailSettingsIn, MailSettingsOut
 from api.schemas.stats import StatsOut
 from api.schemas.stats import StuckEmail as StuckEmailOut
+from api.schemas.stats import LastPurge as LastPurgeOut
 from api.schemas.templates import PreviewOut, ReloadOut, TemplateOut, TemplatePinOut
 from api.services.emails import EmailsAfter
 from mailqueue.contracts import EmailStatus as EmailStatusEnum
@@ -358,6 +359,11 @@ class StatusCount:
 @pydantic_type(model=StuckEmailOut, all_fields=True)
 class StuckEmail:
     id: strawberry.ID
+
+
+@pydantic_type(model=LastPurgeOut, all_fields=True, description="The last retention purge: what it deleted")
+class LastPurge:
+    pass
 
 
 @pydantic_type(model=StatsOut, all_fields=True, description="What the queue holds, what it did lately, what looks stuck (yours; admins: everyone's)")

@@ -108,7 +108,7 @@ async def list_emails(
 
 @router.post(
     "/{email_id}/cancel", response_model=EmailDetail, response_model_by_alias=True, responses={**NOT_FOUND, **CONFLICT},
-    summary="Cancel a queued, scheduled or deferred email",
+    summary="Cancel a queued, scheduled, deferred or paused email",
 )
 async def cancel_email(email_id: str, ctx: ContextDep, body: Annotated[CancelBody | None, Body()] = None) -> EmailDetail:
     return EmailDetail.with_events(*await emails.cancel(ctx, email_id, body.reason if body else None))

@@ -15,9 +15,18 @@ class StuckEmail(BaseModel):
     last_error: str | None
 
 
+class LastPurge(BaseModel):
+    finished_at: datetime
+    cutoff: datetime | None = Field(description="Final emails last changed before this were deleted (null: retention off)")
+    emails: int
+    events: int
+    blobs: int = Field(description="Stored attachment files no email named any more")
+    batches: int
+
+
 class StatsOut(BaseModel):
     by_status: dict[str, int] = Field(description="Emails per status (the caller's own, or all for admins)")
-    queue_depth: int = Field(description="Not yet ended: queued, scheduled, deferred, sending, retrying")
+    queue_depth: int = Field(description="Not yet ended: queued, scheduled, deferred, paused, sending, retrying")
     retried: int = Field(description="Emails that needed more than one attempt")
     sent_last_minute: int
     sent_last_hour: int
@@ -25,3 +34,6 @@ class StatsOut(BaseModel):
     stuck_after_seconds: int
     stuck: int = Field(description="In flight with no change for longer than stuck_after_seconds")
     stuck_examples: list[StuckEmail]
+    last_purge: LastPurge | None = Field(
+        default=None, description="The last retention purge (README \"Retention\"): admins only; null before the first run",
+    )

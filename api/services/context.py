@@ -11,6 +11,7 @@ from mailqueue.accounts import Principal
 from mailqueue.blobs import BlobStore, SqlBlobs
 from mailqueue.config import Settings
 from mailqueue.crypto import SecretBox
+from mailqueue.flags import Flags
 from mailqueue.templating import TemplateEngine
 
 
@@ -22,5 +23,6 @@ class Context:
     temporal: Client
     templates: TemplateEngine
     secrets: SecretBox  # encrypts sender secrets (only workers decrypt)
-    blobs: BlobStore = field(default_factory=SqlBlobs)  # where attachment bytes go (the API's, from MAILQUEUE_BLOB_URL)
+    blobs: BlobStore = field(default_factory=SqlBlobs)
+    flags: Flags | None = None  # feature flags, as this process sees them (None: every feature on)  # where attachment bytes go (the API's, from MAILQUEUE_BLOB_URL)
     replays: int = 0  # Idempotency-Key replays this request answered (commit_email counts them, for the metrics)

@@ -37,7 +37,7 @@ from api.schemas.emails import (
 )
 from api.services.attachments import PreparedFiles, forget_new, prepare_files, store_new
 from api.services.context import Context
-from api.services.errors import Conflict, Invalid, LimitReached, NotFound, TooLarge, invalid
+from api.services.errors import Conflict, FeatureOff, Invalid, LimitReached, NotFound, TooLarge, invalid
 from mailqueue.accounts import Principal
 from mailqueue.bounces import unsubscribe_mailto
 from mailqueue.config import Settings
@@ -211,9 +211,22 @@ def _check_rendered_subject(content: Content) -> None:
         raise invalid(("body", "template_data"), f"the rendered subject must not contain {problem}", type="unsafe_subject")
 
 
+def _check_features(ctx: Context, req: EmailRequest) -> None:
+    """Templates and scheduling can be turned off (feature flags): new emails that need them are refused
+    (503, nothing queued); emails already queued are sent as they were accepted."""
+    if ctx.flags is None:
+        return
+    sender = sender_key(*ctx.principal.sender)
+    if req.template is not None and not ctx.flags.is_on("templates.enabled", sender):
+        raise FeatureOff("templated emails are turned off for now (feature flag templates.enabled); send subject/html/text, or try later")
+    if req.send_at is not None and req.send_at > datetime.now(UTC) and not ctx.flags.is_on("scheduling.enabled", sender):
+        raise FeatureOff("scheduled emails are turned off for now (feature flag scheduling.enabled); send without send_at, or try later")
+
+
 async def prepare_email(ctx: Context, req: EmailRequest, idempotency_key: str | None) -> PreparedEmail:
     """Validate beyond the schema (limits, template and its data, sender) and build the spec: the 422s come from here."""
     _check_limits(ctx, req)
+    _check_features(ctx, req)
     template_ref = content = template_from = template_from_name = None
     if req.template is not None:
         template_ref, content, template_from, template_from_name = await _pin_template(ctx, req)
@@ -439,6 +452,8 @@ async def accept_batch(ctx: Context, body: BatchIn) -> BatchOut:
         except (ValidationError, Invalid) as exc:
             status = 413 if isinstance(exc, TooLarge) else 422
             results[index] = BatchItemOut(index=index, status=status, detail=_item_errors(exc.errors()))
+        except FeatureOff as exc:
+            results[index] = BatchItemOut(index=index, status=503, detail=[{"msg": str(exc.detail)}])
     rejected = [r for r in results if r is not None]
     if body.all_or_nothing and rejected:
         raise Invalid({

@@ -29,6 +29,10 @@ class LimitReached(ServiceError):
         self.retry_after = retry_after
 
 
+class FeatureOff(ServiceError):
+    """A feature an operator has turned off for now (a feature flag, mailqueue/flags.py): nothing was queued."""
+
+
 class Invalid(ServiceError):
     """The input is wrong: `detail` is a list of field errors (`loc`, `msg`, `type`, ...), or a
     summary with `items` (a batch refused as a whole)."""
@@ -67,6 +71,7 @@ REFUSALS: dict[type[ServiceError], tuple[int, str]] = {
     TooLarge: (413, "PAYLOAD_TOO_LARGE"),
     Invalid: (422, "BAD_USER_INPUT"),
     LimitReached: (429, "TOO_MANY_REQUESTS"),
+    FeatureOff: (503, "UNAVAILABLE"),
 }
 OUTSIDE = {401: "UNAUTHENTICATED", 403: "FORBIDDEN", 429: "TOO_MANY_REQUESTS", 503: "UNAVAILABLE"}
 

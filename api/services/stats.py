@@ -9,6 +9,8 @@ import sqlalchemy as sa
 from sqlmodel import col, select
 
 from api.schemas.stats import StatsOut, StuckEmail
+from api.schemas.stats import LastPurge
+from mailqueue import retention
 from api.services.context import Context
 from api.services.emails import visible_to
 from mailqueue.contracts import IN_FLIGHT, WAITING, WENT_OUT, status_values
@@ -45,6 +47,19 @@ async def stats(ctx: Context, stuck_after_seconds: int) -> StatsOut:
         stuck_after_seconds=stuck_after_seconds,
         stuck=await count(in_flight, col(Email.updated_at) < stale),
         stuck_examples=[StuckEmail(id=e.id, status=e.status, updated_at=e.updated_at, attempts=e.attempts, last_error=e.last_error) for e in stuck_rows],
+        last_purge=await _last_purge(ctx),
+    )
+
+
+async def _last_purge(ctx: Context) -> LastPurge | None:
+    """Retention's last run: counts over every sender, so for admins only."""
+    if not ctx.principal.is_admin:
+        return None
+    run = await retention.last_run(ctx.session)
+    if run is None:
+        return None
+    return LastPurge(
+        finished_at=run.finished_at, cutoff=run.cutoff, emails=run.emails, events=run.events, blobs=run.blobs, batches=run.batches,
     )
 
 
