@@ -280,7 +280,7 @@ async def test_events_written_before_the_feed_existed_get_cursors_in_their_order
             async with sessions() as session:  # the columns the table had then (the model has grown since)
                 record, columns = record_from_spec(spec), sa.inspect(Email).column_attrs
                 values = {c.columns[0].name: getattr(record, c.key) for c in columns if c.key not in AFTER_0006}
-                await session.execute(sa.insert(Email.__table__).values(**values))  # type: ignore[attr-defined]
+                await (await session.connection()).execute(sa.insert(Email.__table__).values(**values))  # type: ignore[attr-defined]
                 session.add(queued_event(spec.email_id, "accepted"))
                 await session.commit()
             async with sessions() as session:
