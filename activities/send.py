@@ -26,6 +26,7 @@ from mailqueue.contracts import (
     SERVER_UNREACHABLE,
     TEMPLATE_ERROR,
     TRANSIENT_DELIVERY_ERROR,
+    WENT_OUT,
     AttachmentRef,
     AuditEntry,
     Content,
@@ -50,6 +51,7 @@ from mailqueue.errors import (
 )
 from mailqueue.message import build_message, envelope, redirect
 from mailqueue.metrics import SendOutcome, WorkerMetrics
+from mailqueue.models import Email
 from mailqueue.flags import Flags
 from mailqueue.senders import resolve_sender, sender_key
 from mailqueue.suppressions import (
@@ -137,10 +139,13 @@ class SendActivities:
         spec = req.spec
         if self._flags is not None and req.fresh_flags:
             await self._flags.refresh()  # the workflow was told a flag changed: not a cached value
-        self._unless_paused(spec, "sending.paused", "sending is paused")  # first, before any work
+        if (held := self._paused_by(spec)) is not None:  # first, before any work
+            return await self._held(spec, held)
         content = await self._content(req)  # before `sending`: a template that cannot render was never sent
         files = await self._files(spec)  # and files that are gone: never sent without them
-        driver, signer = await self._driver_for(spec)
+        driver, signer, own = await self._driver_for(spec)
+        if (held := self._paused_by(spec, driver.name, own)) is not None:
+            return await self._held(spec, held)
         prior, found = await self._claim(
             AuditEntry(
                 email_id=spec.email_id,
@@ -256,7 +261,7 @@ class SendActivities:
         )
         return result
 
-    async def _driver_for(self, spec: EmailSpec) -> tuple[Driver, DkimSigner | None]:
+    async def _driver_for(self, spec: EmailSpec) -> tuple[Driver, DkimSigner | None, bool]:
         """The driver the sender's settings name now: the system's, or the user's own (secrets
         decrypted here only). If that driver's send queue is not the one this send waits in (the
         user changed drivers since the email was queued), nothing is sent: the workflow sends
@@ -277,9 +282,6 @@ class SendActivities:
             raise ApplicationError(str(exc), {"attempt": 0}, type=PERMANENT_DELIVERY_ERROR, non_retryable=True) from None
         except STORE_ERRORS as exc:
             raise _store_unavailable(spec, "sender settings", exc) from None
-        self._unless_paused(spec, f"driver.{driver.name}.enabled", f"the {driver.name} driver is turned off", on=True)
-        if route.own_driver and driver.name == DriverName.SMTP:
-            self._unless_paused(spec, "user_smtp.enabled", "sending through users' own SMTP servers is turned off", on=True)
         if route.send_queue != spec.send_queue:
             raise _ask_again(
                 spec,
@@ -287,7 +289,7 @@ class SendActivities:
                 f"{_queue_name(route.send_queue)}, not in {_queue_name(spec.send_queue)}",
                 kind=SEND_QUEUE_CHANGED, send_queue=route.send_queue,
             )
-        return driver, signer
+        return driver, signer, route.own_driver
 
     async def _files(self, spec: EmailSpec) -> list[tuple[AttachmentRef, bytes]]:
         """The attachments' bytes from the blob store, each checked against its size and SHA-256."""
@@ -303,11 +305,35 @@ class SendActivities:
         except (*STORE_ERRORS, BotoCoreError, ClientError) as exc:
             raise _store_unavailable(spec, "attachment store", exc) from None
 
-    def _unless_paused(self, spec: EmailSpec, flag: str, why: str, *, on: bool = False) -> None:
-        """Nothing is sent while `flag` pauses this sender's email (is off when `on`, else on): the
-        workflow records `paused` and waits. Not an attempt, and never a failure."""
-        if self._flags is not None and self._flags.is_on(flag, sender_key(spec.sender_type, spec.sender_id)) != on:
-            raise _ask_again(spec, f"not sent: {why} ({flag} {'off' if on else 'on'})", kind=SENDING_PAUSED)
+    def _paused_by(self, spec: EmailSpec, driver: str | None = None, own: bool = False) -> str | None:
+        """Why this sender's email may not go now (the kill switch; with the driver known, that driver
+        turned off, or users' own SMTP turned off), or None."""
+        if self._flags is None:
+            return None
+        sender = sender_key(spec.sender_type, spec.sender_id)
+        if driver is None:
+            return "sending is paused (sending.paused on)" if self._flags.is_on("sending.paused", sender) else None
+        if not self._flags.is_on(f"driver.{driver}.enabled", sender):
+            return f"the {driver} driver is turned off (driver.{driver}.enabled off)"
+        if own and driver == DriverName.SMTP and not self._flags.is_on("user_smtp.enabled", sender):
+            return "sending through users' own SMTP servers is turned off (user_smtp.enabled off)"
+        return None
+
+    async def _held(self, spec: EmailSpec, why: str) -> SendResult:
+        """Nothing is sent while paused: the workflow records `paused` and waits (not an attempt, never
+        a failure). Unless the record says the mail already went (an earlier attempt whose completion
+        was lost): then that delivery is the answer, so a resume never sends it twice."""
+        try:
+            async with self._sessions() as session:
+                email = await session.get(Email, spec.email_id)
+        except STORE_ERRORS as exc:
+            raise _store_unavailable(spec, "email record", exc) from None
+        if email is not None and EmailStatus(email.status) in WENT_OUT:
+            return SendResult(
+                provider=email.provider or "", provider_message_id=email.provider_message_id or "", attempt=email.attempts,
+                accepted_at=email.sent_at or datetime.now(UTC), recorded=True,
+            )
+        raise _ask_again(spec, f"not sent: {why}", kind=SENDING_PAUSED)
 
     def _box(self) -> SecretBox:
         if self._secrets is None:

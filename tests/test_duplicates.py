@@ -31,10 +31,10 @@ from tests.helpers import SmtpSink, make_spec
 RUN_ID = str(uuid.uuid4())
 
 
-async def attempt(acts: SendActivities, req: SendRequest, n: int) -> SendResult:
+async def attempt(acts: SendActivities, req: SendRequest, n: int, run_id: str = RUN_ID) -> SendResult:
     env = ActivityEnvironment()
     env.info = dataclasses.replace(
-        env.info, attempt=n, workflow_run_id=RUN_ID, activity_type="send_email",
+        env.info, attempt=n, workflow_run_id=run_id, activity_type="send_email",
         started_time=datetime.now(UTC), start_to_close_timeout=timedelta(seconds=10),
     )
     return await env.run(acts.send, req)
@@ -114,4 +114,38 @@ async def test_an_attempt_that_outlived_its_run_neither_sends_nor_reopens_the_re
             assert email is not None and email.status == final
             assert [e.event for e in await events_of(s, req.spec.email_id)] == ["queued"]
     assert sink.messages == []
+    await acts._drivers.aclose()
+
+
+class Paused:
+    """Feature flags with sending paused (the kill switch), for this activity only: the shared
+    database's flags stay as they are for every other test."""
+
+    def is_on(self, key: str, sender: str | None = None) -> bool:
+        return True  # sending.paused on; every driver and users' SMTP enabled
+
+    async def refresh(self) -> None:
+        pass
+
+
+async def test_a_retry_finding_sending_paused_after_its_mail_went_out_answers_with_that_delivery(
+    settings: Settings, sessions, sink: SmtpSink,  # type: ignore[no-untyped-def]
+) -> None:
+    """The pause came between the send and Temporal hearing of it: the retry must not wait `paused`
+    (and later, resumed, send again); it answers with the delivery the record holds."""
+    acts = send_activities(settings, sessions)
+    req, run = SendRequest(make_spec()), str(uuid.uuid4())  # a run of its own: event ids are per run and attempt
+    await queued(sessions, req)
+    first = await attempt(acts, req, 1, run)
+    acts._flags = Paused()  # type: ignore[assignment]  # the pause came now
+    second = await attempt(acts, req, 2, run)
+    assert second.recorded and (second.provider, second.provider_message_id) == (first.provider, first.provider_message_id)
+    assert len(sink.messages) == 1
+
+    fresh = SendRequest(make_spec())  # one that never went: held, not an attempt
+    await queued(sessions, fresh)
+    with pytest.raises(ApplicationError) as held:
+        await attempt(acts, fresh, 1, run)
+    assert held.value.type == "SendingPaused" and "sending is paused" in held.value.message
+    assert len(sink.messages) == 1
     await acts._drivers.aclose()
