@@ -159,7 +159,9 @@ async def test_an_admin_logs_in_and_the_overview_matches_the_stats(stack: Stack,
 
 async def test_a_failed_email_is_retried_from_its_page_and_then_sent(stack: Stack, console: Any) -> None:
     stack.sink.handler.data_replies.append("550 5.7.1 Rejected")
-    email_id = (await stack.http.post("/v1/emails", json=email(subject="fails once", html="<p>Retried <b>body</b></p>"))).json()["id"]
+    pdf = {"filename": "Lieferschein März.pdf", "content": base64.b64encode(b"%PDF-1.7\nops\n").decode()}
+    email_id = (await stack.http.post("/v1/emails", json=email(subject="fails once", html="<p>Retried <b>body</b></p>",
+                                                                attachments=[pdf]))).json()["id"]
     await wait_status(stack.http, email_id, "failed")
     ops = await console()
     await ops.login(KEY)
@@ -170,6 +172,7 @@ async def test_a_failed_email_is_retried_from_its_page_and_then_sent(stack: Stac
     await page.wait_for_url(f"{ops.base}/ops/emails/{email_id}")
     assert await page.locator("#status").inner_text() == "failed"
     assert "550 5.7.1 Rejected" in await page.locator("table.facts").inner_text()
+    assert "Lieferschein März.pdf\tapplication/pdf\t13 bytes" in await page.locator("#attachments").inner_text()
     assert await page.locator("#timeline li").evaluate_all("items => items.map(i => i.dataset.event)") == ["queued", "sending", "failed"]
     link = await page.locator("#temporal-link").get_attribute("href")
     assert link == f"http://localhost:8233/namespaces/default/workflows/email-{email_id}"

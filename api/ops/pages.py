@@ -1,26 +1,22 @@
 """What the ops pages show beyond the services' answers: the Jinja2 environment, the sends-per-minute
-chart (server-rendered SVG, no script), the overview's figures, and links into the Temporal UI."""
+chart (server-rendered SVG, no script; its counts from api/services/stats.py), the overview's figures,
+and links into the Temporal UI."""
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from jinja2 import Environment, FileSystemLoader
-from sqlmodel import col, select
 from starlette.requests import Request
 
 from api.schemas.stats import StatsOut
-from api.services.context import Context
-from api.services.emails import visible_to
 from mailqueue.config import Settings
-from mailqueue.contracts import WENT_OUT, EmailStatus, EventType
+from mailqueue.contracts import WENT_OUT, EmailStatus
 from mailqueue.flags import SENDING_PAUSED
-from mailqueue.models import Email, EmailEvent, utcnow
 
 HERE = Path(__file__).resolve().parent
 STATIC_DIR = HERE / "static"
@@ -80,23 +76,6 @@ class Chart:
     total: int
 
 
-CHART_MINUTES = 60
-
-
-async def sends_per_minute(ctx: Context, now: datetime | None = None) -> list[int]:
-    """How many `sent` events each of the last 60 minutes saw (the caller's emails), oldest first."""
-    now = now or utcnow()
-    start = now.replace(second=0, microsecond=0) - timedelta(minutes=CHART_MINUTES - 1)
-    query = (
-        select(EmailEvent.created_at)
-        .join(Email, col(Email.id) == col(EmailEvent.email_id))
-        .where(*visible_to(ctx.principal), col(EmailEvent.event) == EventType.SENT.value, col(EmailEvent.created_at) >= start)
-    )
-    minutes: Counter[int] = Counter()
-    for at in (await ctx.session.exec(query)).all():
-        at = at if at.tzinfo else at.replace(tzinfo=start.tzinfo)
-        minutes[int((at - start).total_seconds() // 60)] += 1
-    return [minutes.get(i, 0) for i in range(CHART_MINUTES)]
 
 
 def chart(counts: list[int], width: int = 600, height: int = 120) -> Chart:

@@ -146,7 +146,7 @@ async def overview(ops: OpsDep) -> HTMLResponse:
     stats = await queue_stats.stats(ops.ctx, queue_stats.STUCK_AFTER_SECONDS)
     return ops.page(
         "overview.html", stats=stats, by_status=pages.by_status_rows(stats), failure_ratio=pages.failure_ratio(stats),
-        chart=pages.chart(await pages.sends_per_minute(ops.ctx)),
+        chart=pages.chart(await queue_stats.sends_per_minute(ops.ctx)),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from collections import Counter
 from typing import Any
 
 import sqlalchemy as sa
@@ -13,11 +14,27 @@ from api.schemas.stats import LastPurge
 from mailqueue import retention
 from api.services.context import Context
 from api.services.emails import visible_to
-from mailqueue.contracts import IN_FLIGHT, WAITING, WENT_OUT, status_values
-from mailqueue.models import Email, utcnow
+from mailqueue.contracts import IN_FLIGHT, WAITING, WENT_OUT, EventType, status_values
+from mailqueue.models import Email, EmailEvent, utcnow
 
 # An email in flight with no change for this long is stuck (/v1/stats' default, and /metrics').
 STUCK_AFTER_SECONDS = 300
+
+
+async def sends_per_minute(ctx: Context, minutes: int = 60, now: datetime | None = None) -> list[int]:
+    """How many `sent` events each of the last `minutes` minutes saw (the caller's emails), oldest first."""
+    now = now or utcnow()
+    start = now.replace(second=0, microsecond=0) - timedelta(minutes=minutes - 1)
+    query = (
+        select(EmailEvent.created_at)
+        .join(Email, col(Email.id) == col(EmailEvent.email_id))
+        .where(*visible_to(ctx.principal), col(EmailEvent.event) == EventType.SENT.value, col(EmailEvent.created_at) >= start)
+    )
+    seen: Counter[int] = Counter()
+    for at in (await ctx.session.exec(query)).all():
+        at = at if at.tzinfo else at.replace(tzinfo=start.tzinfo)
+        seen[int((at - start).total_seconds() // 60)] += 1
+    return [seen.get(i, 0) for i in range(minutes)]
 
 
 async def stats(ctx: Context, stuck_after_seconds: int) -> StatsOut:
