@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install dev test test-faults audit lock bench bench-smtp histories clean
+.PHONY: install dev test test-faults audit lock bench bench-compare bench-smtp histories clean
 
 # The first install says what it does and shows pip's progress (a few minutes, a line per package);
 # updating an installed .venv after a change to pyproject.toml stays quiet.
@@ -48,8 +48,15 @@ lock: $(STAMP)
 	@{ sed -n '1,2p' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e '; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
+# Every phase, then the bare workflow-per-email floor on the same server: project / floor for throughput and CPU per email.
 bench: $(STAMP)
-	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/bench.py --floor
+
+# Two revisions' phase B interleaved (A B A B) on this machine: make bench-compare A=HEAD~1 B=HEAD [ROUNDS=2] [ARGS="--emails 300"]
+ROUNDS ?= 2
+bench-compare: $(STAMP)
+	@test -n "$(A)" -a -n "$(B)" || { echo 'usage: make bench-compare A=<rev> B=<rev> [ROUNDS=2] [ARGS="--emails 300"]'; exit 2; }
+	$(BIN)/python bench/compare.py '$(A)' '$(B)' --rounds $(ROUNDS) -- $(ARGS)
 
 bench-smtp: $(STAMP)
 	$(BIN)/python bench/smtp_bench.py

@@ -5,6 +5,7 @@
                                     [--template StockIssueApproved [--template-items 50]]
                                     [--render-only] [--render-seconds 5] [--scheduled 200]
                                     [--telemetry] [--ab telemetry|search-attributes|webhooks|attachment [--pairs 2]]
+                                    [--phases AEBCD] [--floor | --floor-only]
 
 Starts its own stack on free ports in a temporary directory (Temporal dev server persisted
 to a file with WAL, SQLite unless --database-url, N workers, the API under uvicorn, a sink
@@ -26,6 +27,15 @@ end-to-end emails/s and the CPU per email of every process of the stack; `--ab s
 the same with MAILQUEUE_SEARCH_ATTRIBUTES false and true; `--ab webhooks` with no webhook endpoint and
 with one (the bootstrap key's: every event) whose receiver takes 5 s per call; `--ab attachment`
 with raw emails and with the same emails carrying a 1 MB PDF each (base64 in the POST).
+
+`--floor` runs, right after B on the same dev server and sink, the bare workflow-per-email shape of
+bench/floor.py (three no-op local audit steps, one send over pooled SMTP connections, no database),
+started by as many client tasks calling start_workflow, its worker a process of its own. Both print
+emails/s and CPU-seconds per email for each process (/proc; PostgreSQL's backends serving the bench
+database too, when used), and the ratios project / floor: the figures to optimise and to quote.
+`--floor-only` starts only the dev server, the sink and the floor's worker. `--phases` picks phases
+(e.g. `--phases B --floor`). Before each phase: the machine's steal time (1 s sample) and load.
+The results go to --json-out and to bench/results/<commit>[-dirty]-<UTC time>.json.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import datetime as dt
 import json
 import os
 import platform
@@ -52,6 +63,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the tests' receivers (OTLP, webhooks): `python bench/bench.py` puts bench/ first
+if str(ROOT / "bench") not in sys.path:
+    sys.path.insert(1, str(ROOT / "bench"))  # floor.py, however this file was started
 
 KEY = "bench-admin-key-Vq7Lz3Xw9Rk2Tn6Hc8Jm4Fp"  # strong enough for the API to start (mailqueue.accounts)
 BODY = {"to": ["bench@example.com"], "subject": "bench", "text": "hello"}
@@ -119,7 +132,9 @@ class Stack:
         self.temporal = TemporalDevServer(free_port(), db_file=tmp / "temporal.db", log_level="error")
         self.workers = workers
         self.children: list[subprocess.Popen[bytes]] = []
-        self.names: dict[int, str] = {}  # pid -> what it is (api, worker, sink)
+        self.names: dict[int, str] = {}  # pid -> which process it is (api, worker-0, sink, floor-worker)
+        # PostgreSQL's backends serving this database are the stack's too (a server on this machine: /proc)
+        self.pg_database = database_url.rsplit("/", 1)[1].split("?")[0] if database_url.startswith("postgresql") else None
         from mailqueue.codec import new_payload_key
 
         self.payload_keys = new_payload_key()  # one for the API and every worker: payloads encrypted as in production
@@ -143,9 +158,10 @@ class Stack:
         log = (self.tmp / f"{name}.log").open("ab")
         env = self.env() | extra
         self.children.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
-        self.names[self.children[-1].pid] = name.split("-")[0]
+        self.names[self.children[-1].pid] = name
 
-    def start(self) -> None:
+    def start(self, product: bool = True) -> None:
+        """`product` False: only the dev server and the sink (--floor-only)."""
         from devstack.net import wait_for_port
         from devstack.supervisor import api_command
 
@@ -156,12 +172,22 @@ class Stack:
         self.temporal.start()
         py = sys.executable
         self._spawn("sink", [py, __file__, "--sink", str(self.sink_port), str(self.sink_log)])
+        if not product:
+            wait_for_port(self.sink_port)
+            return
         for i in range(self.workers):
             ports = {"MAILQUEUE_WORKER_METRICS_PORT": str(self.worker_metrics_ports[i])} if self.telemetry else {}
             self._spawn(f"worker-{i}", [py, "worker.py"], **ports)
         self._spawn("api", [*api_command("127.0.0.1", self.api_port), "--log-level", "warning"])
         wait_for_port(self.sink_port)
         wait_for_port(self.api_port, timeout=60)
+
+    def start_floor(self) -> None:
+        """The floor's worker (bench/floor.py), a process of its own on the same dev server and sink."""
+        from floor import TASK_QUEUE
+
+        self._spawn("floor-worker", [sys.executable, str(ROOT / "bench" / "floor.py"), "--temporal", self.temporal.address,
+                                     "--task-queue", TASK_QUEUE, "--smtp-port", str(self.sink_port)])
 
     def stop(self) -> None:
         for child in reversed(self.children):
@@ -183,6 +209,14 @@ class Stack:
         """User + system CPU so far of every process of the stack, by what it is (temporal, api,
         worker, sink), read from /proc: each child with all its descendants (a worker's render
         processes count as the worker's)."""
+        totals: Counter[str] = Counter()
+        for name, seconds in self.cpu_snapshot().values():
+            totals[name.split("-")[0]] += seconds
+        return dict(totals)
+
+    def cpu_snapshot(self) -> dict[int, tuple[str, float]]:
+        """pid -> (which process it belongs to, its user + system CPU so far) for every process of the
+        stack and their descendants, and PostgreSQL's backends serving the bench database ("postgres")."""
         roots = dict(self.names)
         if self.temporal.process is not None:
             roots[self.temporal.process.pid] = "temporal"
@@ -201,10 +235,32 @@ class Stack:
             more = {pid: owner[parent] for pid, (parent, _) in stats.items() if parent in owner and pid not in owner}
             owner |= more
             grew = bool(more)
-        totals: Counter[str] = Counter()
-        for pid, name in owner.items():
-            totals[name] += stats[pid][1]
-        return dict(totals)
+        snapshot = {pid: (name, stats[pid][1]) for pid, name in owner.items()}
+        for pid in self.pg_backends():
+            if pid in stats:
+                snapshot[pid] = ("postgres", stats[pid][1])
+        return snapshot
+
+    def pg_backends(self) -> list[int]:
+        """The pids of the backends connected to the bench database (none on SQLite)."""
+        if self.pg_database is None:
+            return []
+        import psycopg
+
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                                (self.pg_database,)).fetchall()
+        return [pid for (pid,) in rows]
+
+    def cpu_used(self, since: dict[int, tuple[str, float]], each: bool = True) -> dict[str, float]:
+        """CPU-seconds used since the snapshot `since`, by process (worker-0, worker-1, …) or, `each`
+        False, by kind (worker). Counted per pid: a process begun since counts whole; one ended since
+        is lost (its last seconds: a backend that disconnects mid-phase, none of the stack's)."""
+        used: Counter[str] = Counter()
+        for pid, (name, seconds) in self.cpu_snapshot().items():
+            before = since.get(pid)
+            used[name if each else name.split("-")[0]] += seconds - (before[1] if before and before[0] == name else 0.0)
+        return {name: round(seconds, 2) for name, seconds in sorted(used.items())}
 
 
 def api_client(stack: Stack, clients: int) -> Any:
@@ -258,9 +314,9 @@ async def ab(args: argparse.Namespace) -> dict[str, Any]:
                     assert made.status_code == 201, made.text
                     receiver.secret = made.json()["secret"]  # it verifies every call, as a real receiver does
                 scraper = asyncio.create_task(scrape(http, stack, 5.0, scrapes)) if telemetry else None
-                cpu0 = stack.cpu_seconds()
+                cpu0 = stack.cpu_snapshot()
                 result = await throughput(stack, http, args.emails, args.clients)
-                by_process = {name: round(seconds - cpu0.get(name, 0.0), 1) for name, seconds in stack.cpu_seconds().items()}
+                by_process = {name: round(seconds, 1) for name, seconds in stack.cpu_used(cpu0, each=False).items()}
                 cpu = sum(by_process.values())
                 if scraper is not None:
                     scraper.cancel()
@@ -442,6 +498,104 @@ async def throughput(stack: Stack, http: Any, emails: int, clients: int) -> dict
     }
 
 
+async def floor_throughput(stack: Stack, client: Any, emails: int, clients: int, warm_up: bool = False) -> dict[str, Any]:
+    """B's shape for the floor: `clients` tasks each starting workflows (bench/floor.py) until `emails`
+    are started, first start -> last message received. `warm_up`: one email, until it is delivered."""
+    from floor import TASK_QUEUE, FloorEmail, FloorWorkflow
+
+    sent: dict[str, float] = {}
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    queue = iter(range(emails))
+
+    async def start() -> None:
+        email_id = uuid.uuid4().hex
+        t0 = time.time()
+        try:
+            await client.start_workflow(FloorWorkflow.run, FloorEmail(email_id), id=f"floor-{email_id}", task_queue=TASK_QUEUE)
+        except Exception as exc:  # noqa: BLE001 - counted, as B counts failed POSTs
+            errors[type(exc).__name__] += 1
+            return
+        latencies.append(time.time() - t0)
+        sent[email_id] = t0
+
+    async def one_client() -> None:
+        for _ in queue:
+            await start()
+
+    if warm_up:
+        await start()
+        if not sent or not await wait_delivered(stack, set(sent), 60):
+            raise SystemExit("the floor's worker did not deliver a warm-up email; see floor-worker.log in " + str(stack.tmp))
+        return {}
+    cpu0 = stack.cpu_snapshot()
+    t0 = time.time()
+    await asyncio.gather(*(one_client() for _ in range(clients)))
+    started = time.time()
+    rows = await wait_delivered(stack, set(sent), 600)
+    counts = Counter(mid for mid, _ in rows)
+    last = max((at for _, at in rows), default=started)
+    result = {
+        "emails": emails, "clients": clients, "errors": dict(errors),
+        "start_seconds": round(started - t0, 2), "start_rate_per_s": round(emails / (started - t0), 1),
+        "start_latency_ms": ms(latencies),
+        "end_to_end_seconds": round(last - t0, 2), "emails_per_s": round(len(counts) / (last - t0), 1),
+        "delivered": len(counts), "missing": len(sent) - len(counts), "duplicates": sum(n - 1 for n in counts.values()),
+    }
+    by_process = stack.cpu_used(cpu0)
+    # the floor's own processes; the product's (idle, polling) stay out of its cost
+    return result | cost({k: v for k, v in by_process.items() if k in ("floor-worker", "temporal", "sink")}, len(counts)) | {
+        "cpu_idle_product": {k: v for k, v in by_process.items() if k not in ("floor-worker", "temporal", "sink")}}
+
+
+def cost(by_process: dict[str, float], delivered: int) -> dict[str, Any]:
+    """CPU-seconds of each process over a phase, and per email delivered in it."""
+    total = sum(by_process.values())
+    n = max(delivered, 1)
+    return {
+        "cpu_seconds": round(total, 2), "cpu_by_process": by_process,
+        "cpu_seconds_per_email": round(total / n, 5),
+        "cpu_seconds_per_email_by_process": {k: round(v / n, 5) for k, v in by_process.items()},
+    }
+
+
+def ratios(project: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
+    """project / floor, for throughput and CPU per email (all processes, and each shared kind)."""
+    def div(a: float, b: float) -> float | None:  # noqa: E306
+        return round(a / b, 3) if b else None
+
+    mine, bare = project["cpu_seconds_per_email_by_process"], floor["cpu_seconds_per_email_by_process"]
+    workers = sum(v for k, v in mine.items() if k.startswith("worker"))
+    return {
+        "throughput": div(project["emails_per_s"], floor["emails_per_s"]),
+        "cpu_per_email": div(project["cpu_seconds_per_email"], floor["cpu_seconds_per_email"]),
+        "cpu_per_email_workers": div(workers, bare.get("floor-worker", 0.0)),
+        "cpu_per_email_temporal": div(mine.get("temporal", 0.0), bare.get("temporal", 0.0)),
+        "cpu_per_email_sink": div(mine.get("sink", 0.0), bare.get("sink", 0.0)),
+    }
+
+
+async def conditions(label: str) -> dict[str, Any]:
+    """The machine just before a phase: steal time over a 1 s sample (/proc/stat) and the load (/proc/loadavg)."""
+    def cpu_line() -> list[int]:  # noqa: E306 - user nice system idle iowait irq softirq steal (guest: in user)
+        return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+
+    a = cpu_line()
+    await asyncio.sleep(1.0)
+    b = cpu_line()
+    delta = [y - x for x, y in zip(a, b)]
+    total = sum(delta) or 1
+    load = Path("/proc/loadavg").read_text().split()
+    found = {
+        "steal_pct": round(delta[7] * 100 / total, 1), "idle_pct": round((delta[3] + delta[4]) * 100 / total, 1),
+        "load": [float(x) for x in load[:3]], "runnable": load[3],
+        "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    print(f"   before {label}: steal {found['steal_pct']} %, idle {found['idle_pct']} %, "
+          f"load {' '.join(load[:3])} (runnable/all {load[3]})", flush=True)
+    return found
+
+
 async def raw_smtp(stack: Stack, emails: int, clients: int) -> dict[str, Any]:
     import aiosmtplib
 
@@ -496,39 +650,90 @@ def prepare_database(url: str | None, tmp: Path) -> tuple[str, Any]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-
+    phases = "" if args.floor_only else args.phases.upper()
+    floor = args.floor or args.floor_only
     tmp = Path(tempfile.mkdtemp(prefix="mailqueue-bench-"))
-    url, drop = prepare_database(args.database_url, tmp)
+    if args.floor_only:  # no API, no product worker: nothing reads the database
+        url, drop = f"sqlite:///{tmp / 'unused.db'}", (lambda: None)
+    else:
+        url, drop = prepare_database(args.database_url, tmp)
     stack = Stack(tmp, url, args.workers, telemetry=args.telemetry)
     results: dict[str, Any] = {
-        "machine": machine(),
+        "machine": machine(), "commit": commit_id(), "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "settings": {"database": "postgresql" if args.database_url else "sqlite (file)", "temporal": "dev server, file + WAL",
                      "workers": args.workers, "emails": args.emails, "clients": args.clients, "rate": args.rate,
-                     "template": f"{args.template} ({args.template_items} items)" if args.template else None},
+                     "template": f"{args.template} ({args.template_items} items)" if args.template else None,
+                     "phases": phases, "floor": floor},
+        "conditions": {},
     }
+    when = results["conditions"]
     try:
         print(f"starting the stack in {tmp}", flush=True)
-        stack.start()
-        async with api_client(stack, args.clients) as http:
-            await warm_up(stack, http)
-            if args.template:
-                await use_template(http, args.template, args.template_items)
+        stack.start(product=not args.floor_only)
+        if not args.floor_only:
+            async with api_client(stack, args.clients) as http:
                 await warm_up(stack, http)
-            print(f"A. steady {args.rate}/s for {args.steady_seconds}s", flush=True)
-            results["steady"] = await steady(stack, http, args.rate, args.steady_seconds)
-            if args.scheduled:
-                print(f"E. {args.scheduled} emails due at the same second", flush=True)
-                results["scheduled"] = await scheduled(stack, http, args.scheduled, args.scheduled_lead)
-            print(f"B. {args.emails} emails from {args.clients} clients", flush=True)
-            results["throughput"] = await throughput(stack, http, args.emails, args.clients)
-        print("C. raw SMTP to the same sink", flush=True)
-        results["raw_smtp"] = await raw_smtp(stack, args.emails, args.clients)
-        print("D. template rendering", flush=True)
-        results["render"] = render_bench(args.render_seconds)
+                if args.template:
+                    await use_template(http, args.template, args.template_items)
+                    await warm_up(stack, http)
+                if "A" in phases:
+                    print(f"A. steady {args.rate}/s for {args.steady_seconds}s", flush=True)
+                    when["steady"] = await conditions("A")
+                    results["steady"] = await steady(stack, http, args.rate, args.steady_seconds)
+                if "E" in phases and args.scheduled:
+                    print(f"E. {args.scheduled} emails due at the same second", flush=True)
+                    when["scheduled"] = await conditions("E")
+                    results["scheduled"] = await scheduled(stack, http, args.scheduled, args.scheduled_lead)
+                if "B" in phases:
+                    print(f"B. {args.emails} emails from {args.clients} clients", flush=True)
+                    when["throughput"] = await conditions("B")
+                    cpu0 = stack.cpu_snapshot()
+                    results["throughput"] = await throughput(stack, http, args.emails, args.clients)
+                    results["throughput"] |= cost(stack.cpu_used(cpu0), results["throughput"]["delivered"])
+        if floor:
+            print(f"F. floor: {args.emails} bare workflows from {args.clients} clients (bench/floor.py)", flush=True)
+            from temporalio.client import Client
+
+            stack.start_floor()
+            client = await Client.connect(stack.temporal.address)
+            await floor_throughput(stack, client, 1, 1, warm_up=True)
+            when["floor"] = await conditions("F")
+            results["floor"] = await floor_throughput(stack, client, args.emails, args.clients)
+            if "throughput" in results:
+                results["ratios"] = ratios(results["throughput"], results["floor"])
+        if "C" in phases:
+            print("C. raw SMTP to the same sink", flush=True)
+            when["raw_smtp"] = await conditions("C")
+            results["raw_smtp"] = await raw_smtp(stack, args.emails, args.clients)
+        if "D" in phases:
+            print("D. template rendering", flush=True)
+            when["render"] = await conditions("D")
+            results["render"] = render_bench(args.render_seconds)
     finally:
         stack.stop()
         drop()
     return results
+
+
+def commit_id() -> str:
+    """`git rev-parse --short HEAD`, with "-dirty" when the tree has changes (bench/results/ is ignored)."""
+    def git(*argv: str) -> str:  # noqa: E306
+        return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("-dirty" if git("status", "--porcelain") else "")
+
+
+def save(results: dict[str, Any], json_out: Path) -> Path:
+    """To --json-out, and kept in bench/results/ under the commit id and the time (for comparing runs later)."""
+    text = json.dumps(results, indent=2) + "\n"
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(text)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    kept = ROOT / "bench" / "results" / f"{results.get('commit') or commit_id()}-{stamp}.json"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(text)
+    return kept
 
 
 def render_bench(seconds: float, items: int = 50) -> dict[str, Any]:
@@ -574,21 +779,53 @@ def render_bench(seconds: float, items: int = 50) -> dict[str, Any]:
 
 
 def summary(r: dict[str, Any]) -> str:
-    m, s, t, raw = r["machine"], r["steady"], r["throughput"], r["raw_smtp"]
-    return "\n".join([
+    m = r["machine"]
+    lines = [
         f"machine     {m['cpus']} cpus ({m['cpu']}), {m['memory_mib']} MiB, Python {m['python']}, {m['temporal'].splitlines()[0]}",
         f"settings    {r['settings']}",
-        f"A. steady   {s['requests']} POSTs at {s['rate_per_s']}/s: latency p50 {s['post_latency_ms']['p50']} ms, "
-        f"p99 {s['post_latency_ms']['p99']} ms, max {s['post_latency_ms']['max']} ms; queue lag p50 {s['queue_lag_ms']['p50']} ms, "
-        f"p99 {s['queue_lag_ms']['p99']} ms; errors {s['errors'] or 0}; delivered {s['delivered']}",
-        f"B. load     {t['emails']} emails / {t['clients']} clients: {t['emails_per_s']} emails/s end to end "
-        f"({t['end_to_end_seconds']} s); POSTs {t['post_rate_per_s']}/s, p50 {t['post_latency_ms']['p50']} ms, "
-        f"p99 {t['post_latency_ms']['p99']} ms; delivered {t['delivered']}, missing {t['missing']}, duplicates {t['duplicates']}, "
-        f"errors {t['errors'] or 0}",
-        f"C. raw SMTP {raw['emails']} messages / {raw['clients']} clients: {raw['emails_per_s']} messages/s",
-        render_summary(r["render"]),
-        *([scheduled_summary(r["scheduled"])] if r.get("scheduled") else []),
-    ])
+        f"commit      {r.get('commit')}",
+    ]
+    for phase, c in r.get("conditions", {}).items():
+        lines.append(f"before {phase:11} steal {c['steal_pct']} %, idle {c['idle_pct']} %, load {c['load']}")
+    if "steady" in r:
+        s = r["steady"]
+        lines.append(
+            f"A. steady   {s['requests']} POSTs at {s['rate_per_s']}/s: latency p50 {s['post_latency_ms']['p50']} ms, "
+            f"p99 {s['post_latency_ms']['p99']} ms, max {s['post_latency_ms']['max']} ms; queue lag p50 {s['queue_lag_ms']['p50']} ms, "
+            f"p99 {s['queue_lag_ms']['p99']} ms; errors {s['errors'] or 0}; delivered {s['delivered']}")
+    if "throughput" in r:
+        t = r["throughput"]
+        lines.append(
+            f"B. load     {t['emails']} emails / {t['clients']} clients: {t['emails_per_s']} emails/s end to end "
+            f"({t['end_to_end_seconds']} s); POSTs {t['post_rate_per_s']}/s, p50 {t['post_latency_ms']['p50']} ms, "
+            f"p99 {t['post_latency_ms']['p99']} ms; delivered {t['delivered']}, missing {t['missing']}, duplicates {t['duplicates']}, "
+            f"errors {t['errors'] or 0}")
+    if "floor" in r:
+        f = r["floor"]
+        lines.append(
+            f"F. floor    {f['emails']} workflows / {f['clients']} clients: {f['emails_per_s']} emails/s end to end "
+            f"({f['end_to_end_seconds']} s); starts {f['start_rate_per_s']}/s, p50 {f['start_latency_ms']['p50']} ms, "
+            f"p99 {f['start_latency_ms']['p99']} ms; delivered {f['delivered']}, missing {f['missing']}, duplicates {f['duplicates']}, "
+            f"errors {f['errors'] or 0}")
+    for label, key in (("B", "throughput"), ("F", "floor")):
+        if key in r and "cpu_by_process" in r[key]:
+            x = r[key]
+            lines.append(f"{label}. CPU      {x['cpu_seconds']} s, {x['cpu_seconds_per_email'] * 1000:.2f} ms per email: " + ", ".join(
+                f"{name} {seconds} s ({x['cpu_seconds_per_email_by_process'][name] * 1000:.2f} ms/email)"
+                for name, seconds in x["cpu_by_process"].items()))
+    if "ratios" in r:
+        q = r["ratios"]
+        lines.append(
+            f"project / floor: throughput {q['throughput']}, CPU per email {q['cpu_per_email']} "
+            f"(workers {q['cpu_per_email_workers']}, temporal {q['cpu_per_email_temporal']}, sink {q['cpu_per_email_sink']})")
+    if "raw_smtp" in r:
+        raw = r["raw_smtp"]
+        lines.append(f"C. raw SMTP {raw['emails']} messages / {raw['clients']} clients: {raw['emails_per_s']} messages/s")
+    if "render" in r:
+        lines.append(render_summary(r["render"]))
+    if r.get("scheduled"):
+        lines.append(scheduled_summary(r["scheduled"]))
+    return "\n".join(lines)
 
 
 def scheduled_summary(e: dict[str, Any]) -> str:
@@ -629,21 +866,25 @@ def main() -> None:
     parser.add_argument("--telemetry", action="store_true", help="tracing (OTLP) and metrics on, scraped every 5 s")
     parser.add_argument("--ab", choices=["telemetry", "search-attributes", "webhooks", "attachment"], default=None, help="only B, this off and on in turn")
     parser.add_argument("--pairs", type=int, default=2, help="--ab: how many off/on pairs")
+    parser.add_argument("--phases", default="AEBCD", help="which of the phases A, E, B, C, D to run (e.g. B)")
+    floor = parser.add_mutually_exclusive_group()
+    floor.add_argument("--floor", action="store_true", help="after B, the bare workflow-per-email floor (bench/floor.py) and project / floor")
+    floor.add_argument("--floor-only", action="store_true", help="only the floor: dev server, sink and the floor's worker")
     args = parser.parse_args()
     if args.ab:
         compared = asyncio.run(ab(args))
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(compared, indent=2) + "\n")
+        compared["commit"] = commit_id()
+        kept = save(compared, args.json_out)
         print("\n" + "\n".join(ab_line(r) for r in compared["runs"]))
+        print(f"\nfull results: {args.json_out} (kept as {kept})")
         return
     if args.render_only:
         print(render_summary(render_bench(args.render_seconds)))
         return
     results = asyncio.run(run(args))
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(results, indent=2) + "\n")
+    kept = save(results, args.json_out)
     print("\n" + summary(results))
-    print(f"\nfull results: {args.json_out}")
+    print(f"\nfull results: {args.json_out} (kept as {kept})")
 
 
 if __name__ == "__main__":
