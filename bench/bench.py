@@ -117,6 +117,20 @@ def read_sink(log: Path) -> list[tuple[str, float]]:
 # --- the stack ------------------------------------------------------------------------------------
 
 
+def proc_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, user + system CPU seconds so far) of every process, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    table: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            table[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    return table
+
+
 class Stack:
     def __init__(self, tmp: Path, database_url: str, workers: int, telemetry: bool = False, **env: str) -> None:
         from devstack.devserver import TemporalDevServer
@@ -220,15 +234,7 @@ class Stack:
         roots = dict(self.names)
         if self.temporal.process is not None:
             roots[self.temporal.process.pid] = "temporal"
-        stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, cpu seconds)
-        tick = os.sysconf("SC_CLK_TCK")
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+        stats = proc_table()
         owner = {pid: name for pid, name in roots.items() if pid in stats}
         grew = True
         while grew:

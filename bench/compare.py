@@ -38,6 +38,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import proc_table  # bench/bench.py, beside this file (the current tree's, whatever revision is measured)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PHASE_LINE = re.compile(r"^([A-Z])\. ")
@@ -130,20 +132,6 @@ class Revision:
 
 
 # --- CPU of a process tree, from /proc ------------------------------------------------------------
-
-
-def proc_table() -> dict[int, tuple[int, float]]:
-    """pid -> (parent pid, user + system CPU seconds) of every process."""
-    tick = os.sysconf("SC_CLK_TCK")
-    table: dict[int, tuple[int, float]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            table[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-    return table
 
 
 def role(pid: int) -> str:
