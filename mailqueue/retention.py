@@ -14,8 +14,8 @@ Work goes in batches of at most `batch` emails, each its own short transaction. 
 at once (two workers' schedules, a manual run) and each counts only what it deleted itself, so their
 reports add up to what went: a batch takes its rows with FOR UPDATE SKIP LOCKED (PostgreSQL; SQLite
 has one writer at a time anyway), so the two take different emails without waiting for each other;
-its counts are the DELETEs' own row counts, with the conditions repeated in them; and the file step
-(purge_blobs reads, then deletes) runs one purge at a time under a transaction-scoped advisory lock.
+its counts are the DELETEs' own row counts, with the conditions repeated in them (purge_blobs' too);
+and the file step runs one purge at a time under a transaction-scoped advisory lock.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ log = logging.getLogger("mailqueue.retention")
 
 JOB = "purge"  # maintenance_runs.job of the purge's reports
 # pg_advisory_xact_lock's key for the blob step (any fixed number no other lock of ours uses):
-# purge_blobs reads, then deletes, so two purges at once would both count the same blobs.
+# purge_blobs reads, then deletes (counting what its delete removed): two purges at once would pick
+# the same blobs and one would find them gone; one at a time, each batch is a full one.
 _BLOBS_LOCK = 0x6D71_7267  # "mqrg"
 
 
