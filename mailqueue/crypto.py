@@ -32,7 +32,8 @@ def split_keys(value: str) -> list[str]:
     return [k.strip() for k in value.split(",") if k.strip()]
 
 
-def _keys(settings: Settings) -> list[str]:
+def secret_keys(settings: Settings) -> list[str]:
+    """The secret box's keys, newest first: from MAILQUEUE_SECRET_KEY, else the generated key file."""
     if settings.secret_key is not None:
         return split_keys(settings.secret_key.get_secret_value())
     return key_file(Path(settings.secret_key_file), new_key)
@@ -68,7 +69,7 @@ class SecretBox:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SecretBox:
-        return cls(_keys(settings))
+        return cls(secret_keys(settings))
 
     def encrypt(self, value: str) -> str:
         return self._fernet.encrypt(value.encode()).decode()

@@ -14,7 +14,6 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlmodel import col, select
@@ -24,7 +23,7 @@ from starlette.responses import Response
 
 from mailqueue.accounts import Principal, hash_key, user_for_key
 from mailqueue.config import Settings
-from mailqueue.crypto import key_file, new_key, split_keys
+from mailqueue.crypto import secret_keys
 from mailqueue.models import ApiKey, User
 
 COOKIE = "mailqueue_ops"
@@ -55,18 +54,11 @@ class OpsSession:
     fingerprint: str | None = None  # the bootstrap key's, so that a new bootstrap key ends the old sessions
 
 
-def _secret_keys(settings: Settings) -> list[str]:
-    # The secret box's keys (mailqueue.crypto, newest first): from the setting, else the generated key file.
-    if settings.secret_key is not None:
-        return split_keys(settings.secret_key.get_secret_value())
-    return key_file(Path(settings.secret_key_file), new_key)
-
-
 class SessionSigner:
     """Makes and reads the cookie; one per app."""
 
     def __init__(self, settings: Settings) -> None:
-        derived = [hmac.new(k.encode(), _LABEL, hashlib.sha256).hexdigest() for k in _secret_keys(settings)]
+        derived = [hmac.new(k.encode(), _LABEL, hashlib.sha256).hexdigest() for k in secret_keys(settings)]
         # itsdangerous signs with the last key and accepts all: oldest first.
         self._serializer = URLSafeTimedSerializer(list(reversed(derived)), salt="mailqueue-ops")
         self._fingerprint_key = derived[0].encode()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from collections.abc import Sequence
 from typing import IO
 
 from pydantic import ValidationError
@@ -98,14 +99,20 @@ async def store_new(ctx: Context, files: PreparedFiles) -> None:
     """Add the inline files' blobs to the session's transaction (the caller commits it with the email)."""
     if not files.new:
         return
+    await _store(ctx, files.new)
+
+
+async def _store(ctx: Context, blobs: Sequence[tuple[Blob, bytes | IO[bytes]]]) -> None:
+    """The blobs' rows and bytes, in the session's transaction. S3: the bytes before the rows, so a row
+    never names missing bytes; SQL: the rows first, as their chunks (and email_attachments) name them."""
     session = ctx.session
-    for blob, data in files.new:
-        if ctx.blobs.storage == BlobStorage.S3:
-            await ctx.blobs.put(session, blob.id, data)  # before the rows: a row never names missing bytes
-        session.add(blob)
-    await session.flush()  # the rows before their chunks (and before the email_attachments naming them)
+    if ctx.blobs.storage == BlobStorage.S3:
+        for blob, data in blobs:
+            await ctx.blobs.put(session, blob.id, data)
+    session.add_all(blob for blob, _ in blobs)
+    await session.flush()
     if ctx.blobs.storage == BlobStorage.SQL:
-        for blob, data in files.new:
+        for blob, data in blobs:
             await ctx.blobs.put(session, blob.id, data)
 
 
@@ -145,15 +152,9 @@ async def upload(ctx: Context, filename: str, declared: str | None, file: IO[byt
         content_type=content_type, filename=item.filename, storage=ctx.blobs.storage.value, created_at=now,
         expires_at=now + timedelta(hours=settings.upload_ttl_hours),
     )
-    session = ctx.session
     file.seek(0)
-    if ctx.blobs.storage == BlobStorage.S3:
-        await ctx.blobs.put(session, blob.id, file)
-    session.add(blob)
-    await session.flush()
-    if ctx.blobs.storage == BlobStorage.SQL:
-        await ctx.blobs.put(session, blob.id, file)
-    await session.commit()
+    await _store(ctx, [(blob, file)])
+    await ctx.session.commit()
     return blob
 
 
